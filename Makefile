@@ -1,0 +1,44 @@
+# Two commands do everything: `make demo` and `make test`. Each creates .venv on first use.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+
+.PHONY: demo test test-all bench prefect-ui mlflow-ui lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+## demo: set up, build the reference model, run the optimize flow on it for the intel-cpu profile
+demo: $(STAMP)
+	$(BIN)/edgeopt zoo build
+	$(BIN)/edgeopt optimize .edgeopt/zoo/digits-resnet/model.onnx --profile intel-cpu \
+		--calibration .edgeopt/zoo/digits-resnet/calibration.npz --eval .edgeopt/zoo/digits-resnet/eval.npz
+
+## test: the test suite (slow tests included)
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+## bench: the performance report (benchmarks/README.md)
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_optimize.py
+
+## prefect-ui: the Prefect UI on the local store (http://127.0.0.1:4200)
+prefect-ui: $(STAMP)
+	PREFECT_HOME=$(CURDIR)/.edgeopt/prefect $(BIN)/prefect server start
+
+## mlflow-ui: the MLflow UI on the local store (http://127.0.0.1:5000)
+mlflow-ui: $(STAMP)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.edgeopt/mlflow/mlflow.db \
+		--default-artifact-root $(CURDIR)/.edgeopt/mlflow/artifacts
+
+lint: $(STAMP)
+	$(BIN)/ruff check edgeopt tasks flows tests benchmarks
+
+clean:
+	rm -rf .edgeopt

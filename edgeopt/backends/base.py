@@ -1,0 +1,93 @@
+"""The contract every backend module implements (see ``edgeopt.backends`` for the registry)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from pydantic import BaseModel, ConfigDict
+
+from edgeopt.errors import BackendUnavailable
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from edgeopt.data import Dataset
+    from edgeopt.records import Artifact, Assessment, ModelRef
+
+__all__ = ["Backend", "Recipe", "Session"]
+
+
+class Recipe(BaseModel):
+    """Base of a backend's typed recipe: every field documented, unknown fields rejected."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def needs_calibration(self) -> bool:
+        return False
+
+    def runtime_options(self) -> dict[str, Any]:
+        """Options the measuring process needs to load and run the artifact (threads, device...)."""
+        return {}
+
+
+class Session(Protocol):
+    """A loaded artifact, ready to run inside the measuring process."""
+
+    input_names: list[str]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
+
+
+class Backend(ABC):
+    """One toolchain. Subclasses set the class attributes and implement ``optimize`` and ``load``."""
+
+    name: ClassVar[str]
+    formats: ClassVar[frozenset[str]]
+    devices: ClassVar[frozenset[str]]
+    extra: ClassVar[str]
+    recipe_type: ClassVar[type[Recipe]]
+    #: import names of the optional packages this backend needs
+    requires: ClassVar[tuple[str, ...]]
+    #: distribution names whose versions are recorded with every artifact
+    distributions: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def available(cls) -> bool:
+        return all(importlib.util.find_spec(mod) is not None for mod in cls.requires)
+
+    @classmethod
+    def check_available(cls) -> None:
+        missing = [mod for mod in cls.requires if importlib.util.find_spec(mod) is None]
+        if missing:
+            raise BackendUnavailable(cls.name, cls.extra, f"missing: {', '.join(missing)}")
+
+    @classmethod
+    def tool_versions(cls) -> dict[str, str]:
+        versions: dict[str, str] = {}
+        for dist in cls.distributions:
+            try:
+                versions[dist] = importlib.metadata.version(dist)
+            except importlib.metadata.PackageNotFoundError:
+                continue
+        return versions
+
+    @abstractmethod
+    def optimize(
+        self,
+        *,
+        model: ModelRef,
+        assessment: Assessment,
+        recipe: Recipe,
+        candidate: str,
+        out_dir: Path,
+        calibration: Dataset | None = None,
+    ) -> Artifact:
+        """Build the candidate into ``out_dir``; raise ``CandidateFailed`` with a classified reason."""
+
+    @abstractmethod
+    def load(self, *, path: str, runtime: dict[str, Any]) -> Session:
+        """Load an artifact for measurement (called inside the fresh measuring process)."""

@@ -1,0 +1,163 @@
+"""Calibration and evaluation data: loading, validation against a model's inputs, synthesis.
+
+Format (what ``--calibration`` / ``--eval`` accept for tensor models): a ``.npz`` file with one
+array per model input, named as the input, samples along the first axis; an optional ``labels``
+array (integer class per sample) makes evaluation report labelled accuracy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from edgeopt.errors import DataError
+from edgeopt.records import TensorSpec
+
+__all__ = ["LABELS_KEY", "Dataset", "file_sha256", "load_dataset", "synthetic_dataset"]
+
+log = logging.getLogger(__name__)
+
+LABELS_KEY = "labels"
+Role = Literal["calibration", "evaluation"]
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Validated samples for a model's inputs (first axis = sample)."""
+
+    path: str | None
+    sha256: str
+    inputs: dict[str, np.ndarray] = field(repr=False)
+    labels: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def count(self) -> int:
+        return int(next(iter(self.inputs.values())).shape[0])
+
+    def sample(self, index: int, *, batch_size: int = 1) -> dict[str, np.ndarray]:
+        """Feeds for samples ``index .. index+batch_size`` (wrapping around)."""
+        n = self.count
+        idx = [(index + k) % n for k in range(batch_size)]
+        return {name: arr[idx] for name, arr in self.inputs.items()}
+
+    def head(self, count: int) -> Dataset:
+        count = min(count, self.count)
+        labels = None if self.labels is None else self.labels[:count]
+        return Dataset(self.path, self.sha256, {k: v[:count] for k, v in self.inputs.items()}, labels)
+
+
+def _dims_match(expected: tuple[int | str, ...], got: tuple[int, ...]) -> bool:
+    if len(expected) != len(got):
+        return False
+    # the first axis of the data is the sample axis; it stands for the model's batch axis
+    for exp, actual in zip(expected[1:], got[1:], strict=True):
+        if isinstance(exp, int) and exp > 0 and exp != actual:
+            return False
+    return True
+
+
+def load_dataset(path: str | Path, *, signature: tuple[TensorSpec, ...], role: Role) -> Dataset:
+    """Load ``path`` and check it against the model inputs in ``signature``.
+
+    Raises ``DataError`` with one line naming the file, the input and what to change.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{role} data {p}: no such file; pass an existing .npz file")
+    if p.suffix != ".npz" or not zipfile.is_zipfile(p):
+        raise DataError(
+            f"{role} data {p}: not a .npz file; save one array per model input with numpy.savez "
+            f"(inputs: {', '.join(s.name for s in signature)})"
+        )
+    try:
+        with np.load(p, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{role} data {p}: cannot be read ({exc}); re-save it with numpy.savez") from exc
+
+    labels = arrays.pop(LABELS_KEY, None)
+    expected = {s.name: s for s in signature}
+    missing = sorted(set(expected) - set(arrays))
+    unknown = sorted(set(arrays) - set(expected))
+    if missing or unknown:
+        raise DataError(
+            f"{role} data {p}: arrays {sorted(arrays)} do not match the model inputs {sorted(expected)}"
+            + (f" (missing: {', '.join(missing)})" if missing else "")
+            + (f" (unexpected: {', '.join(unknown)})" if unknown else "")
+            + f"; name one array per model input (plus optional '{LABELS_KEY}')"
+        )
+    counts = set()
+    for name, arr in arrays.items():
+        spec = expected[name]
+        if arr.dtype != np.dtype(spec.dtype):
+            raise DataError(
+                f"{role} data {p}: input '{name}' has dtype {arr.dtype}, the model expects {spec.dtype}; "
+                f"convert it with .astype('{spec.dtype}')"
+            )
+        if not _dims_match(spec.shape, arr.shape):
+            raise DataError(
+                f"{role} data {p}: input '{name}' has shape {list(arr.shape)}, the model expects "
+                f"{list(spec.shape)} with samples along the first axis"
+            )
+        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+            bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
+            raise DataError(
+                f"{role} data {p}: input '{name}' contains {bad} NaN or inf values; "
+                "clean or drop those samples before using it"
+            )
+        counts.add(arr.shape[0])
+    if len(counts) != 1:
+        raise DataError(f"{role} data {p}: inputs have different sample counts {sorted(counts)}; align them")
+    (count,) = counts
+    if count == 0:
+        raise DataError(f"{role} data {p}: contains no samples")
+    if labels is not None:
+        if labels.ndim != 1 or labels.shape[0] != count or not np.issubdtype(labels.dtype, np.integer):
+            raise DataError(
+                f"{role} data {p}: '{LABELS_KEY}' must be a 1-D integer array with one class per sample "
+                f"({count}); got shape {list(labels.shape)} dtype {labels.dtype}"
+            )
+    return Dataset(str(p.resolve()), file_sha256(p), arrays, labels)
+
+
+def _concrete_shape(spec: TensorSpec, batch_size: int, dynamic_size: int) -> tuple[int, ...]:
+    dims = []
+    for i, d in enumerate(spec.shape):
+        if isinstance(d, int) and d > 0:
+            dims.append(d)
+        else:
+            dims.append(batch_size if i == 0 else dynamic_size)
+    return tuple(dims)
+
+
+def synthetic_dataset(signature: tuple[TensorSpec, ...], *, count: int = 16, seed: int = 0,
+                      dynamic_size: int = 16) -> Dataset:
+    """Random inputs shaped like the model's signature, for when no evaluation data is given."""
+    rng = np.random.default_rng(seed)
+    inputs: dict[str, np.ndarray] = {}
+    for spec in signature:
+        shape = _concrete_shape(spec, count, dynamic_size)
+        dtype = np.dtype(spec.dtype)
+        if np.issubdtype(dtype, np.floating):
+            arr = rng.standard_normal(shape).astype(dtype)
+        elif dtype == np.bool_:
+            arr = rng.integers(0, 2, shape).astype(dtype)
+        else:
+            arr = rng.integers(0, 2, shape).astype(dtype)
+        inputs[spec.name] = arr
+    digest = hashlib.sha256(repr((seed, count, dynamic_size, signature)).encode()).hexdigest()
+    return Dataset(None, f"synthetic-{digest[:16]}", inputs)

@@ -1,0 +1,38 @@
+"""Model intake: detect a model's format, validate it, hash it and assess it.
+
+ONNX files are supported now; Hugging Face checkpoints and GGUF files arrive with their issues
+and are refused with a clear message until then.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgeopt.errors import ModelError
+from edgeopt.intake.onnx import assess_onnx
+from edgeopt.records import Assessment
+
+__all__ = ["assess", "detect_format"]
+
+
+def detect_format(path: str | Path) -> str:
+    p = Path(path)
+    if not p.exists():
+        raise ModelError(f"model {p}: no such file or folder; check the path")
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return "hf"
+        raise ModelError(f"model {p}: a folder without config.json; pass an .onnx file")
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        return "gguf"
+    return "onnx"
+
+
+def assess(path: str | Path) -> Assessment:
+    """Assess a model file; ``ModelError`` names the problem and what to do."""
+    fmt = detect_format(path)
+    if fmt == "onnx":
+        return assess_onnx(path)
+    raise ModelError(f"model {path}: {fmt} models are not supported yet; export the model to ONNX first")

@@ -1,0 +1,202 @@
+"""Pareto frontier of the measured candidates, and the recommendation among those that passed.
+
+Objectives: p95 latency (lower is better), quality = ``evaluation.value`` (higher; a candidate
+without an evaluation is worst), model RSS (lower), size on disk (lower). A candidate is dominated
+when another is no worse in every objective and strictly better in one; equal points do not
+dominate each other.
+
+The recommendation (``select``) scores each eligible candidate with the profile's weights::
+
+    w_latency * ln(speedup_p95) + w_accuracy * ln(quality ratio)
+      + w_memory * ln(baseline model RSS / candidate's) + w_size * ln(baseline size / candidate's)
+
+A candidate is eligible when it passed every gate, is not slower than the baseline at p50 (even
+if the profile's gates would allow it) and no other such candidate dominates it. The highest
+score wins; ties go to the lower p95 latency, then to the name.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+from edgeopt.gates import quality_ratio
+from edgeopt.profiles import Objective
+from edgeopt.records import CandidateOutcome, GateVerdict, Selection
+
+__all__ = ["dominates", "nearest_misses", "pareto_frontier", "score", "select"]
+
+log = logging.getLogger(__name__)
+
+MAX_NEAREST_MISSES = 3
+
+
+def _objectives(outcome: CandidateOutcome) -> tuple[float, float, float, float]:
+    """The objectives of an outcome with a benchmark, each to minimize."""
+    bench = outcome.benchmark
+    if bench is None:
+        raise ValueError(f"{outcome.name} has no benchmark; it has no place on the frontier")
+    quality = outcome.evaluation.value if outcome.evaluation is not None else -math.inf
+    return (bench.latency_ms_p95, -quality, bench.rss_model_mb, float(bench.size_bytes))
+
+
+def dominates(a: CandidateOutcome, b: CandidateOutcome) -> bool:
+    """True if ``a`` is no worse than ``b`` in every objective and strictly better in one."""
+    oa, ob = _objectives(a), _objectives(b)
+    return all(x <= y for x, y in zip(oa, ob)) and any(x < y for x, y in zip(oa, ob))
+
+
+def _non_dominated(outcomes: Sequence[CandidateOutcome]) -> list[CandidateOutcome]:
+    return [o for o in outcomes if not any(dominates(p, o) for p in outcomes if p is not o)]
+
+
+def pareto_frontier(outcomes: Sequence[CandidateOutcome]) -> tuple[str, ...]:
+    """Names of the successful outcomes (``outcome.ok``) no other successful outcome dominates, in input order."""
+    return tuple(o.name for o in _non_dominated([o for o in outcomes if o.ok]))
+
+
+def _log(x: float | None, what: str, name: str) -> float:
+    """``ln(x)``, or 0 (no information) when x is missing, not positive or not finite."""
+    if x is None or not (x > 0 and math.isfinite(x)):
+        log.debug("%s: %s is %s; its score term counts as 0", name, what, x)
+        return 0.0
+    return math.log(x)
+
+
+def score(outcome: CandidateOutcome, *, baseline: CandidateOutcome | None, objective: Objective) -> float:
+    """Weighted sum of log-ratios against the baseline (see the module doc); 0 for a term that cannot be formed.
+
+    Speed-up and memory reduction are the ones ``gates.outcome_with_gates`` filled in; a memory
+    reduction of 1 (model RSS 0, below what can be measured) and a missing baseline count as 0.
+    """
+    name = outcome.name
+    lat = _log(outcome.speedup_p95, "speedup_p95", name)
+    acc = _log(quality_ratio(outcome.evaluation), "quality ratio", name) if outcome.evaluation else 0.0
+    red = outcome.memory_reduction
+    mem = _log(1.0 / (1.0 - red) if red is not None and red < 1.0 else None, "memory ratio", name)
+    size_ratio = None
+    if baseline is not None and baseline.benchmark is not None and outcome.benchmark is not None:
+        if outcome.benchmark.size_bytes > 0:
+            size_ratio = baseline.benchmark.size_bytes / outcome.benchmark.size_bytes
+    size = _log(size_ratio, "size ratio", name)
+    return objective.latency * lat + objective.accuracy * acc + objective.memory * mem + objective.size * size
+
+
+def _fmt_pair(measured: float, threshold: float) -> tuple[str, str]:
+    """Both numbers with 2 decimals, or more until they read differently."""
+    for decimals in range(2, 7):
+        m, t = f"{measured:.{decimals}f}", f"{threshold:.{decimals}f}"
+        if m != t:
+            return m, t
+    return f"{measured:.6g}", f"{threshold:.6g}"
+
+
+def _describe_failure(v: GateVerdict) -> str:
+    if "not evaluated" in v.metric:
+        return f"{v.gate} not evaluated"
+    m, t = _fmt_pair(v.measured, v.threshold)
+    op, word = ("<", "short by") if v.comparator == ">=" else (">", "over by")
+    return f"{v.gate} {m} {op} {t} ({word} {abs(v.margin):.2f})"
+
+
+def _shortfall(v: GateVerdict) -> float:
+    if not math.isfinite(v.margin):
+        return math.inf
+    return abs(v.margin) / abs(v.threshold) if v.threshold else abs(v.margin)
+
+
+def nearest_misses(outcomes: Sequence[CandidateOutcome], *, limit: int = MAX_NEAREST_MISSES) -> tuple[str, ...]:
+    """One line per candidate that was measured but failed a gate, nearest first.
+
+    Ordered by the number of failed gates, then the sum of relative shortfalls
+    (``|margin| / threshold``), then the name.
+    """
+    missed = [o for o in outcomes if o.ok and not o.spec.baseline and o.verdicts and not o.passed]
+    ranked = []
+    for o in missed:
+        failed = [v for v in o.verdicts if not v.passed]
+        ranked.append(((len(failed), sum(_shortfall(v) for v in failed), o.name), o.name, failed))
+    ranked.sort(key=lambda r: r[0])
+    return tuple(f"{name}: " + "; ".join(_describe_failure(v) for v in failed)
+                 for _, name, failed in ranked[:limit])
+
+
+def _quality_phrase(outcome: CandidateOutcome) -> str:
+    ev = outcome.evaluation
+    if ev is None:
+        return "not evaluated"
+    if ev.metric == "top1_accuracy":
+        return f"accuracy {ev.value:.3f} (baseline {ev.baseline:.3f})"
+    if ev.metric == "top1_agreement":
+        return f"top-1 agreement {ev.value:.3f} with the baseline"
+    return f"{ev.metric} {ev.value:.4g} (baseline {ev.baseline:.4g})"
+
+
+def _selected_message(outcome: CandidateOutcome) -> str:
+    parts = []
+    if outcome.speedup_p50 is not None:
+        parts.append(f"{outcome.speedup_p50:.1f}× faster at p50")
+    parts.append(_quality_phrase(outcome))
+    red = outcome.memory_reduction
+    if red is not None and math.isfinite(red):
+        parts.append(f"{red * 100:.0f}% less memory" if red >= 0 else f"{-red * 100:.0f}% more memory")
+    return f"selected {outcome.name}: " + ", ".join(parts)
+
+
+def _nothing_message(outcomes: Sequence[CandidateOutcome], excluded: list[str]) -> str:
+    if excluded:
+        return "no candidate is eligible: " + "; ".join(excluded) + "; nothing is registered"
+    broken = sum(1 for o in outcomes if not o.ok and not o.spec.baseline)
+    extra = f" ({broken} failed to build or measure)" if broken else ""
+    return f"no candidate passed its gates{extra}; nothing is registered"
+
+
+def select(outcomes: Sequence[CandidateOutcome], *, objective: Objective) -> Selection:
+    """Recommend one candidate (see the module doc), or none with the nearest misses and why."""
+    ok = [o for o in outcomes if o.ok]
+    frontier = pareto_frontier(ok)
+    baseline = next((o for o in ok if o.spec.baseline), None)
+    if baseline is None:
+        log.warning("no measured baseline among %d outcome(s); size terms of the score count as 0", len(outcomes))
+    passing = [o for o in ok if o.passed]
+
+    excluded: list[str] = []
+    fast: list[CandidateOutcome] = []
+    for o in passing:
+        s50 = o.speedup_p50
+        if s50 is not None and s50 >= 1.0:
+            fast.append(o)
+            continue
+        why = (f"{o.name} passed its gates but is slower than the baseline at p50 "
+               f"({s50:.2f}×)" if s50 is not None else f"{o.name} has no p50 speed-up")
+        log.info("not recommending %s", why)
+        excluded.append(why)
+
+    eligible = _non_dominated(fast)
+    for o in eligible:
+        if o.name not in frontier:
+            log.info("%s passed its gates and is dominated only by candidates that did not; it stays eligible",
+                     o.name)
+    scores = {o.name: score(o, baseline=baseline, objective=objective) for o in eligible}
+    ranked = sorted(eligible, key=lambda o: (-round(scores[o.name], 12), _objectives(o)[0], o.name))
+
+    if ranked:
+        winner = ranked[0]
+        message = _selected_message(winner)
+        misses: tuple[str, ...] = ()
+        log.info("%s (score %.4f among %d eligible)", message, scores[winner.name], len(ranked))
+    else:
+        winner = None
+        message = _nothing_message(outcomes, excluded)
+        misses = nearest_misses(outcomes)
+        log.info("%s", message)
+
+    return Selection(
+        selected=winner.name if winner is not None else None,
+        frontier=frontier,
+        passing=tuple(o.name for o in passing),
+        scores=scores,
+        nearest_misses=misses,
+        message=message,
+    )

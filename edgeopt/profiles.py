@@ -1,0 +1,250 @@
+"""Target profiles: the hardware a model is optimized for, its budgets, gates and candidates.
+
+Profiles are YAML files (``profiles/<name>.yaml``) validated here with pydantic (unknown keys are
+errors). A wrong profile raises ``ConfigError`` with one line naming the file, the field, what was
+allowed and what was given.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from edgeopt import backends
+from edgeopt.errors import ConfigError
+from edgeopt.records import CandidateSpec, HardwareFingerprint
+
+__all__ = [
+    "BenchmarkConfig",
+    "Budgets",
+    "CandidateConfig",
+    "Gates",
+    "HardwareTarget",
+    "Objective",
+    "Profile",
+    "list_profiles",
+    "load_profile",
+    "host_mismatches",
+    "profiles_dir",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class HardwareTarget(_Strict):
+    arch: Literal["x86_64", "arm64"] = Field(description="CPU architecture the profile targets")
+    device: Literal["cpu", "gpu", "npu"] = Field("cpu", description="device the candidates run on")
+    isa_required: tuple[str, ...] = Field((), description="ISA features the host must have (e.g. avx2, neon)")
+    gpu_vendor: Literal["nvidia", "apple", "intel", "amd"] | None = Field(None, description="GPU vendor")
+    threads: int = Field(1, ge=1, description="default intra-op threads for every candidate")
+
+
+class BenchmarkConfig(_Strict):
+    batch_size: int = Field(1, ge=1, description="samples per inference")
+    warmup_runs: int = Field(10, ge=0, description="untimed runs before timing")
+    min_runs: int = Field(200, ge=10, description="timed runs at least (p99 needs >= 100)")
+    min_duration_s: float = Field(2.0, gt=0, description="timed seconds at least")
+    max_duration_s: float = Field(60.0, gt=0, description="stop timing after this many seconds")
+    timeout_s: float = Field(300.0, gt=0, description="a measurement running longer fails as 'timeout'")
+    memory_limit_mb: float | None = Field(None, gt=0, description="a process above this RSS fails as 'oom'")
+    eval_samples: int = Field(64, ge=1, description="data samples cycled through as benchmark inputs")
+    max_eval_samples: int = Field(1000, ge=1, description="samples used for accuracy/fidelity at most")
+
+
+class Budgets(_Strict):
+    """Absolute limits; each one set becomes a gate."""
+
+    latency_ms_p95: float | None = Field(None, gt=0, description="p95 latency at most (ms)")
+    rss_peak_mb: float | None = Field(None, gt=0, description="peak resident memory at most (MB)")
+    size_mb: float | None = Field(None, gt=0, description="artifact size on disk at most (MB)")
+
+
+class Gates(_Strict):
+    """Relative quality gates against the FP32 baseline measured in the same run."""
+
+    accuracy_ratio_min: float = Field(0.95, gt=0, le=1.5, description="accuracy ≥ this × the baseline's")
+    speedup_min: float = Field(2.0, ge=0, description="baseline latency / candidate latency at least")
+    speedup_percentile: Literal["p50", "p95"] = Field("p50", description="latency percentile for speed-up")
+    memory_reduction_min: float = Field(0.5, ge=0, lt=1, description="1 - candidate/baseline model RSS at least")
+    cosine_min: float | None = Field(None, ge=-1, le=1, description="mean cosine similarity to the baseline at least")
+
+
+class Objective(_Strict):
+    """Weights of the recommendation among passing Pareto-optimal candidates."""
+
+    latency: float = Field(0.5, ge=0, description="weight of the p95 speed-up")
+    accuracy: float = Field(0.3, ge=0, description="weight of accuracy (or fidelity) kept")
+    memory: float = Field(0.1, ge=0, description="weight of the model's memory reduction")
+    size: float = Field(0.1, ge=0, description="weight of the size reduction")
+
+    @model_validator(mode="after")
+    def _not_all_zero(self) -> Objective:
+        if self.latency + self.accuracy + self.memory + self.size <= 0:
+            raise ValueError("at least one objective weight must be positive")
+        return self
+
+
+class CandidateConfig(_Strict):
+    name: str = Field(description="unique candidate name, e.g. ort-int8-static-minmax")
+    backend: str = Field(description="registered backend name")
+    recipe: dict[str, Any] = Field(default_factory=dict, description="backend recipe fields")
+
+    @field_validator("name")
+    @classmethod
+    def _slug(cls, v: str) -> str:
+        if not v or not all(c.isalnum() or c in "-_." for c in v):
+            raise ValueError(f"candidate names use letters, digits, '-', '_' and '.'; got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _recipe_valid(self) -> CandidateConfig:
+        if self.backend not in backends.names():
+            raise ValueError(f"unknown backend {self.backend!r} (allowed: {', '.join(backends.names())})")
+        try:
+            backends.recipe_type(self.backend).model_validate(self.recipe)
+        except ValidationError as exc:
+            err = exc.errors(include_url=False)[0]
+            where = ".".join(str(p) for p in ("recipe", *err["loc"]))
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                allowed = ", ".join(backends.recipe_type(self.backend).model_fields)
+                msg = f"unknown recipe key for backend {self.backend} (allowed: {allowed})"
+            elif "input" in err and err["type"] != "value_error":
+                msg += f" (got {err['input']!r})"
+            raise ValueError(f"{where}: {msg}") from None
+        return self
+
+    def spec(self, *, baseline: bool = False) -> CandidateSpec:
+        return CandidateSpec(name=self.name, backend=self.backend, recipe=dict(self.recipe), baseline=baseline)
+
+
+_DEFAULT_BASELINE = {"name": "baseline-fp32", "backend": "onnxruntime",
+                     "recipe": {"precision": "fp32", "graph_optimization": "disabled"}}
+
+
+class Profile(_Strict):
+    name: str = Field(description="profile name (the file stem)")
+    description: str = Field("", description="one line shown by `edgeopt profiles list`")
+    hardware: HardwareTarget
+    benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
+    budgets: Budgets = Field(default_factory=Budgets)
+    gates: Gates = Field(default_factory=Gates)
+    objective: Objective = Field(default_factory=Objective)
+    baseline: CandidateConfig = Field(default_factory=lambda: CandidateConfig(**_DEFAULT_BASELINE),
+                                      description="the reference every candidate is compared with")
+    candidates: tuple[CandidateConfig, ...] = Field(description="recipes to try (at least one)")
+
+    @field_validator("candidates")
+    @classmethod
+    def _non_empty_unique(cls, v: tuple[CandidateConfig, ...]) -> tuple[CandidateConfig, ...]:
+        if not v:
+            raise ValueError("the candidate list is empty; list at least one candidate recipe")
+        seen: set[str] = set()
+        for c in v:
+            if c.name in seen:
+                raise ValueError(f"candidate name {c.name!r} appears twice")
+            seen.add(c.name)
+        return v
+
+    def candidate_specs(self, only: tuple[str, ...] = ()) -> tuple[CandidateSpec, ...]:
+        """The candidates to build, optionally filtered to the names in ``only``."""
+        if only:
+            unknown = sorted(set(only) - {c.name for c in self.candidates})
+            if unknown:
+                raise ConfigError(
+                    f"profile {self.name}: unknown candidate(s) {', '.join(unknown)} "
+                    f"(allowed: {', '.join(c.name for c in self.candidates)})"
+                )
+        return tuple(c.spec() for c in self.candidates if not only or c.name in only)
+
+
+def profiles_dir() -> Path:
+    """``$EDGEOPT_PROFILES_DIR`` if set, else the ``profiles/`` folder shipped beside the package."""
+    env = os.environ.get("EDGEOPT_PROFILES_DIR")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "profiles"
+
+
+def list_profiles() -> list[str]:
+    return sorted(p.stem for p in profiles_dir().glob("*.yaml"))
+
+
+def _allowed_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
+    """Field names allowed at the parent of ``loc`` (for 'unknown key' messages)."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
+            return None
+        ann = current.model_fields[part].annotation
+        args = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+        current = args[0] if args else ann
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return None
+
+
+def _describe(source: str, exc: ValidationError, model: type[BaseModel]) -> str:
+    err = exc.errors(include_url=False)[0]
+    loc = tuple(err["loc"])
+    field = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[") or "(top level)"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        allowed = _allowed_fields(model, loc)
+        msg = f"unknown key {loc[-1]!r}" + (f" (allowed: {', '.join(allowed)})" if allowed else "")
+    elif err["type"] == "missing":
+        msg = "required field is missing"
+    elif "input" in err and err["type"] not in ("value_error",):
+        msg += f" (got {err['input']!r})"
+    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{source}: {field}: {msg}{more}"
+
+
+def _resolve(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise ConfigError(f"profile file {p}: no such file")
+        return p
+    candidate = profiles_dir() / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        known = ", ".join(list_profiles()) or "none"
+        raise ConfigError(f"unknown profile {name_or_path!r} (allowed: {known}); or pass a path to a .yaml file")
+    return candidate
+
+
+def load_profile(name_or_path: str) -> Profile:
+    """Load a profile by name (``profiles/<name>.yaml``) or by path; ConfigError on any problem."""
+    path = _resolve(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML ({first})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a profile is a YAML mapping; got {type(data).__name__}")
+    data.setdefault("name", path.stem)
+    try:
+        return Profile.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(str(path), exc, Profile)) from exc
+
+
+def host_mismatches(profile: Profile, fp: HardwareFingerprint) -> list[str]:
+    """What about this machine does not fit the profile's hardware target (empty when it fits)."""
+    problems = []
+    hw = profile.hardware
+    if fp.arch != hw.arch:
+        problems.append(f"architecture {fp.arch} (profile wants {hw.arch})")
+    missing = [f for f in hw.isa_required if f.lower() not in fp.isa_flags]
+    if missing:
+        problems.append(f"missing ISA features {', '.join(missing)}")
+    if hw.device == "gpu" and hw.gpu_vendor and not any(g.startswith(hw.gpu_vendor) for g in fp.gpus):
+        problems.append(f"no {hw.gpu_vendor} GPU found")
+    return problems

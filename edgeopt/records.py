@@ -1,0 +1,194 @@
+"""Frozen, plain records that flow between the phases of the workflow.
+
+ModelRef → Assessment → CandidateSpec → Artifact → BenchmarkResult + EvalResult → GateVerdict
+→ CandidateOutcome → Selection.  Tasks pass these records and paths, never live model objects.
+Units are in field names (``latency_ms_p95``, ``rss_peak_mb``, ``size_bytes``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "Artifact",
+    "Assessment",
+    "BenchmarkResult",
+    "CandidateOutcome",
+    "CandidateSpec",
+    "EvalResult",
+    "Failure",
+    "GateVerdict",
+    "HardwareFingerprint",
+    "ModelKind",
+    "ModelRef",
+    "Record",
+    "Selection",
+    "TensorSpec",
+]
+
+ModelKind = Literal["cnn", "encoder", "llm", "other"]
+ModelFormat = Literal["onnx", "hf", "gguf"]
+
+
+class Record(BaseModel):
+    """Base of every record: immutable, unknown fields rejected."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TensorSpec(Record):
+    name: str
+    dtype: str = Field(description="numpy dtype name, e.g. 'float32', 'int64'")
+    shape: tuple[int | str, ...] = Field(description="static dims as ints, dynamic dims as their symbol ('?' if unnamed)")
+
+    @property
+    def dynamic_dims(self) -> tuple[int, ...]:
+        return tuple(i for i, d in enumerate(self.shape) if not isinstance(d, int) or d <= 0)
+
+
+class ModelRef(Record):
+    path: str
+    format: ModelFormat
+    sha256: str
+    size_bytes: int
+
+
+class Assessment(Record):
+    model: ModelRef
+    kind: ModelKind
+    params: int
+    opset: int | None = None
+    ir_version: int | None = None
+    producer: str = ""
+    op_histogram: dict[str, int] = Field(default_factory=dict)
+    inputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[TensorSpec, ...] = ()
+    quantizable_ops: tuple[str, ...] = Field(default=(), description="op types the INT8 paths cover")
+    unquantizable_ops: tuple[str, ...] = Field(default=(), description="op types they leave in float")
+    int8_coverage: float = Field(default=0.0, description="share of nodes whose op the INT8 paths cover")
+
+
+class HardwareFingerprint(Record):
+    hostname: str
+    os: str
+    arch: str
+    cpu_model: str
+    isa_flags: tuple[str, ...]
+    cores_physical: int
+    cores_logical: int
+    ram_mb: int
+    gpus: tuple[str, ...] = ()
+    python: str
+    tool_versions: dict[str, str] = Field(default_factory=dict)
+
+
+class CandidateSpec(Record):
+    name: str
+    backend: str
+    recipe: dict[str, Any] = Field(default_factory=dict)
+    baseline: bool = False
+
+
+class Artifact(Record):
+    candidate: str
+    backend: str
+    path: str = Field(description="model file (or folder) produced by the backend")
+    sha256: str
+    size_bytes: int
+    parent_sha256: str
+    precision: str = Field(description="precision the artifact executes in, e.g. fp32, fp16, int8")
+    runtime: dict[str, Any] = Field(default_factory=dict, description="options used to load and run it")
+    tool_versions: dict[str, str] = Field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+
+class Failure(Record):
+    stage: Literal["build", "benchmark", "evaluate"]
+    reason: str
+    message: str
+
+
+class BenchmarkResult(Record):
+    candidate: str
+    kind: Literal["latency"] = "latency"
+    samples: int
+    batch_size: int
+    threads: int | None = None
+    latency_ms_p50: float
+    latency_ms_p90: float
+    latency_ms_p95: float
+    latency_ms_p99: float
+    latency_ms_mean: float
+    latency_ms_std: float
+    latency_ms_min: float
+    latency_ms_max: float
+    throughput_per_s: float
+    rss_peak_mb: float = Field(description="peak resident memory of the measuring process")
+    rss_model_mb: float = Field(description="peak RSS minus RSS after importing the runtime: the model's share")
+    load_time_ms: float
+    size_bytes: int
+    duration_s: float
+    samples_path: str | None = Field(default=None, description=".npy file of the raw latency samples (ms)")
+    hardware: HardwareFingerprint
+
+
+class EvalResult(Record):
+    candidate: str
+    metric: str = Field(description="'top1_accuracy' with labels, else 'top1_agreement' with the baseline")
+    value: float
+    baseline: float
+    delta: float
+    samples: int
+    top1_agreement: float
+    cosine_mean: float
+    cosine_min: float
+    max_abs_error: float
+
+
+class GateVerdict(Record):
+    gate: str
+    metric: str
+    comparator: Literal[">=", "<="]
+    threshold: float
+    measured: float
+    margin: float = Field(description="measured - threshold for '>=', threshold - measured for '<='")
+    passed: bool
+
+    def describe(self) -> str:
+        word = "pass" if self.passed else "FAIL"
+        return f"{self.gate}: {self.measured:.4g} {self.comparator} {self.threshold:.4g} ({word}, margin {self.margin:+.4g})"
+
+
+class CandidateOutcome(Record):
+    spec: CandidateSpec
+    artifact: Artifact | None = None
+    benchmark: BenchmarkResult | None = None
+    evaluation: EvalResult | None = None
+    failure: Failure | None = None
+    speedup_p50: float | None = None
+    speedup_p95: float | None = None
+    memory_reduction: float | None = Field(default=None, description="1 - rss_model_mb / baseline's")
+    verdicts: tuple[GateVerdict, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None and self.benchmark is not None
+
+    @property
+    def passed(self) -> bool:
+        return self.ok and not self.spec.baseline and bool(self.verdicts) and all(v.passed for v in self.verdicts)
+
+
+class Selection(Record):
+    selected: str | None
+    frontier: tuple[str, ...] = ()
+    passing: tuple[str, ...] = ()
+    scores: dict[str, float] = Field(default_factory=dict)
+    nearest_misses: tuple[str, ...] = Field(default=(), description="one line per near miss, nearest first")
+    message: str

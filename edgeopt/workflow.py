@@ -1,0 +1,184 @@
+"""The phases of the optimize workflow as plain functions (no Prefect, no MLflow).
+
+``tasks/`` wraps each of these in a Prefect task; ``benchmarks/`` calls them directly to measure
+the orchestration overhead. Every phase takes and returns records and paths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from edgeopt import backends, bench, gates, pareto
+from edgeopt.data import Dataset, file_sha256, load_dataset
+from edgeopt.errors import BackendUnavailable, CandidateFailed, DataError
+from edgeopt.evaluate import evaluator_for, load_outputs
+from edgeopt.hardware import tool_versions
+from edgeopt.profiles import Profile
+from edgeopt.records import (
+    Artifact,
+    Assessment,
+    BenchmarkResult,
+    CandidateOutcome,
+    CandidateSpec,
+    EvalResult,
+    Failure,
+    HardwareFingerprint,
+    Selection,
+)
+
+__all__ = [
+    "bench_dir",
+    "bench_settings",
+    "build",
+    "build_dir",
+    "check_data",
+    "digest",
+    "evaluate",
+    "failed",
+    "measure",
+    "outputs_path",
+    "run_outputs",
+    "select",
+    "with_gates",
+]
+
+log = logging.getLogger(__name__)
+
+
+def digest(*parts: Any) -> str:
+    """A stable short hash of JSON-able parts (cache keys, folder names)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:24]
+
+
+def check_data(assessment: Assessment, *, calibration: str | None, evaluation: str | None) -> tuple[Dataset | None, Dataset | None]:
+    """Validate both data files against the model's inputs before anything is built (DataError)."""
+    cal = load_dataset(calibration, signature=assessment.inputs, role="calibration") if calibration else None
+    ev = load_dataset(evaluation, signature=assessment.inputs, role="evaluation") if evaluation else None
+    return cal, ev
+
+
+def build_dir(spec: CandidateSpec, *, assessment: Assessment, calibration: str | None, work_dir: Path) -> Path:
+    """Content-addressed build folder: model sha, backend, recipe, calibration data and tool versions."""
+    backend = backends.get(spec.backend)
+    needs_cal = backend.recipe_type.model_validate(spec.recipe).needs_calibration()
+    cal_sha = file_sha256(calibration) if (needs_cal and calibration and Path(calibration).is_file()) else None
+    key = digest(assessment.model.sha256, spec.backend, spec.recipe, cal_sha, backend.tool_versions())
+    return work_dir / "builds" / f"{spec.name}-{key}"
+
+
+def build(spec: CandidateSpec, *, assessment: Assessment, calibration: str | None, work_dir: Path) -> Artifact:
+    """Build one candidate into a content-addressed folder under ``work_dir/builds``.
+
+    Raises ``CandidateFailed`` with a classified reason (``unavailable``, ``missing-data``, ...).
+    """
+    backend = backends.get(spec.backend)
+    recipe = backend.recipe_type.model_validate(spec.recipe)
+    try:
+        backend.check_available()
+    except BackendUnavailable as exc:
+        raise CandidateFailed("unavailable", f"{spec.name}: {exc}") from exc
+    cal: Dataset | None = None
+    if recipe.needs_calibration():
+        if not calibration:
+            raise CandidateFailed("missing-data", f"{spec.name}: this recipe needs calibration data; pass --calibration DATA")
+        try:
+            cal = load_dataset(calibration, signature=assessment.inputs, role="calibration")
+        except DataError as exc:
+            raise CandidateFailed("missing-data", f"{spec.name}: {exc}") from exc
+    out_dir = build_dir(spec, assessment=assessment, calibration=calibration if cal else None, work_dir=work_dir)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    artifact = backend.optimize(model=assessment.model, assessment=assessment, recipe=recipe,
+                                candidate=spec.name, out_dir=out_dir, calibration=cal)
+    log.info("built %s: %s (%d bytes)", spec.name, artifact.precision, artifact.size_bytes)
+    return artifact
+
+
+def bench_settings(profile: Profile) -> bench.BenchSettings:
+    b = profile.benchmark
+    return bench.BenchSettings(
+        warmup_runs=b.warmup_runs, min_runs=b.min_runs, min_duration_s=b.min_duration_s,
+        max_duration_s=b.max_duration_s, batch_size=b.batch_size, timeout_s=b.timeout_s,
+        memory_limit_mb=b.memory_limit_mb, eval_samples=b.eval_samples,
+    )
+
+
+def _with_threads(artifact: Artifact, profile: Profile) -> Artifact:
+    """Apply the profile's default thread count where the recipe left it open."""
+    runtime = dict(artifact.runtime)
+    if runtime.get("intra_op_threads") is None:
+        runtime["intra_op_threads"] = profile.hardware.threads
+    return artifact.model_copy(update={"runtime": runtime})
+
+
+def bench_dir(artifact: Artifact, *, profile: Profile, work_dir: Path) -> Path:
+    artifact = _with_threads(artifact, profile)
+    return work_dir / "bench" / f"{artifact.candidate}-{artifact.sha256[:12]}-{digest(profile.benchmark, artifact.runtime)}"
+
+
+def outputs_path(artifact: Artifact, *, profile: Profile, work_dir: Path) -> Path:
+    key = digest(artifact.sha256, profile.benchmark.batch_size, profile.benchmark.max_eval_samples)
+    return work_dir / "outputs" / f"{artifact.candidate}-{key}.npz"
+
+
+def measure(artifact: Artifact, *, profile: Profile, assessment: Assessment, hardware: HardwareFingerprint,
+            evaluation: str | None, work_dir: Path, lock_path: Path | None = None) -> BenchmarkResult:
+    """Benchmark one artifact in a fresh process (CandidateFailed on crash, oom, timeout...)."""
+    artifact = _with_threads(artifact, profile)
+    out_dir = bench_dir(artifact, profile=profile, work_dir=work_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return bench.measure(artifact=artifact, settings=bench_settings(profile), signature=assessment.inputs,
+                         hardware=hardware, out_dir=out_dir, data_path=evaluation, lock_path=lock_path)
+
+
+def run_outputs(artifact: Artifact, *, profile: Profile, assessment: Assessment, evaluation: str | None,
+                work_dir: Path) -> str:
+    """Run the artifact over the evaluation data (or synthetic inputs) in a fresh process; path of outputs."""
+    artifact = _with_threads(artifact, profile)
+    out = outputs_path(artifact, profile=profile, work_dir=work_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = bench.infer(artifact=artifact, signature=assessment.inputs, out_path=out, data_path=evaluation,
+                       batch_size=profile.benchmark.batch_size, max_samples=profile.benchmark.max_eval_samples,
+                       timeout_s=profile.benchmark.timeout_s)
+    return str(path)
+
+
+def evaluate(candidate: str, *, outputs: str, baseline_outputs: str, assessment: Assessment,
+             evaluation: str | None, max_samples: int) -> EvalResult:
+    """Accuracy (with labels) and fidelity against the baseline's outputs on the same samples."""
+    labels = None
+    if evaluation:
+        data = load_dataset(evaluation, signature=assessment.inputs, role="evaluation").head(max_samples)
+        labels = data.labels
+    evaluator = evaluator_for(assessment.kind)
+    return evaluator(candidate=candidate, outputs=load_outputs(outputs),
+                     baseline_outputs=load_outputs(baseline_outputs), labels=labels)
+
+
+def failed(spec: CandidateSpec, *, stage: str, error: CandidateFailed, artifact: Artifact | None = None) -> CandidateOutcome:
+    return CandidateOutcome(spec=spec, artifact=artifact,
+                            failure=Failure(stage=stage, reason=error.reason, message=str(error)))
+
+
+def with_gates(outcomes: list[CandidateOutcome], *, profile: Profile) -> list[CandidateOutcome]:
+    """Apply the profile's gates to every successful candidate against the baseline outcome."""
+    baseline = next(o for o in outcomes if o.spec.baseline)
+    if not baseline.ok:
+        return outcomes
+    return [o if o.spec.baseline else gates.outcome_with_gates(o, baseline=baseline, gates=profile.gates,
+                                                               budgets=profile.budgets)
+            for o in outcomes]
+
+
+def select(outcomes: list[CandidateOutcome], *, profile: Profile) -> Selection:
+    return pareto.select(outcomes, objective=profile.objective)
+
+
+def versions() -> dict[str, str]:
+    return tool_versions()

@@ -1,0 +1,207 @@
+"""The ``edgeopt`` command line: optimize, assess, profiles, zoo.
+
+It is the outermost layer (CLI → flows → tasks → edgeopt) and sets the embedded defaults
+(Prefect's ephemeral API and a local MLflow store under ``$EDGEOPT_HOME``) before Prefect loads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from edgeopt.errors import EdgeOptError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+profiles_app = typer.Typer(no_args_is_help=True, help="List and show target profiles.")
+zoo_app = typer.Typer(no_args_is_help=True, help="Reference models built locally.")
+app.add_typer(profiles_app, name="profiles")
+app.add_typer(zoo_app, name="zoo")
+
+out = Console()
+err = Console(stderr=True)
+
+
+def _fail(exc: BaseException, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def optimize(
+    model: Annotated[Path, typer.Argument(help="model file (.onnx)")],
+    profile: Annotated[str, typer.Option("--profile", "-p", help="target profile name or .yaml path")] = "intel-cpu",
+    calibration: Annotated[Optional[Path], typer.Option(help="calibration data (.npz)")] = None,
+    eval_data: Annotated[Optional[Path], typer.Option("--eval", help="evaluation data (.npz, optional 'labels')")] = None,
+    candidate: Annotated[Optional[list[str]], typer.Option("--candidate", "-c", help="only this candidate (repeatable)")] = None,
+    model_name: Annotated[Optional[str], typer.Option(help="registered model name (default: <model>-<profile>)")] = None,
+    refresh: Annotated[bool, typer.Option(help="rebuild and re-measure, ignoring cached results")] = False,
+    allow_hardware_mismatch: Annotated[bool, typer.Option(help="run on a machine that does not fit the profile")] = False,
+    strict: Annotated[bool, typer.Option(help="exit with code 3 when no candidate passes its gates")] = False,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="also write the full report as JSON here")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Prefect's logs")] = False,
+) -> None:
+    """Build, benchmark, evaluate and gate every candidate of PROFILE for MODEL; register the winner."""
+    from flows._env import configure_embedded_defaults
+
+    configure_embedded_defaults(quiet=not verbose)
+    # a missing model file is caught before Prefect starts
+    if not model.exists():
+        _fail(EdgeOptError(f"model {model}: no such file; check the path"))
+    from flows.optimize import add_progress_listener, optimize_flow
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
+                  transient=True) as progress:
+        bar = progress.add_task("starting Prefect (embedded API)...", total=None)
+        remove = add_progress_listener(lambda stage, detail: progress.update(bar, description=f"{stage}: {detail}"))
+        try:
+            result = optimize_flow(model=str(model), profile=profile,
+                                   calibration=str(calibration) if calibration else None,
+                                   evaluation=str(eval_data) if eval_data else None,
+                                   candidates=list(candidate) if candidate else None, model_name=model_name,
+                                   refresh=refresh, allow_hardware_mismatch=allow_hardware_mismatch)
+        except EdgeOptError as exc:
+            progress.stop()
+            _fail(exc)
+        finally:
+            remove()
+    _print_report(result)
+    if json_out:
+        json_out.write_text(result.model_dump_json(indent=2), encoding="utf-8")
+    if strict and not result.selection.selected:
+        raise typer.Exit(3)
+
+
+def _print_report(result) -> None:
+    from edgeopt import report
+
+    table = Table(title=f"{result.model_name} on {result.profile}", show_lines=False)
+    cols = ("candidate", "p50 ms", "p95 ms", "speed-up p50", "model RSS MB", "size MB", "accuracy", "verdict")
+    for c in cols:
+        table.add_column(c, justify="left" if c in ("candidate", "verdict") else "right")
+    for r in report.rows(result.outcomes, result.selection):
+        table.add_row(*(r[c] for c in cols))
+    out.print(table)
+    out.print(result.selection.message, highlight=False)
+    for miss in result.selection.nearest_misses:
+        out.print(f"  nearest miss: {miss}", highlight=False)
+    for o in result.outcomes:
+        if o.failure:
+            out.print(f"  {o.name} failed ({o.failure.reason}): {o.failure.message}", highlight=False)
+    if result.registered_version:
+        out.print(f"registered: {result.model_name} version {result.registered_version} (alias 'candidate')")
+    out.print(f"MLflow run: {result.mlflow_run_url}  (store: {result.tracking_uri}; `make mlflow-ui` to browse)",
+              highlight=False, soft_wrap=True)
+    if result.flow_run_id:
+        where = result.flow_run_url or f"http://127.0.0.1:4200/runs/flow-run/{result.flow_run_id}"
+        out.print(f"Prefect flow run: {result.flow_run_id}  ({where}; `make prefect-ui` to browse)",
+                  highlight=False, soft_wrap=True)
+
+
+@app.command()
+def assess(
+    model: Annotated[Path, typer.Argument(help="model file (.onnx)")],
+    json_output: Annotated[bool, typer.Option("--json", help="print the assessment as JSON")] = False,
+) -> None:
+    """Validate a model and describe it: size, parameters, ops, I/O, kind, INT8 readiness."""
+    from edgeopt.intake import assess as do_assess
+
+    try:
+        a = do_assess(model)
+    except EdgeOptError as exc:
+        _fail(exc)
+    if json_output:
+        out.print_json(a.model_dump_json())
+        return
+    out.print(f"[bold]{model}[/]  kind={a.kind}  params={a.params:,}  size={a.model.size_bytes / 1e6:.2f} MB  "
+              f"opset={a.opset}  ir={a.ir_version}")
+    out.print(f"sha256 {a.model.sha256}", highlight=False)
+    for s in a.inputs:
+        out.print(f"  input  {s.name}: {s.dtype} {list(s.shape)}", highlight=False)
+    for s in a.outputs:
+        out.print(f"  output {s.name}: {s.dtype} {list(s.shape)}", highlight=False)
+    out.print("ops: " + ", ".join(f"{k}×{v}" for k, v in a.op_histogram.items()), highlight=False)
+    out.print(f"INT8 coverage {a.int8_coverage:.0%}; left in float: {', '.join(a.unquantizable_ops) or 'none'}")
+
+
+@profiles_app.command("list")
+def profiles_list() -> None:
+    """List the available profiles."""
+    from edgeopt.profiles import list_profiles, load_profile
+
+    table = Table("profile", "arch", "device", "candidates", "description")
+    for name in list_profiles():
+        try:
+            p = load_profile(name)
+        except EdgeOptError as exc:
+            table.add_row(name, "-", "-", "-", f"[red]invalid: {exc}[/]")
+            continue
+        table.add_row(name, p.hardware.arch, p.hardware.device, str(len(p.candidates)), p.description)
+    out.print(table)
+
+
+@profiles_app.command("show")
+def profiles_show(name: Annotated[str, typer.Argument(help="profile name or .yaml path")]) -> None:
+    """Show a profile, validated, with every default filled in."""
+    import yaml
+
+    from edgeopt.profiles import load_profile
+
+    try:
+        p = load_profile(name)
+    except EdgeOptError as exc:
+        _fail(exc)
+    out.print(yaml.safe_dump(json.loads(p.model_dump_json()), sort_keys=False), highlight=False)
+
+
+@zoo_app.command("build")
+def zoo_build(
+    name: Annotated[Optional[list[str]], typer.Argument(help="models to build (default: digits-resnet)")] = None,
+    force: Annotated[bool, typer.Option(help="rebuild even if already built")] = False,
+) -> None:
+    """Build reference models (trained here, offline) with their calibration and evaluation data."""
+    from edgeopt import zoo
+    from edgeopt.settings import data_dir
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
+                  transient=True) as progress:
+        for model_name in name or ["digits-resnet"]:
+            bar = progress.add_task(f"{model_name}: building", total=None)
+            try:
+                entry = zoo.build(model_name, out_dir=data_dir() / "zoo", force=force,
+                                  progress=lambda msg, b=bar, n=model_name: progress.update(b, description=f"{n}: {msg}"))
+            except EdgeOptError as exc:
+                progress.stop()
+                _fail(exc)
+            progress.remove_task(bar)
+            out.print(f"{entry.name}: held-out accuracy {entry.accuracy:.4f}; model {entry.model}", highlight=False)
+            out.print(f"  --calibration {entry.calibration} --eval {entry.evaluation}", highlight=False)
+
+
+@zoo_app.command("list")
+def zoo_list() -> None:
+    """List the reference models."""
+    from edgeopt import zoo
+
+    for model_name, desc in zoo.ZOO_MODELS.items():
+        out.print(f"{model_name}: {desc}", highlight=False)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except EdgeOptError as exc:  # pragma: no cover - commands handle their own
+        err.print(f"error: {exc}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""The per-platform optimize flow: assess → build candidates → benchmark → evaluate → gate → select
+→ register, tracked in MLflow, with a report artifact in Prefect.
+
+Run it locally with ``edgeopt optimize MODEL --profile intel-cpu`` (embedded Prefect API and
+MLflow store), or as the ``optimize-intel-cpu`` deployment on a work pool (``prefect.yaml``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import BaseModel, ConfigDict
+
+from edgeopt import report, settings, workflow
+from edgeopt.errors import CandidateFailed, ConfigError, EdgeOptError
+from edgeopt.profiles import host_mismatches
+from edgeopt.records import CandidateOutcome, CandidateSpec, Selection
+from tasks import tracking
+from tasks.phases import (
+    assess_task,
+    benchmark_task,
+    build_task,
+    check_data_task,
+    evaluate_task,
+    fingerprint_task,
+    gate_task,
+    load_profile_task,
+    outputs_task,
+    select_task,
+)
+
+log = logging.getLogger(__name__)
+
+#: In-process progress listeners (the CLI's progress bar); deployments run without any.
+_listeners: list[Callable[[str, str], None]] = []
+
+
+def add_progress_listener(fn: Callable[[str, str], None]) -> Callable[[], None]:
+    _listeners.append(fn)
+    return lambda: _listeners.remove(fn)
+
+
+def _progress(stage: str, detail: str) -> None:
+    for fn in list(_listeners):
+        fn(stage, detail)
+
+
+class OptimizeReport(BaseModel):
+    """What the optimize flow returns (and the CLI prints)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    profile: str
+    model_name: str
+    outcomes: tuple[CandidateOutcome, ...]
+    selection: Selection
+    experiment_id: str
+    mlflow_run_id: str
+    mlflow_run_url: str
+    tracking_uri: str
+    registered_version: str | None = None
+    flow_run_id: str | None = None
+    flow_run_url: str | None = None
+
+
+def _default_model_name(model: str, profile: str) -> str:
+    p = Path(model)
+    stem = p.parent.name if p.stem in ("model", "") else p.stem
+    return f"{stem}-{profile}"
+
+
+def _measure(spec: CandidateSpec, art, *, prof, assessment, hw, evaluation, work, refresh):
+    """Benchmark then run outputs; returns (outcome-so-far, outputs path or None, cached?)."""
+    bench = benchmark_task.with_options(refresh_cache=refresh or None)
+    outs = outputs_task.with_options(refresh_cache=refresh or None)
+    _progress("benchmark", spec.name)
+    state = bench(art, prof, assessment, hw, evaluation, work, return_state=True)
+    try:
+        result = state.result()
+    except CandidateFailed as exc:
+        return workflow.failed(spec, stage="benchmark", error=exc, artifact=art), None, False
+    cached = state.name == "Cached"
+    _progress("evaluate", spec.name)
+    try:
+        path = outs(art, prof, assessment, evaluation, work)
+    except CandidateFailed as exc:
+        return workflow.failed(spec, stage="evaluate", error=exc, artifact=art), None, cached
+    return CandidateOutcome(spec=spec, artifact=art, benchmark=result), path, cached
+
+
+@flow(name="optimize", flow_run_name="optimize-{profile}", task_runner=ThreadPoolTaskRunner(max_workers=2))
+def optimize_flow(
+    model: str,
+    profile: str = "intel-cpu",
+    calibration: str | None = None,
+    evaluation: str | None = None,
+    candidates: list[str] | None = None,
+    model_name: str | None = None,
+    data_dir: str | None = None,
+    refresh: bool = False,
+    allow_hardware_mismatch: bool = False,
+) -> OptimizeReport:
+    """Optimize MODEL for PROFILE on this machine and register the winner (if any) in MLflow.
+
+    Args:
+        model: path to the model file (ONNX) on the worker.
+        profile: target profile name (profiles/*.yaml) or path to a profile file.
+        calibration: .npz calibration data (static quantization recipes need it).
+        evaluation: .npz evaluation data; with a ``labels`` array accuracy is reported.
+        candidates: only these candidate names from the profile (default: all).
+        model_name: registered model name in MLflow (default: <model>-<profile>).
+        data_dir: edgeopt data folder (default: $EDGEOPT_HOME or ./.edgeopt).
+        refresh: rebuild and re-measure everything, ignoring cached results.
+        allow_hardware_mismatch: run even if this machine does not fit the profile's hardware.
+    """
+    logger = get_run_logger()
+    base = Path(data_dir).expanduser().resolve() if data_dir else settings.data_dir()
+    work = str(base / "work")
+    calibration = str(Path(calibration).resolve()) if calibration else None
+    evaluation = str(Path(evaluation).resolve()) if evaluation else None
+
+    _progress("assess", Path(model).name)
+    prof = load_profile_task(profile)
+    assessment = assess_task(str(Path(model).expanduser().resolve()))
+    hw = fingerprint_task()
+    mismatch = host_mismatches(prof, hw)
+    if mismatch and not allow_hardware_mismatch:
+        raise ConfigError(f"profile {prof.name} does not fit this machine: {'; '.join(mismatch)}; "
+                          "pick another profile or pass --allow-hardware-mismatch")
+    check_data_task(assessment, calibration, evaluation)
+    specs = [prof.baseline.spec(baseline=True), *prof.candidate_specs(tuple(candidates or ()))]
+    name = model_name or _default_model_name(model, prof.name)
+
+    exp_id, run_id = tracking.start_parent_run(
+        data_dir=str(base), experiment=f"edgeopt/{name}", run_name=f"optimize-{prof.name}",
+        assessment=assessment, profile_name=prof.name, profile_doc=prof.model_dump(mode="json"), hardware=hw,
+        tags={"prefect.flow_run_id": str(flow_run.id or "")})
+    status = "FAILED"
+    selection: Selection | None = None
+    try:
+        build = build_task.with_options(refresh_cache=refresh or None)
+        futures = {s.name: build.submit(s, assessment, calibration, work) for s in specs}
+        outcomes: list[CandidateOutcome] = []
+        cached: dict[str, bool] = {}
+        baseline_outputs: str | None = None
+        for s in specs:
+            _progress("build", s.name)
+            try:
+                art = futures[s.name].result()
+            except CandidateFailed as exc:
+                logger.warning("%s", exc)
+                outcomes.append(workflow.failed(s, stage="build", error=exc))
+                continue
+            outcome, outputs, cached[s.name] = _measure(s, art, prof=prof, assessment=assessment, hw=hw,
+                                                        evaluation=evaluation, work=work, refresh=refresh)
+            if s.baseline:
+                if outcome.failure:
+                    raise EdgeOptError(f"the baseline {s.name} failed ({outcome.failure.reason}): "
+                                       f"{outcome.failure.message}; nothing is registered")
+                baseline_outputs = outputs
+            if outputs and baseline_outputs:
+                try:
+                    ev = evaluate_task(s.name, outputs, baseline_outputs, assessment, evaluation,
+                                       prof.benchmark.max_eval_samples)
+                    outcome = outcome.model_copy(update={"evaluation": ev})
+                except CandidateFailed as exc:
+                    outcome = workflow.failed(s, stage="evaluate", error=exc, artifact=art)
+            outcomes.append(outcome)
+
+        _progress("select", prof.name)
+        outcomes = gate_task(outcomes, prof)
+        selection = select_task(outcomes, prof)
+        logs = [tracking.log_candidate.submit(data_dir=str(base), experiment_id=exp_id, parent_run_id=run_id,
+                                              outcome=o, cached=cached.get(o.name, False)) for o in outcomes]
+        child_ids = {o.name: f.result() for o, f in zip(outcomes, logs, strict=True)}
+        version = None
+        if selection.selected:
+            _progress("register", selection.selected)
+            chosen = next(o for o in outcomes if o.name == selection.selected)
+            version = tracking.register_selected(data_dir=str(base), model_name=name,
+                                                 run_id=child_ids[chosen.name], outcome=chosen, selection=selection)
+        url = tracking.run_url(experiment_id=exp_id, run_id=run_id, data_dir=str(base))
+        links = {"MLflow run": url}
+        if version:
+            links["Registered model"] = f"{name} version {version} (alias '{tracking.CANDIDATE_ALIAS}')"
+        md = report.markdown(outcomes, selection, title=f"edgeopt optimize: {name} on {prof.name}", links=links)
+        create_markdown_artifact(markdown=md, key=f"optimize-{prof.name}".lower(),
+                                 description=f"Candidates for {name} on {prof.name}")
+        create_link_artifact(link=url, link_text="MLflow run", key="mlflow-run")
+        status = "FINISHED"
+        return OptimizeReport(
+            profile=prof.name, model_name=name, outcomes=tuple(outcomes), selection=selection,
+            experiment_id=exp_id, mlflow_run_id=run_id, mlflow_run_url=url,
+            tracking_uri=settings.mlflow_tracking_uri(base), registered_version=version,
+            flow_run_id=str(flow_run.id) if flow_run.id else None, flow_run_url=flow_run.ui_url,
+        )
+    finally:
+        tracking.end_parent_run(data_dir=str(base), run_id=run_id, selection=selection, status=status,
+                                report_md=md if status == "FINISHED" else None)

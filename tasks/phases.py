@@ -1,0 +1,123 @@
+"""Prefect tasks for each phase of the optimize workflow: thin wrappers over ``edgeopt.workflow``.
+
+Builds, benchmarks and output runs are cached on what determines them (model sha, recipe, data
+sha, tool versions, hardware) so a re-run with nothing changed rebuilds and re-measures nothing.
+A cache entry whose files have gone is ignored. Candidate failures (``CandidateFailed``) are not
+retried: they are deterministic; the flow records them and goes on.
+"""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NONE as NO_CACHE
+
+from edgeopt import intake, workflow
+from edgeopt.data import file_sha256
+from edgeopt.hardware import fingerprint
+from edgeopt.profiles import Profile, load_profile
+from edgeopt.records import (
+    Artifact,
+    Assessment,
+    BenchmarkResult,
+    CandidateOutcome,
+    CandidateSpec,
+    EvalResult,
+    HardwareFingerprint,
+    Selection,
+)
+
+BENCH_TAG = f"edgeopt-benchmark-{socket.gethostname()}"
+
+
+def _data_sha(path: str | None) -> str | None:
+    return file_sha256(path) if path and Path(path).is_file() else None
+
+
+def _unless_missing(key: str, path: Path) -> str:
+    """A cache key that misses when the files a cached result points at are gone."""
+    return key if path.exists() else f"{key}-{uuid.uuid4().hex}"
+
+
+def _build_key(_ctx: Any, p: dict[str, Any]) -> str:
+    spec, assessment = p["spec"], p["assessment"]
+    folder = workflow.build_dir(spec, assessment=assessment, calibration=p["calibration"], work_dir=Path(p["work_dir"]))
+    return _unless_missing(f"build-{folder.name}", folder / "model.onnx" if spec.backend == "onnxruntime" else folder)
+
+
+def _bench_key(_ctx: Any, p: dict[str, Any]) -> str:
+    artifact, profile = p["artifact"], p["profile"]
+    folder = workflow.bench_dir(artifact, profile=profile, work_dir=Path(p["work_dir"]))
+    key = workflow.digest(artifact.sha256, artifact.runtime, profile.benchmark, p["hardware"], _data_sha(p["evaluation"]))
+    return _unless_missing(f"bench-{artifact.candidate}-{key}", folder / "latency_ms.npy")
+
+
+def _outputs_key(_ctx: Any, p: dict[str, Any]) -> str:
+    artifact, profile = p["artifact"], p["profile"]
+    out = workflow.outputs_path(artifact, profile=profile, work_dir=Path(p["work_dir"]))
+    key = workflow.digest(artifact.sha256, artifact.runtime, profile.benchmark.batch_size,
+                          profile.benchmark.max_eval_samples, _data_sha(p["evaluation"]))
+    return _unless_missing(f"outputs-{artifact.candidate}-{key}", out)
+
+
+@task(name="load-profile", cache_policy=NO_CACHE)
+def load_profile_task(profile: str) -> Profile:
+    return load_profile(profile)
+
+
+@task(name="assess", cache_policy=NO_CACHE)
+def assess_task(model: str) -> Assessment:
+    return intake.assess(model)
+
+
+@task(name="fingerprint", cache_policy=NO_CACHE)
+def fingerprint_task() -> HardwareFingerprint:
+    return fingerprint()
+
+
+@task(name="check-data", cache_policy=NO_CACHE)
+def check_data_task(assessment: Assessment, calibration: str | None, evaluation: str | None) -> None:
+    workflow.check_data(assessment, calibration=calibration, evaluation=evaluation)
+
+
+@task(name="build-candidate", task_run_name="build-{spec.name}", cache_key_fn=_build_key, persist_result=True)
+def build_task(spec: CandidateSpec, assessment: Assessment, calibration: str | None, work_dir: str) -> Artifact:
+    return workflow.build(spec, assessment=assessment, calibration=calibration, work_dir=Path(work_dir))
+
+
+@task(name="benchmark", task_run_name="benchmark-{artifact.candidate}", tags=[BENCH_TAG],
+      cache_key_fn=_bench_key, persist_result=True)
+def benchmark_task(artifact: Artifact, profile: Profile, assessment: Assessment, hardware: HardwareFingerprint,
+                   evaluation: str | None, work_dir: str) -> BenchmarkResult:
+    work = Path(work_dir)
+    return workflow.measure(artifact, profile=profile, assessment=assessment, hardware=hardware,
+                            evaluation=evaluation, work_dir=work, lock_path=work / "bench.lock")
+
+
+@task(name="run-outputs", task_run_name="outputs-{artifact.candidate}", tags=[BENCH_TAG],
+      cache_key_fn=_outputs_key, persist_result=True)
+def outputs_task(artifact: Artifact, profile: Profile, assessment: Assessment, evaluation: str | None,
+                 work_dir: str) -> str:
+    return workflow.run_outputs(artifact, profile=profile, assessment=assessment, evaluation=evaluation,
+                                work_dir=Path(work_dir))
+
+
+@task(name="evaluate", task_run_name="evaluate-{candidate}", cache_policy=NO_CACHE)
+def evaluate_task(candidate: str, outputs: str, baseline_outputs: str, assessment: Assessment,
+                  evaluation: str | None, max_samples: int) -> EvalResult:
+    return workflow.evaluate(candidate, outputs=outputs, baseline_outputs=baseline_outputs, assessment=assessment,
+                             evaluation=evaluation, max_samples=max_samples)
+
+
+@task(name="gate", cache_policy=NO_CACHE)
+def gate_task(outcomes: list[CandidateOutcome], profile: Profile) -> list[CandidateOutcome]:
+    return workflow.with_gates(outcomes, profile=profile)
+
+
+@task(name="select", cache_policy=NO_CACHE)
+def select_task(outcomes: list[CandidateOutcome], profile: Profile) -> Selection:
+    return workflow.select(outcomes, profile=profile)

@@ -1,0 +1,230 @@
+"""MLflow tracking: the only module that talks to MLflow.
+
+One parent run per flow run; one nested run per candidate, attached through the explicit
+``mlflow.parentRunId`` tag (the fluent API's active run is per thread, and tasks run in a pool);
+the selected candidate becomes a registered model version with the alias ``candidate``.
+Every call uses an explicit ``MlflowClient`` and run id, never the fluent active run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NONE as NO_CACHE
+
+from edgeopt.records import Assessment, CandidateOutcome, HardwareFingerprint, Selection
+from edgeopt.settings import mlflow_artifact_root, mlflow_tracking_uri
+
+log = logging.getLogger(__name__)
+
+CANDIDATE_ALIAS = "candidate"
+
+
+def _transient(_task: Any, _run: Any, state: Any) -> bool:
+    """Retry MLflow calls only for transient store errors (locked database, connection trouble)."""
+    try:
+        state.result()
+    except (ConnectionError, TimeoutError):
+        return True
+    except Exception as exc:  # noqa: BLE001 - inspect the message of store errors
+        text = str(exc).lower()
+        return "database is locked" in text or "connection" in text or "temporarily" in text
+    return False
+
+
+def client(data_dir: str):
+    import mlflow
+
+    uri = mlflow_tracking_uri(Path(data_dir))
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def _experiment_id(cl, name: str, data_dir: str) -> str:
+    exp = cl.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        root = mlflow_artifact_root(Path(data_dir))
+        root.mkdir(parents=True, exist_ok=True)
+        location = root.as_uri()
+    return cl.create_experiment(name, artifact_location=location)
+
+
+def _flat(prefix: str, value: Any, out: dict[str, str]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flat(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+
+
+def _log_json(cl, run_id: str, name: str, payload: Any, artifact_path: str | None = None) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        p = Path(tmp) / name
+        p.write_text(json.dumps(payload, indent=2, default=str), encoding="utf-8")
+        cl.log_artifact(run_id, str(p), artifact_path)
+
+
+@task(name="mlflow-start-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=_transient)
+def start_parent_run(*, data_dir: str, experiment: str, run_name: str, assessment: Assessment, profile_name: str,
+                     profile_doc: dict[str, Any], hardware: HardwareFingerprint, tags: dict[str, str]) -> tuple[str, str]:
+    """Create the parent run; returns (experiment_id, run_id)."""
+    from mlflow.entities import Param, RunTag
+
+    cl = client(data_dir)
+    exp_id = _experiment_id(cl, experiment, data_dir)
+    run = cl.create_run(exp_id, run_name=run_name, tags={"edgeopt.profile": profile_name, **tags})
+    params = {
+        "model.sha256": assessment.model.sha256,
+        "model.path": Path(assessment.model.path).name,
+        "model.format": assessment.model.format,
+        "model.kind": assessment.kind,
+        "model.params": str(assessment.params),
+        "model.opset": str(assessment.opset),
+        "model.size_bytes": str(assessment.model.size_bytes),
+        "model.int8_coverage": str(assessment.int8_coverage),
+        "profile": profile_name,
+        "hardware.cpu": hardware.cpu_model,
+        "hardware.arch": hardware.arch,
+        "hardware.cores": str(hardware.cores_logical),
+        "hardware.ram_mb": str(hardware.ram_mb),
+        "hardware.isa": ",".join(hardware.isa_flags),
+        **{f"tool.{k}": v for k, v in hardware.tool_versions.items()},
+    }
+    cl.log_batch(run.info.run_id, params=[Param(k, v[:500]) for k, v in params.items()],
+                 tags=[RunTag("edgeopt.hostname", hardware.hostname)])
+    _log_json(cl, run.info.run_id, "assessment.json", assessment.model_dump(mode="json"))
+    _log_json(cl, run.info.run_id, "hardware.json", hardware.model_dump(mode="json"))
+    _log_json(cl, run.info.run_id, "profile.json", profile_doc)
+    return exp_id, run.info.run_id
+
+
+def _metrics(o: CandidateOutcome) -> dict[str, float]:
+    m: dict[str, float] = {}
+    if o.benchmark:
+        b = o.benchmark
+        for field in ("latency_ms_p50", "latency_ms_p90", "latency_ms_p95", "latency_ms_p99", "latency_ms_mean",
+                      "latency_ms_std", "latency_ms_min", "latency_ms_max", "throughput_per_s", "rss_peak_mb",
+                      "rss_model_mb", "load_time_ms", "size_bytes", "duration_s"):
+            m[field] = float(getattr(b, field))
+        m["latency_samples"] = float(b.samples)
+    if o.evaluation:
+        e = o.evaluation
+        m[e.metric] = e.value
+        m[f"{e.metric}_baseline"] = e.baseline
+        m[f"{e.metric}_delta"] = e.delta
+        m.update(top1_agreement=e.top1_agreement, cosine_mean=e.cosine_mean, cosine_min=e.cosine_min,
+                 max_abs_error=e.max_abs_error, eval_samples=float(e.samples))
+    for name in ("speedup_p50", "speedup_p95", "memory_reduction"):
+        if getattr(o, name) is not None:
+            m[name] = float(getattr(o, name))
+    return m
+
+
+@task(name="mlflow-log-candidate", task_run_name="mlflow-{outcome.spec.name}", cache_policy=NO_CACHE,
+      retries=2, retry_delay_seconds=2, retry_condition_fn=_transient)
+def log_candidate(*, data_dir: str, experiment_id: str, parent_run_id: str, outcome: CandidateOutcome,
+                  cached: bool = False) -> str:
+    """One nested run per candidate: recipe as params, figures as metrics, verdicts as tags."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    cl = client(data_dir)
+    spec = outcome.spec
+    run = cl.create_run(experiment_id, run_name=spec.name, tags={"mlflow.parentRunId": parent_run_id})
+    rid = run.info.run_id
+    params = {"backend": spec.backend, "baseline": str(spec.baseline)}
+    _flat("recipe", spec.recipe, params)
+    if outcome.artifact:
+        params["precision"] = outcome.artifact.precision
+        params["artifact.sha256"] = outcome.artifact.sha256
+        _flat("runtime", outcome.artifact.runtime, params)
+    if outcome.benchmark:
+        params["bench.batch_size"] = str(outcome.benchmark.batch_size)
+        params["bench.threads"] = str(outcome.benchmark.threads)
+    tags = {"edgeopt.candidate": spec.name, "edgeopt.cached": str(cached).lower()}
+    if outcome.failure:
+        tags.update({"edgeopt.status": "failed", "edgeopt.failure.stage": outcome.failure.stage,
+                     "edgeopt.failure.reason": outcome.failure.reason,
+                     "edgeopt.failure.message": outcome.failure.message[:4000]})
+    elif spec.baseline:
+        tags["edgeopt.status"] = "baseline"
+    else:
+        tags["edgeopt.status"] = "passed" if outcome.passed else "rejected"
+    for v in outcome.verdicts:
+        tags[f"gate.{v.gate}"] = v.describe()
+    cl.log_batch(rid, metrics=[Metric(k, v, 0, 0) for k, v in _metrics(outcome).items()],
+                 params=[Param(k, str(v)[:500]) for k, v in params.items()],
+                 tags=[RunTag(k, v) for k, v in tags.items()])
+    if outcome.artifact and Path(outcome.artifact.path).exists():
+        p = Path(outcome.artifact.path)
+        if p.is_dir():
+            cl.log_artifacts(rid, str(p), "model")
+        else:
+            cl.log_artifact(rid, str(p), "model")
+        _log_json(cl, rid, "artifact.json", outcome.artifact.model_dump(mode="json"), "model")
+    if outcome.benchmark and outcome.benchmark.samples_path and Path(outcome.benchmark.samples_path).exists():
+        cl.log_artifact(rid, outcome.benchmark.samples_path, "latency")
+    _log_json(cl, rid, "outcome.json", outcome.model_dump(mode="json"))
+    cl.set_terminated(rid, "FAILED" if outcome.failure else "FINISHED")
+    return rid
+
+
+@task(name="mlflow-register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=_transient)
+def register_selected(*, data_dir: str, model_name: str, run_id: str, outcome: CandidateOutcome,
+                      selection: Selection) -> str:
+    """Register the selected candidate's model as a new version with alias ``candidate``."""
+    from mlflow.exceptions import MlflowException
+
+    cl = client(data_dir)
+    try:
+        cl.get_registered_model(model_name)
+    except MlflowException:
+        cl.create_registered_model(model_name, description="edgeopt-selected edge artifacts")
+    source = f"{cl.get_run(run_id).info.artifact_uri}/model"
+    tags = {"edgeopt.candidate": outcome.spec.name, "edgeopt.backend": outcome.spec.backend,
+            **{f"gate.{v.gate}": v.describe() for v in outcome.verdicts}}
+    if outcome.artifact:
+        tags["artifact.sha256"] = outcome.artifact.sha256
+        tags["precision"] = outcome.artifact.precision
+    mv = cl.create_model_version(model_name, source, run_id=run_id, tags=tags, description=selection.message)
+    cl.set_registered_model_alias(model_name, CANDIDATE_ALIAS, mv.version)
+    return str(mv.version)
+
+
+@task(name="mlflow-end-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=_transient)
+def end_parent_run(*, data_dir: str, run_id: str, selection: Selection | None, status: str = "FINISHED",
+                   summary: dict[str, Any] | None = None, report_md: str | None = None) -> None:
+    from mlflow.entities import RunTag
+
+    cl = client(data_dir)
+    tags = []
+    if selection is not None:
+        tags = [RunTag("edgeopt.selected", selection.selected or "none"),
+                RunTag("edgeopt.selection", selection.message[:4000])]
+        _log_json(cl, run_id, "selection.json", selection.model_dump(mode="json"))
+    if summary:
+        _log_json(cl, run_id, "summary.json", summary)
+    if report_md:
+        with tempfile.TemporaryDirectory() as tmp:
+            p = Path(tmp) / "report.md"
+            p.write_text(report_md, encoding="utf-8")
+            cl.log_artifact(run_id, str(p))
+    if tags:
+        cl.log_batch(run_id, tags=tags)
+    cl.set_terminated(run_id, status)
+
+
+def run_url(*, experiment_id: str, run_id: str, data_dir: str) -> str:
+    """Where to see the run: the tracking server's page, or the local UI's (``make mlflow-ui``)."""
+    uri = mlflow_tracking_uri(Path(data_dir))
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"

@@ -1,0 +1,389 @@
+"""ONNX Runtime backend: every recipe path on tiny hand-built models, failures and recipe validation."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper, numpy_helper
+
+from edgeopt import backends
+from edgeopt.backends.onnxruntime import OnnxRuntimeBackend, OrtRecipe, classify
+from edgeopt.data import Dataset
+from edgeopt.errors import CandidateFailed, ConfigError
+from edgeopt.records import Assessment, ModelRef
+
+OPSET = 17
+IR_VERSION = 9
+
+
+def _init(rng: np.random.Generator, name: str, shape: tuple[int, ...], fan_in: int) -> onnx.TensorProto:
+    arr = (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+    return numpy_helper.from_array(arr, name)
+
+
+def _save(graph: onnx.GraphProto, path: Path) -> Path:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def _cnn(path: Path, logits_bias: np.ndarray | None = None) -> Path:
+    """Conv → Relu → Conv → Relu → GlobalAveragePool → Flatten → Gemm: input [batch,1,8,8] → logits [batch,4].
+
+    Random weights make every sample's logits nearly the mean logits (the pooled features hardly vary),
+    so the fixture centres them with ``logits_bias`` to get an argmax that varies across samples.
+    """
+    rng = np.random.default_rng(0)
+    b3 = np.zeros(4, np.float32) if logits_bias is None else logits_bias.astype(np.float32)
+    inits = [_init(rng, "w1", (16, 1, 3, 3), 9), numpy_helper.from_array(np.zeros(16, np.float32), "b1"),
+             _init(rng, "w2", (32, 16, 3, 3), 144), numpy_helper.from_array(np.zeros(32, np.float32), "b2"),
+             _init(rng, "w3", (4, 32), 32), numpy_helper.from_array(b3, "b3")]
+    nodes = [
+        helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "w3", "b3"], ["logits"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny_cnn",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])], inits)
+    return _save(graph, path)
+
+
+def _mlp(path: Path) -> Path:
+    """MatMul → Add → Relu → MatMul → Add → Relu → Gemm: features [batch,64] → logits [batch,10] (~85k weights)."""
+    rng = np.random.default_rng(1)
+    inits = [_init(rng, "w1", (64, 256), 64), numpy_helper.from_array(np.zeros(256, np.float32), "b1"),
+             _init(rng, "w2", (256, 256), 256), numpy_helper.from_array(np.zeros(256, np.float32), "b2"),
+             _init(rng, "w3", (10, 256), 256), numpy_helper.from_array(np.zeros(10, np.float32), "b3")]
+    nodes = [
+        helper.make_node("MatMul", ["features", "w1"], ["m1"], name="mm1"),
+        helper.make_node("Add", ["m1", "b1"], ["a1"], name="add1"),
+        helper.make_node("Relu", ["a1"], ["r1"], name="relu1"),
+        helper.make_node("MatMul", ["r1", "w2"], ["m2"], name="mm2"),
+        helper.make_node("Add", ["m2", "b2"], ["a2"], name="add2"),
+        helper.make_node("Relu", ["a2"], ["r2"], name="relu2"),
+        helper.make_node("Gemm", ["r2", "w3", "b3"], ["logits"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny_mlp",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])], inits)
+    return _save(graph, path)
+
+
+def _ref(path: Path) -> ModelRef:
+    data = path.read_bytes()
+    return ModelRef(path=str(path), format="onnx", sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data))
+
+
+class Case:
+    def __init__(self, path: Path, input_name: str, shape: tuple[int, ...], params: int) -> None:
+        self.path = path
+        self.model = _ref(path)
+        self.assessment = Assessment(model=self.model, kind="cnn" if len(shape) == 4 else "other", params=params)
+        self.input_name = input_name
+        rng = np.random.default_rng(42)
+        self.calibration = Dataset(path=None, sha256="x",
+                                   inputs={input_name: rng.standard_normal((32, *shape)).astype(np.float32)})
+        self.eval_inputs = rng.standard_normal((64, *shape)).astype(np.float32)
+        self.reference = _run(OnnxRuntimeBackend().load(path=str(path), runtime={}), input_name, self.eval_inputs)
+
+
+def _run(session, name: str, inputs: np.ndarray) -> np.ndarray:
+    return session.run({name: inputs})[0]
+
+
+@pytest.fixture(scope="module")
+def cnn(tmp_path_factory: pytest.TempPathFactory) -> Case:
+    folder = tmp_path_factory.mktemp("cnn")
+    uncentred = Case(_cnn(folder / "uncentred.onnx"), "input", (1, 8, 8), 0)
+    path = _cnn(folder / "cnn.onnx", logits_bias=-uncentred.reference.mean(axis=0))
+    case = Case(path, "input", (1, 8, 8), 16 * 9 + 32 * 144 + 128 + 52)
+    assert len(set(case.reference.argmax(axis=1))) >= 3, "fixture CNN predicts too few classes to test agreement"
+    return case
+
+
+@pytest.fixture(scope="module")
+def mlp(tmp_path_factory: pytest.TempPathFactory) -> Case:
+    return Case(_mlp(tmp_path_factory.mktemp("mlp") / "mlp.onnx"), "features", (64,), 64 * 256 + 256 * 256 + 2570)
+
+
+@pytest.fixture
+def backend() -> OnnxRuntimeBackend:
+    return OnnxRuntimeBackend()
+
+
+def _build(backend: OnnxRuntimeBackend, case: Case, out: Path, calibrate: bool = False, **recipe) -> tuple:
+    r = OrtRecipe(**recipe)
+    artifact = backend.optimize(model=case.model, assessment=case.assessment, recipe=r, candidate="cand",
+                                out_dir=out, calibration=case.calibration if calibrate else None)
+    path = Path(artifact.path)
+    assert path == out / "model.onnx" and path.is_file()
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx"], "temporary files left behind"
+    assert artifact.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert artifact.size_bytes == path.stat().st_size
+    assert artifact.parent_sha256 == case.model.sha256
+    assert artifact.backend == "onnxruntime" and artifact.candidate == "cand"
+    assert artifact.precision == r.precision
+    assert artifact.runtime == r.runtime_options()
+    assert "onnxruntime" in artifact.tool_versions and "onnx" in artifact.tool_versions
+    session = backend.load(path=artifact.path, runtime=artifact.runtime)
+    assert session.input_names == [case.input_name]
+    assert session.providers == ["CPUExecutionProvider"]
+    return artifact, _run(session, case.input_name, case.eval_inputs)
+
+
+def _op_types(path: str) -> Counter[str]:
+    return Counter(n.op_type for n in onnx.load(path).graph.node)
+
+
+def _agreement(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean(a.argmax(axis=1) == b.argmax(axis=1)))
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    num = np.sum(a * b, axis=1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12
+    return float(np.mean(num / den))
+
+
+def _close_enough_int8(out: np.ndarray, ref: np.ndarray) -> None:
+    assert np.isfinite(out).all()
+    agreement, cosine = _agreement(out, ref), _cosine(out, ref)
+    assert agreement >= 0.8 or cosine > 0.95, f"agreement {agreement:.3f}, cosine {cosine:.4f}"
+
+
+# -- registry and declarations -------------------------------------------------------------------
+
+
+def test_registered(backend: OnnxRuntimeBackend) -> None:
+    assert isinstance(backends.get("onnxruntime"), OnnxRuntimeBackend)
+    assert backends.recipe_type("onnxruntime") is OrtRecipe
+    assert backend.formats == {"onnx"} and backend.devices == {"cpu", "gpu", "npu"}
+    backend.check_available()
+
+
+def test_every_recipe_field_documented() -> None:
+    for name, field in OrtRecipe.model_fields.items():
+        assert field.description, f"{name} has no description"
+
+
+# -- FP32 / FP16 ---------------------------------------------------------------------------------
+
+
+def test_fp32_copy_is_byte_identical(backend, cnn, tmp_path) -> None:
+    artifact, out = _build(backend, cnn, tmp_path / "a", graph_optimization="disabled")
+    assert artifact.sha256 == cnn.model.sha256
+    assert artifact.runtime["graph_optimization"] == "all"
+    np.testing.assert_allclose(out, cnn.reference, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("level", ["basic", "all"])
+def test_fp32_graph_optimized(backend, cnn, tmp_path, level) -> None:
+    artifact, out = _build(backend, cnn, tmp_path / "a", graph_optimization=level)
+    np.testing.assert_allclose(out, cnn.reference, atol=1e-4, rtol=1e-4)
+    assert artifact.runtime["graph_optimization"] == ("disabled" if level == "all" else "all")
+    assert any(level in note for note in artifact.notes)
+
+
+def test_fp16(backend, cnn, mlp, tmp_path) -> None:
+    for case in (cnn, mlp):
+        artifact, out = _build(backend, case, tmp_path / case.input_name, precision="fp16")
+        np.testing.assert_allclose(out, case.reference, atol=1e-2, rtol=1e-2)
+        weights = onnx.load(artifact.path).graph.initializer
+        assert any(t.data_type == TensorProto.FLOAT16 for t in weights)
+        assert artifact.size_bytes < case.model.size_bytes * 0.6
+
+
+def test_fp16_keeps_excluded_ops_in_float(backend, mlp, tmp_path) -> None:
+    artifact, out = _build(backend, mlp, tmp_path / "a", precision="fp16", op_types_to_exclude=("Gemm",))
+    np.testing.assert_allclose(out, mlp.reference, atol=1e-2, rtol=1e-2)
+    w3 = next(t for t in onnx.load(artifact.path).graph.initializer if t.name == "w3")
+    assert w3.data_type == TensorProto.FLOAT
+
+
+# -- INT8 ----------------------------------------------------------------------------------------
+
+
+def test_dynamic_int8(backend, cnn, mlp, tmp_path) -> None:
+    for case in (cnn, mlp):
+        artifact, out = _build(backend, case, tmp_path / case.input_name, precision="int8", quantization="dynamic")
+        ops = _op_types(artifact.path)
+        assert ops["DynamicQuantizeLinear"] or ops["MatMulInteger"] or ops["ConvInteger"], ops
+        _close_enough_int8(out, case.reference)
+    assert artifact.size_bytes < mlp.model.size_bytes * 0.5
+
+
+@pytest.mark.parametrize("method", ["minmax", "entropy", "percentile"])
+def test_static_int8(backend, mlp, tmp_path, method) -> None:
+    artifact, out = _build(backend, mlp, tmp_path / "a", calibrate=True, precision="int8", quantization="static",
+                           calibration_method=method, calibration_samples=16)
+    ops = _op_types(artifact.path)
+    assert ops["QuantizeLinear"] and ops["DequantizeLinear"], ops
+    _close_enough_int8(out, mlp.reference)
+    assert artifact.size_bytes < mlp.model.size_bytes * 0.5
+    assert f"calibrated with {method} on 16 samples" in artifact.notes
+
+
+def test_static_int8_cnn(backend, cnn, tmp_path) -> None:
+    artifact, out = _build(backend, cnn, tmp_path / "a", calibrate=True, precision="int8", quantization="static")
+    ops = _op_types(artifact.path)
+    assert ops["QuantizeLinear"] and ops["DequantizeLinear"], ops
+    _close_enough_int8(out, cnn.reference)
+    # fewer samples than asked: uses them all and says so
+    assert "calibrated with minmax on 32 samples" in artifact.notes
+
+
+def test_static_int8_excludes_nodes(backend, mlp, tmp_path) -> None:
+    artifact, _ = _build(backend, mlp, tmp_path / "a", calibrate=True, precision="int8", quantization="static",
+                         nodes_to_exclude=("fc",), op_types_to_exclude=("Add",), calibration_samples=8)
+    graph = onnx.load(artifact.path).graph
+    fc = next(n for n in graph.node if n.name == "fc")
+    producers = {o: n.op_type for n in graph.node for o in n.output}
+    assert producers.get(fc.input[1]) != "DequantizeLinear", "excluded node got quantized weights"
+    w3 = next(t for t in graph.initializer if t.name == fc.input[1])
+    assert w3.data_type == TensorProto.FLOAT
+
+
+# -- failures ------------------------------------------------------------------------------------
+
+
+def test_static_without_calibration_is_missing_data(backend, cnn, tmp_path) -> None:
+    with pytest.raises(CandidateFailed) as err:
+        _build(backend, cnn, tmp_path / "a", precision="int8", quantization="static")
+    assert err.value.reason == "missing-data"
+    assert str(err.value) == "cand: static INT8 needs calibration data; pass --calibration DATA"
+
+
+def test_calibration_for_other_inputs_is_missing_data(backend, cnn, tmp_path) -> None:
+    wrong = Dataset(path=None, sha256="y", inputs={"pixels": np.zeros((4, 1, 8, 8), np.float32)})
+    with pytest.raises(CandidateFailed) as err:
+        backend.optimize(model=cnn.model, assessment=cnn.assessment, candidate="cand", out_dir=tmp_path / "a",
+                         recipe=OrtRecipe(precision="int8", quantization="static"), calibration=wrong)
+    assert err.value.reason == "missing-data" and "input" in str(err.value)
+    assert not (tmp_path / "a" / "model.onnx").exists()
+
+
+def test_broken_model_is_build_error(backend, tmp_path) -> None:
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not an onnx model")
+    ref = _ref(bad)
+    with pytest.raises(CandidateFailed) as err:
+        backend.optimize(model=ref, assessment=Assessment(model=ref, kind="other", params=0), candidate="cand",
+                         recipe=OrtRecipe(), out_dir=tmp_path / "a")
+    assert err.value.reason == "build-error"
+    msg = str(err.value)
+    assert msg.startswith("cand: graph optimization (all) failed: ") and "\n" not in msg
+    assert list((tmp_path / "a").iterdir()) == []
+
+
+def test_unloadable_copy_fails_verification(backend, tmp_path) -> None:
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x00garbage")
+    ref = _ref(bad)
+    with pytest.raises(CandidateFailed) as err:
+        backend.optimize(model=ref, assessment=Assessment(model=ref, kind="other", params=0), candidate="cand",
+                         recipe=OrtRecipe(graph_optimization="disabled"), out_dir=tmp_path / "a")
+    assert err.value.reason == "build-error"
+    assert str(err.value).startswith("cand: the built model does not load: ")
+
+
+@pytest.mark.parametrize(("exc", "reason"), [
+    (MemoryError(), "oom"),
+    (RuntimeError("[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation for X"),
+     "unsupported-op"),
+    (ValueError("Op type Foo is not supported"), "unsupported-op"),
+    (RuntimeError("Failed to allocate memory for requested buffer"), "oom"),
+    (RuntimeError("something else"), "build-error"),
+])
+def test_classify(exc, reason) -> None:
+    assert classify(exc) == reason
+
+
+def test_load_unavailable_provider(backend, cnn) -> None:
+    with pytest.raises(CandidateFailed) as err:
+        backend.load(path=str(cnn.path), runtime=OrtRecipe(execution_provider="cuda").runtime_options())
+    assert err.value.reason == "unavailable"
+    assert "CUDAExecutionProvider" in str(err.value) and "CPUExecutionProvider" in str(err.value)
+
+
+def test_load_session_options(backend, cnn) -> None:
+    session = backend.load(path=str(cnn.path), runtime=OrtRecipe(intra_op_threads=1, inter_op_threads=1,
+                                                                 execution_mode="parallel").runtime_options())
+    np.testing.assert_allclose(_run(session, "input", cnn.eval_inputs), cnn.reference, atol=1e-5)
+    assert session._session.get_session_options().intra_op_num_threads == 1
+
+
+def test_load_rejects_unknown_runtime_option(backend, cnn) -> None:
+    with pytest.raises(ConfigError, match="allowed: intra_op_threads"):
+        backend.load(path=str(cnn.path), runtime={"threads": 2})
+
+
+# -- recipe validation ---------------------------------------------------------------------------
+
+
+def test_recipe_defaults() -> None:
+    r = OrtRecipe()
+    assert (r.precision, r.quantization, r.graph_optimization) == ("fp32", "none", "all")
+    assert not r.needs_calibration()
+    assert OrtRecipe(precision="int8", quantization="static").needs_calibration()
+    assert OrtRecipe(graph_optimization="disabled").runtime_options() == {
+        "intra_op_threads": None, "inter_op_threads": None, "execution_mode": "sequential",
+        "execution_provider": "cpu", "graph_optimization": "all"}
+
+
+def test_recipe_bad_precision_names_allowed_and_received() -> None:
+    with pytest.raises(ValidationError) as err:
+        OrtRecipe(precision="int4")
+    msg = str(err.value)
+    assert "'fp32', 'fp16' or 'int8'" in msg and "int4" in msg
+
+
+def test_recipe_unknown_key_names_allowed_fields() -> None:
+    with pytest.raises(ValidationError) as err:
+        OrtRecipe.model_validate({"precison": "int8"})
+    msg = str(err.value)
+    assert "'precison'" in msg and "allowed: precision, quantization" in msg
+
+
+@pytest.mark.parametrize(("fields", "expected"), [
+    ({"precision": "int8"}, "needs quantization 'dynamic' or 'static' (received 'none')"),
+    ({"quantization": "dynamic"}, "precision 'fp32' needs quantization 'none' (received 'dynamic')"),
+    ({"precision": "int8", "quantization": "dynamic", "calibration_method": "entropy"},
+     "'calibration_method' applies only with quantization='static'"),
+    ({"per_channel": False}, "'per_channel' applies only with precision='int8'"),
+    ({"calibration_samples": 0}, "greater than 0"),
+    ({"execution_provider": "vulkan"}, "'cpu', 'cuda', 'tensorrt', 'coreml', 'openvino' or 'dml'"),
+])
+def test_recipe_inconsistent_values(fields, expected) -> None:
+    with pytest.raises(ValidationError, match=None) as err:
+        OrtRecipe(**fields)
+    assert expected in str(err.value)
+
+
+def test_recipe_is_frozen() -> None:
+    with pytest.raises(ValidationError):
+        OrtRecipe().precision = "fp16"  # type: ignore[misc]
+
+
+def test_module_import_does_not_import_onnxruntime() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, edgeopt.backends.onnxruntime as m; m.OrtRecipe(precision='int8', quantization='dynamic');"
+            "sys.exit('onnxruntime' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
