@@ -76,9 +76,9 @@ def score(outcome: CandidateOutcome, *, baseline: CandidateOutcome | None, objec
     red = outcome.memory_reduction
     mem = _log(1.0 / (1.0 - red) if red is not None and red < 1.0 else None, "memory ratio", name)
     size_ratio = None
-    if baseline is not None and baseline.benchmark is not None and outcome.benchmark is not None:
-        if outcome.benchmark.size_bytes > 0:
-            size_ratio = baseline.benchmark.size_bytes / outcome.benchmark.size_bytes
+    base_bench, bench = (baseline.benchmark if baseline else None), outcome.benchmark
+    if base_bench is not None and bench is not None and bench.size_bytes > 0:
+        size_ratio = base_bench.size_bytes / bench.size_bytes
     size = _log(size_ratio, "size ratio", name)
     return objective.latency * lat + objective.accuracy * acc + objective.memory * mem + objective.size * size
 

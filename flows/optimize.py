@@ -24,13 +24,16 @@ from edgeopt.records import CandidateOutcome, CandidateSpec, Selection
 from tasks import tracking
 from tasks.phases import (
     assess_task,
+    bench_files_missing,
     benchmark_task,
+    build_files_missing,
     build_task,
     check_data_task,
     evaluate_task,
     fingerprint_task,
     gate_task,
     load_profile_task,
+    outputs_files_missing,
     outputs_task,
     select_task,
 )
@@ -77,8 +80,8 @@ def _default_model_name(model: str, profile: str) -> str:
 
 def _measure(spec: CandidateSpec, art, *, prof, assessment, hw, evaluation, work, refresh):
     """Benchmark then run outputs; returns (outcome-so-far, outputs path or None, cached?)."""
-    bench = benchmark_task.with_options(refresh_cache=refresh or None)
-    outs = outputs_task.with_options(refresh_cache=refresh or None)
+    bench = benchmark_task.with_options(refresh_cache=refresh or bench_files_missing(art, prof, work) or None)
+    outs = outputs_task.with_options(refresh_cache=refresh or outputs_files_missing(art, prof, work) or None)
     _progress("benchmark", spec.name)
     state = bench(art, prof, assessment, hw, evaluation, work, return_state=True)
     try:
@@ -144,8 +147,10 @@ def optimize_flow(
     status = "FAILED"
     selection: Selection | None = None
     try:
-        build = build_task.with_options(refresh_cache=refresh or None)
-        futures = {s.name: build.submit(s, assessment, calibration, work) for s in specs}
+        futures = {}
+        for s in specs:
+            stale = refresh or build_files_missing(s, assessment, calibration, work)
+            futures[s.name] = build_task.with_options(refresh_cache=stale or None).submit(s, assessment, calibration, work)
         outcomes: list[CandidateOutcome] = []
         cached: dict[str, bool] = {}
         baseline_outputs: str | None = None

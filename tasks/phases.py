@@ -9,7 +9,6 @@ retried: they are deterministic; the flow records them and goes on.
 from __future__ import annotations
 
 import socket
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -38,30 +37,40 @@ def _data_sha(path: str | None) -> str | None:
     return file_sha256(path) if path and Path(path).is_file() else None
 
 
-def _unless_missing(key: str, path: Path) -> str:
-    """A cache key that misses when the files a cached result points at are gone."""
-    return key if path.exists() else f"{key}-{uuid.uuid4().hex}"
-
-
 def _build_key(_ctx: Any, p: dict[str, Any]) -> str:
-    spec, assessment = p["spec"], p["assessment"]
-    folder = workflow.build_dir(spec, assessment=assessment, calibration=p["calibration"], work_dir=Path(p["work_dir"]))
-    return _unless_missing(f"build-{folder.name}", folder / "model.onnx" if spec.backend == "onnxruntime" else folder)
+    folder = workflow.build_dir(p["spec"], assessment=p["assessment"], calibration=p["calibration"],
+                                work_dir=Path(p["work_dir"]))
+    return f"build-{folder.name}"
 
 
 def _bench_key(_ctx: Any, p: dict[str, Any]) -> str:
     artifact, profile = p["artifact"], p["profile"]
-    folder = workflow.bench_dir(artifact, profile=profile, work_dir=Path(p["work_dir"]))
     key = workflow.digest(artifact.sha256, artifact.runtime, profile.benchmark, p["hardware"], _data_sha(p["evaluation"]))
-    return _unless_missing(f"bench-{artifact.candidate}-{key}", folder / "latency_ms.npy")
+    return f"bench-{artifact.candidate}-{key}"
 
 
 def _outputs_key(_ctx: Any, p: dict[str, Any]) -> str:
     artifact, profile = p["artifact"], p["profile"]
-    out = workflow.outputs_path(artifact, profile=profile, work_dir=Path(p["work_dir"]))
     key = workflow.digest(artifact.sha256, artifact.runtime, profile.benchmark.batch_size,
                           profile.benchmark.max_eval_samples, _data_sha(p["evaluation"]))
-    return _unless_missing(f"outputs-{artifact.candidate}-{key}", out)
+    return f"outputs-{artifact.candidate}-{key}"
+
+
+# A cached record is only as good as the files it points at: when they are gone, the flow asks for
+# a refresh, which re-runs the task and overwrites the record under the same key.
+def build_files_missing(spec: CandidateSpec, assessment: Assessment, calibration: str | None, work_dir: str) -> bool:
+    folder = workflow.build_dir(spec, assessment=assessment, calibration=calibration, work_dir=Path(work_dir))
+    return not folder.is_dir() or not any(folder.iterdir())
+
+
+def bench_files_missing(artifact: Artifact, profile: Profile, work_dir: str) -> bool:
+    if not Path(artifact.path).exists():
+        return True
+    return not (workflow.bench_dir(artifact, profile=profile, work_dir=Path(work_dir)) / "latency_ms.npy").is_file()
+
+
+def outputs_files_missing(artifact: Artifact, profile: Profile, work_dir: str) -> bool:
+    return not workflow.outputs_path(artifact, profile=profile, work_dir=Path(work_dir)).is_file()
 
 
 @task(name="load-profile", cache_policy=NO_CACHE)

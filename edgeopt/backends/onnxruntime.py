@@ -1,13 +1,14 @@
 """ONNX Runtime backend: FP32 graph optimization, FP16 conversion, dynamic and static (QDQ) INT8.
 
-Public surface: ``OrtRecipe`` (the typed recipe) and ``OnnxRuntimeBackend``. ``onnx`` and
-``onnxruntime`` are imported inside the methods, so recipes validate without the toolchain.
+Public surface: ``OrtRecipe`` (the typed recipe), ``OnnxRuntimeBackend`` and ``OrtSession``.
+``onnx`` and ``onnxruntime`` are imported inside the functions, so recipes validate without them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import threading
 import logging
 import os
 import shutil
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     from edgeopt.data import Dataset
     from edgeopt.records import Assessment, ModelRef
 
-__all__ = ["OnnxRuntimeBackend", "OrtRecipe"]
+__all__ = ["PROVIDERS", "OnnxRuntimeBackend", "OrtRecipe", "OrtSession", "classify"]
 
 log = logging.getLogger(__name__)
 
@@ -40,42 +41,47 @@ Provider = Literal["cpu", "cuda", "tensorrt", "coreml", "openvino", "dml"]
 
 #: recipe name -> ONNX Runtime execution provider
 PROVIDERS: dict[str, str] = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-    "coreml": "CoreMLExecutionProvider",
+    "cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "dml": "DmlExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider", "coreml": "CoreMLExecutionProvider",
     "openvino": "OpenVINOExecutionProvider",
-    "dml": "DmlExecutionProvider",
 }
 _LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
            "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 _CALIBRATION = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 _RUNTIME_KEYS = ("intra_op_threads", "inter_op_threads", "execution_mode", "execution_provider",
                  "graph_optimization")
-#: lower-case fragments of toolchain messages, by failure reason
+#: lower-case fragments of toolchain messages that classify a failure
 _UNSUPPORTED_MARKERS = ("not_implemented", "could not find an implementation", "not supported", "unsupported")
 _OOM_MARKERS = ("bad_alloc", "failed to allocate memory", "out of memory")
 
 #: fields that mean something only for some recipes: (fields, applies?, what they apply to)
 _SCOPED_FIELDS: tuple[tuple[tuple[str, ...], Any, str], ...] = (
+    (("entropy_bins",), lambda r: r.calibration_method == "entropy", "calibration_method='entropy'"),
     (("calibration_method", "calibration_samples", "activation_type"),
      lambda r: r.quantization == "static", "quantization='static'"),
-    (("weight_type", "per_channel", "reduce_range"), lambda r: r.precision == "int8", "precision='int8'"),
-    (("nodes_to_exclude", "op_types_to_exclude"), lambda r: r.precision != "fp32", "precision='fp16' or 'int8'"),
+    (("weight_type", "per_channel", "reduce_range"),
+     lambda r: r.precision == "int8", "precision='int8'"),
+    (("nodes_to_exclude", "op_types_to_exclude"),
+     lambda r: r.precision != "fp32", "precision='fp16' or 'int8'"),
 )
 
 
 class OrtRecipe(Recipe):
     """How ONNX Runtime builds and runs one candidate."""
 
-    precision: Literal["fp32", "fp16", "int8"] = Field(
-        default="fp32", description="precision the artifact computes in")
+    precision: Literal["fp32", "fp16", "int8"] = Field(default="fp32", description="precision it computes in")
     quantization: Literal["none", "dynamic", "static"] = Field(
-        default="none", description="INT8 scheme: 'dynamic' quantizes activations at run time (no data needed), "
-        "'static' inserts QuantizeLinear/DequantizeLinear pairs with ranges from calibration data; "
-        "int8 needs 'dynamic' or 'static', fp32/fp16 need 'none'")
+        default="none",
+        description="INT8 scheme: 'dynamic' quantizes activations at run time (no data needed), 'static' "
+        "inserts QuantizeLinear/DequantizeLinear pairs with ranges from calibration data; int8 needs "
+        "'dynamic' or 'static', fp32/fp16 need 'none'")
     calibration_method: Literal["minmax", "entropy", "percentile"] = Field(
         default="minmax", description="how static INT8 turns calibration activations into ranges")
+    entropy_bins: int = Field(
+        default=512, ge=256,
+        description="histogram bins the entropy method searches its clipping threshold over (128 quantized "
+        "levels; onnxruntime's own 128 leave only the full range, i.e. min-max); more bins search finer "
+        "and take longer (in onnxruntime's Python search, about half a second per tensor at 512)")
     calibration_samples: int = Field(
         default=128, gt=0, description="how many calibration samples (the first N, batch 1) static INT8 runs")
     per_channel: bool = Field(default=True, description="INT8: one weight scale per output channel")
@@ -84,25 +90,26 @@ class OrtRecipe(Recipe):
     activation_type: Literal["int8", "uint8"] = Field(
         default="uint8", description="static INT8 activation type (uint8 with int8 weights suits x86 VNNI)")
     weight_type: Literal["int8", "uint8"] = Field(default="int8", description="INT8 weight type")
-    nodes_to_exclude: tuple[str, ...] = Field(
-        default=(), description="node names kept in float (fp16 and int8)")
-    op_types_to_exclude: tuple[str, ...] = Field(
-        default=(), description="op types kept in float (fp16 and int8)")
+    nodes_to_exclude: tuple[str, ...] = Field(default=(), description="node names kept in float (fp16/int8)")
+    op_types_to_exclude: tuple[str, ...] = Field(default=(), description="op types kept in float (fp16/int8)")
     graph_optimization: Level = Field(
-        default="all", description="level ONNX Runtime optimizes the fp32 graph at when building (saved into "
-        "the artifact; 'all' may add hardware-specific fused ops); 'disabled' copies the model as-is (the FP32 "
-        "baseline). fp16/int8 builds convert the original graph and are optimized when loaded")
+        default="all",
+        description="level ONNX Runtime optimizes the fp32 graph at when building, saved into the artifact "
+        "('all' may add hardware-specific fused ops); 'disabled' copies the model as-is (the FP32 baseline). "
+        "fp16/int8 builds convert the original graph and are optimized when loaded")
     load_optimization: Level | None = Field(
-        default=None, description="level the session optimizes at when the artifact is loaded; None: 'disabled' "
-        "for a graph already optimized offline at 'all', else 'all' (ONNX Runtime's default)")
+        default=None,
+        description="level the session optimizes at when the artifact is loaded; None: 'disabled' for a "
+        "graph already optimized offline at 'all', else 'all' (ONNX Runtime's default)")
     intra_op_threads: int | None = Field(
         default=None, ge=1, description="threads inside one operator; None: the profile's default")
     inter_op_threads: int | None = Field(
-        default=None, ge=1, description="threads across operators (parallel mode); None: the profile's default")
+        default=None, ge=1, description="threads across operators (parallel mode); None: profile's default")
     execution_mode: Literal["sequential", "parallel"] = Field(
         default="sequential", description="run independent operators one at a time or in parallel")
     execution_provider: Provider = Field(
-        default="cpu", description="execution provider the session runs on (CPU is the fallback for the rest)")
+        default="cpu",
+        description="execution provider the session runs on (CPU is the fallback for the rest)")
 
     @model_validator(mode="before")
     @classmethod
@@ -154,37 +161,10 @@ class OrtSession:
         return list(self._session.run(None, feeds))
 
 
-class _DatasetReader:
-    """ONNX Runtime calibration data reader: the first ``count`` samples, one at a time (batch 1)."""
-
-    def __init__(self, data: Dataset, names: list[str], count: int) -> None:
-        self._data, self._names, self._count, self._next = data, names, count, 0
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self._next >= self._count:
-            return None
-        self._next += 1
-        feeds = self._data.sample(self._next - 1)
-        return {name: feeds[name] for name in self._names}
-
-    def rewind(self) -> None:
-        self._next = 0
-
-    def __len__(self) -> int:
-        return self._count
-
-
-def _short(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def classify(exc: BaseException) -> str:
     """The ``CandidateFailed`` reason for a toolchain exception."""
-    if isinstance(exc, MemoryError):
-        return "oom"
     text = str(exc).lower()
-    if any(m in text for m in _OOM_MARKERS):
+    if isinstance(exc, MemoryError) or any(m in text for m in _OOM_MARKERS):
         return "oom"
     if any(m in text for m in _UNSUPPORTED_MARKERS):
         return "unsupported-op"
@@ -205,9 +185,11 @@ class OnnxRuntimeBackend(Backend):
     def optimize(self, *, model: ModelRef, assessment: Assessment, recipe: Recipe, candidate: str,
                  out_dir: Path, calibration: Dataset | None = None) -> Artifact:
         if not isinstance(recipe, OrtRecipe):
-            raise ConfigError(f"{candidate}: the onnxruntime backend needs an OrtRecipe, got {type(recipe).__name__}")
+            raise ConfigError(f"{candidate}: the onnxruntime backend needs an OrtRecipe, "
+                              f"got {type(recipe).__name__}")
         if model.format not in self.formats:
-            raise CandidateFailed("build-error", f"{candidate}: onnxruntime builds onnx models, got {model.format!r}")
+            raise CandidateFailed("build-error",
+                                  f"{candidate}: onnxruntime builds onnx models, got {model.format!r}")
         if recipe.needs_calibration() and calibration is None:
             raise CandidateFailed("missing-data",
                                   f"{candidate}: static INT8 needs calibration data; pass --calibration DATA")
@@ -216,45 +198,35 @@ class OnnxRuntimeBackend(Backend):
         out_dir.mkdir(parents=True, exist_ok=True)
         final = out_dir / "model.onnx"
         log.info("%s: building %s (%s) from %s", candidate, recipe.precision, recipe.quantization, model.path)
+        # everything is built in a private folder inside out_dir; only the verified model moves out
         with tempfile.TemporaryDirectory(prefix=".build-", dir=out_dir) as tmp:
-            work = Path(tmp)
-            built = work / "model.onnx"
-            notes = self._build(model=model, recipe=recipe, candidate=candidate, work=work, out=built,
+            built = Path(tmp) / "model.onnx"
+            notes = self._build(model=model, recipe=recipe, candidate=candidate, out=built,
                                 calibration=calibration)
-            self._verify(path=built, recipe=recipe, candidate=candidate)
+            try:
+                self.load(path=str(built), runtime=recipe.runtime_options())
+            except CandidateFailed:
+                raise
+            except Exception as exc:
+                message = f"{candidate}: the built model does not load: {_short(exc)}"
+                raise CandidateFailed(classify(exc), message) from exc
             os.replace(built, final)
         size = final.stat().st_size
         log.info("%s: built %s (%d bytes)", candidate, final, size)
         return Artifact(candidate=candidate, backend=self.name, path=str(final), sha256=file_sha256(final),
                         size_bytes=size, parent_sha256=model.sha256, precision=recipe.precision,
-                        runtime=recipe.runtime_options(), tool_versions=self.tool_versions(), notes=tuple(notes))
+                        runtime=recipe.runtime_options(), tool_versions=self.tool_versions(),
+                        notes=tuple(notes))
 
     def load(self, *, path: str, runtime: dict[str, Any]) -> OrtSession:
         import onnxruntime as ort
 
-        unknown = sorted(set(runtime) - set(_RUNTIME_KEYS))
-        if unknown:
-            raise ConfigError(f"unknown onnxruntime runtime option(s) {', '.join(map(repr, unknown))}; "
-                              f"allowed: {', '.join(_RUNTIME_KEYS)}")
-        provider_key = runtime.get("execution_provider") or "cpu"
-        if provider_key not in PROVIDERS:
-            raise ConfigError(f"unknown execution_provider {provider_key!r}; allowed: {', '.join(PROVIDERS)}")
-        level = runtime.get("graph_optimization") or "all"
-        if level not in _LEVELS:
-            raise ConfigError(f"unknown graph_optimization {level!r}; allowed: {', '.join(_LEVELS)}")
-        providers = _providers(PROVIDERS[provider_key], who=str(path))
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.intra_op_num_threads = int(runtime.get("intra_op_threads") or 0)
-        opts.inter_op_num_threads = int(runtime.get("inter_op_threads") or 0)
-        parallel = runtime.get("execution_mode") == "parallel"
-        opts.execution_mode = ort.ExecutionMode.ORT_PARALLEL if parallel else ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[level])
+        opts, providers = _session_options(runtime, who=str(path))
         return OrtSession(ort.InferenceSession(str(path), sess_options=opts, providers=providers))
 
     # -- building ---------------------------------------------------------------------------------
 
-    def _build(self, *, model: ModelRef, recipe: OrtRecipe, candidate: str, work: Path, out: Path,
+    def _build(self, *, model: ModelRef, recipe: OrtRecipe, candidate: str, out: Path,
                calibration: Dataset | None) -> list[str]:
         step = "build"
         try:
@@ -264,180 +236,223 @@ class OnnxRuntimeBackend(Backend):
                 return ["copied unchanged"]
             if recipe.precision == "fp32":
                 step = f"graph optimization ({recipe.graph_optimization})"
-                return self._optimize_graph(src=model.path, out=out, recipe=recipe, candidate=candidate)
+                return _optimize_graph(src=model.path, out=out, recipe=recipe, candidate=candidate)
             if recipe.precision == "fp16":
                 step = "fp16 conversion"
-                return self._to_fp16(src=model.path, out=out, recipe=recipe)
+                return _to_fp16(src=model.path, out=out, recipe=recipe)
             notes: list[str] = []
             step = "quantization pre-processing"
-            src = self._pre_process(src=model.path, work=work, candidate=candidate, notes=notes)
+            src = _pre_process(src=model.path, out=out.parent / "preprocessed.onnx", candidate=candidate,
+                               notes=notes)
             if recipe.quantization == "dynamic":
                 step = "dynamic quantization"
-                return notes + self._quantize_dynamic(src=src, out=out, recipe=recipe)
+                return notes + _quantize_dynamic(src=src, out=out, recipe=recipe)
             assert calibration is not None  # checked in optimize()
             step = "static quantization"
-            return notes + self._quantize_static(src=src, out=out, recipe=recipe, candidate=candidate,
-                                                 calibration=calibration)
+            return notes + _quantize_static(src=src, out=out, recipe=recipe, candidate=candidate,
+                                            calibration=calibration)
         except CandidateFailed:
             raise
-        except (Exception, MemoryError) as exc:  # toolchain errors of every kind end up here
+        except Exception as exc:  # toolchain errors of every kind are classified here
             log.debug("%s: %s failed", candidate, step, exc_info=True)
             raise CandidateFailed(classify(exc), f"{candidate}: {step} failed: {_short(exc)}") from exc
 
-    def _optimize_graph(self, *, src: str, out: Path, recipe: OrtRecipe, candidate: str) -> list[str]:
-        import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[recipe.graph_optimization])
-        opts.optimized_model_filepath = str(out)
-        if recipe.intra_op_threads:
-            opts.intra_op_num_threads = recipe.intra_op_threads
-        provider = PROVIDERS[recipe.execution_provider]
-        ort.InferenceSession(src, sess_options=opts, providers=_providers(provider, who=candidate))
-        notes = [f"graph optimized offline at level {recipe.graph_optimization} for {provider}"]
-        if recipe.graph_optimization == "all":
-            notes.append("level 'all' may save hardware-specific fused ops: rebuild per machine")
-        return notes
-
-    def _to_fp16(self, *, src: str, out: Path, recipe: OrtRecipe) -> list[str]:
-        import onnx
-
-        try:
-            from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-        except ImportError:  # pragma: no cover - depends on the onnxruntime build
-            from onnxconverter_common.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-
-        block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(recipe.op_types_to_exclude))
-        converted = convert_float_to_float16(onnx.load(src), keep_io_types=True, op_block_list=block,
-                                             node_block_list=list(recipe.nodes_to_exclude) or None)
-        onnx.save(converted, str(out))
-        notes = ["fp16 weights and compute, fp32 inputs/outputs"]
-        if recipe.nodes_to_exclude or recipe.op_types_to_exclude:
-            notes.append(f"kept in fp32: {', '.join(recipe.nodes_to_exclude + recipe.op_types_to_exclude)}")
-        return notes
-
-    def _pre_process(self, *, src: str, work: Path, candidate: str, notes: list[str]) -> str:
-        from onnxruntime.quantization.shape_inference import quant_pre_process
-
-        pre = work / "preprocessed.onnx"
-        try:
-            quant_pre_process(src, str(pre))
-        except Exception as exc:  # noqa: BLE001 - pre-processing is an optional improvement
-            log.warning("%s: quantization pre-processing failed, quantizing the raw model: %s", candidate, _short(exc))
-            notes.append(f"pre-processing skipped: {_short(exc, 120)}")
-            return src
-        return str(pre)
-
-    def _op_types(self, registry: dict[str, Any], recipe: OrtRecipe) -> list[str] | None:
-        if not recipe.op_types_to_exclude:
-            return None
-        return sorted(set(registry) - set(recipe.op_types_to_exclude))
-
-    def _quantize_dynamic(self, *, src: str, out: Path, recipe: OrtRecipe) -> list[str]:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-        from onnxruntime.quantization.registry import IntegerOpsRegistry
-
-        quantize_dynamic(src, str(out), per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
-                         weight_type=_quant_type(QuantType, recipe.weight_type),
-                         op_types_to_quantize=self._op_types(IntegerOpsRegistry, recipe),
-                         nodes_to_exclude=list(recipe.nodes_to_exclude) or None)
-        return [f"dynamic int8: uint8 activations, {recipe.weight_type} weights"
-                + (", per-channel" if recipe.per_channel else "")]
-
-    def _quantize_static(self, *, src: str, out: Path, recipe: OrtRecipe, candidate: str,
-                         calibration: Dataset) -> list[str]:
-        import onnx
-        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-        from onnxruntime.quantization.registry import QDQRegistry
-
-        graph = onnx.load(src, load_external_data=False).graph
-        initializers = {t.name for t in graph.initializer}
-        needed = [i.name for i in graph.input if i.name not in initializers]
-        missing = sorted(set(needed) - set(calibration.inputs))
-        if missing:
-            raise CandidateFailed("missing-data", f"{candidate}: calibration data has no array for input(s) "
-                                  f"{', '.join(missing)} (has: {', '.join(sorted(calibration.inputs))})")
-        count = min(recipe.calibration_samples, calibration.count)
-        method = getattr(CalibrationMethod, _CALIBRATION[recipe.calibration_method])
-        op_types = self._op_types(QDQRegistry, recipe)
-        notes = [f"static int8 (QDQ): {recipe.activation_type} activations, {recipe.weight_type} weights"
-                 + (", per-channel" if recipe.per_channel else ""),
-                 f"calibrated with {recipe.calibration_method} on {count} samples"]
-        cache = None
-        if recipe.calibration_method == "entropy" and "calibration_cache_path" in signature(quantize_static).parameters:
-            cache = _entropy_ranges(src=src, work=out.parent, reader=_DatasetReader(calibration, needed, count),
-                                    method=method, op_types=op_types or list(QDQRegistry))
-        if recipe.calibration_method == "entropy" and cache is None:
-            notes.append("entropy on onnxruntime's 128-bin histogram (close to min-max): this onnxruntime "
-                         "has no calibration cache to pass 2048-bin ranges through")
-        with _stdout_to_log():
-            quantize_static(src, str(out), _DatasetReader(calibration, needed, count), quant_format=QuantFormat.QDQ,
-                            op_types_to_quantize=op_types, per_channel=recipe.per_channel,
-                            reduce_range=recipe.reduce_range,
-                            activation_type=_quant_type(QuantType, recipe.activation_type),
-                            weight_type=_quant_type(QuantType, recipe.weight_type),
-                            nodes_to_exclude=list(recipe.nodes_to_exclude) or None, calibrate_method=method,
-                            calibration_providers=["CPUExecutionProvider"],
-                            **({"calibration_cache_path": str(cache)} if cache else {}))
-        if count < recipe.calibration_samples:
-            notes.append(f"calibration data has {calibration.count} samples, fewer than the "
-                         f"{recipe.calibration_samples} asked")
-        return notes
-
-    def _verify(self, *, path: Path, recipe: OrtRecipe, candidate: str) -> None:
-        try:
-            self.load(path=str(path), runtime=recipe.runtime_options())
-        except CandidateFailed:
-            raise
-        except (Exception, MemoryError) as exc:
-            raise CandidateFailed(classify(exc), f"{candidate}: the built model does not load: {_short(exc)}") from exc
-
-
-def _providers(provider: str, *, who: str) -> list[str]:
-    """``provider`` with the CPU fallback; CandidateFailed('unavailable') if this build lacks it."""
+def _session_options(runtime: dict[str, Any], *, who: str) -> tuple[Any, list[str]]:
+    """``runtime_options()`` -> (SessionOptions, providers); ConfigError or CandidateFailed('unavailable')."""
     import onnxruntime as ort
 
-    available = ort.get_available_providers()
+    unknown = sorted(set(runtime) - set(_RUNTIME_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown onnxruntime runtime option(s) {', '.join(map(repr, unknown))}; "
+                          f"allowed: {', '.join(_RUNTIME_KEYS)}")
+    provider_key = runtime.get("execution_provider") or "cpu"
+    level = runtime.get("graph_optimization") or "all"
+    mode = runtime.get("execution_mode") or "sequential"
+    if provider_key not in PROVIDERS or level not in _LEVELS or mode not in ("sequential", "parallel"):
+        raise ConfigError(f"{who}: execution_provider {provider_key!r} / graph_optimization {level!r} / "
+                          f"execution_mode {mode!r}; allowed: {', '.join(PROVIDERS)} / {', '.join(_LEVELS)} / "
+                          "sequential, parallel")
+    provider, available = PROVIDERS[provider_key], ort.get_available_providers()
     if provider not in available:
         raise CandidateFailed("unavailable", f"{who}: execution provider {provider} is not available here "
                               f"(available: {', '.join(available)})")
-    return [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = int(runtime.get("intra_op_threads") or 0)
+    opts.inter_op_num_threads = int(runtime.get("inter_op_threads") or 0)
+    opts.execution_mode = getattr(ort.ExecutionMode, f"ORT_{mode.upper()}")
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[level])
+    return opts, [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+
+
+def _optimize_graph(*, src: str, out: Path, recipe: OrtRecipe, candidate: str) -> list[str]:
+    import onnxruntime as ort
+
+    runtime = recipe.runtime_options() | {"graph_optimization": recipe.graph_optimization}
+    opts, providers = _session_options(runtime, who=candidate)
+    opts.optimized_model_filepath = str(out)
+    ort.InferenceSession(src, sess_options=opts, providers=providers)
+    notes = [f"graph optimized offline at level {recipe.graph_optimization} for {providers[0]}"]
+    if recipe.graph_optimization == "all":
+        notes.append("level 'all' may save hardware-specific fused ops: rebuild per machine")
+    return notes
+
+
+def _to_fp16(*, src: str, out: Path, recipe: OrtRecipe) -> list[str]:
+    import onnx
+
+    try:
+        from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    except ImportError:  # pragma: no cover - depends on the onnxruntime build
+        from onnxconverter_common.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+    block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(recipe.op_types_to_exclude))
+    converted = convert_float_to_float16(onnx.load(src), keep_io_types=True, op_block_list=block,
+                                         node_block_list=list(recipe.nodes_to_exclude) or None)
+    onnx.save(converted, str(out))
+    notes = ["fp16 weights and compute, fp32 inputs/outputs"]
+    if recipe.nodes_to_exclude or recipe.op_types_to_exclude:
+        notes.append(f"kept in fp32: {', '.join(recipe.nodes_to_exclude + recipe.op_types_to_exclude)}")
+    return notes
+
+
+def _pre_process(*, src: str, out: Path, candidate: str, notes: list[str]) -> str:
+    """Shape inference and graph clean-up before quantization; the raw model if that fails."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        quant_pre_process(src, str(out))
+    except Exception as exc:  # noqa: BLE001 - pre-processing is an improvement, not a requirement
+        log.warning("%s: quantization pre-processing failed, quantizing the raw model: %s",
+                    candidate, _short(exc))
+        notes.append(f"pre-processing skipped: {_short(exc, 120)}")
+        return src
+    return str(out)
+
+
+def _op_types(registry: dict[str, Any], recipe: OrtRecipe) -> list[str] | None:
+    return sorted(set(registry) - set(recipe.op_types_to_exclude)) if recipe.op_types_to_exclude else None
 
 
 def _quant_type(quant_type: Any, name: str) -> Any:
     return quant_type.QInt8 if name == "int8" else quant_type.QUInt8
 
 
-@contextlib.contextmanager
-def _stdout_to_log() -> Iterator[None]:
-    """onnxruntime's calibrators print progress; send it to the debug log instead of stdout."""
-    buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
-        yield
-    if buffer.getvalue().strip():
-        log.debug("onnxruntime: %s", " | ".join(buffer.getvalue().split("\n")).strip(" |"))
+def _quantize_dynamic(*, src: str, out: Path, recipe: OrtRecipe) -> list[str]:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.registry import IntegerOpsRegistry
+
+    quantize_dynamic(src, str(out), per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
+                     weight_type=_quant_type(QuantType, recipe.weight_type),
+                     op_types_to_quantize=_op_types(IntegerOpsRegistry, recipe),
+                     nodes_to_exclude=list(recipe.nodes_to_exclude) or None)
+    return [f"dynamic int8: uint8 activations, {recipe.weight_type} weights"
+            + (", per-channel" if recipe.per_channel else "")]
 
 
-def _entropy_ranges(*, src: str, work: Path, reader: _DatasetReader, method: Any,
-                    op_types: list[str]) -> Path | None:
-    """Entropy ranges from a 2048-bin histogram, saved as a calibration cache for ``quantize_static``.
+def _quantize_static(*, src: str, out: Path, recipe: OrtRecipe, candidate: str,
+                     calibration: Dataset) -> list[str]:
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.registry import QDQRegistry
 
-    ``quantize_static`` builds the entropy histogram with as many bins as quantized levels (128),
-    which leaves one candidate threshold: the full range, i.e. min-max. None if this onnxruntime
-    has no calibration cache API.
+    graph = onnx.load(src, load_external_data=False).graph
+    initializers = {t.name for t in graph.initializer}
+    needed = [i.name for i in graph.input if i.name not in initializers]
+    missing = sorted(set(needed) - set(calibration.inputs))
+    if missing:
+        raise CandidateFailed("missing-data", f"{candidate}: calibration data has no array for input(s) "
+                              f"{', '.join(missing)} (has: {', '.join(sorted(calibration.inputs))})")
+    count = min(recipe.calibration_samples, calibration.count)
+    method = getattr(CalibrationMethod, _CALIBRATION[recipe.calibration_method])
+    op_types = _op_types(QDQRegistry, recipe)
+    notes = [f"static int8 (QDQ): {recipe.activation_type} activations, {recipe.weight_type} weights"
+             + (", per-channel" if recipe.per_channel else ""),
+             f"calibrated with {recipe.calibration_method} on {count} samples"]
+    if count < recipe.calibration_samples:
+        notes.append(f"calibration data has {count} samples, fewer than the "
+                     f"{recipe.calibration_samples} asked")
+    cache: Path | None = None
+    if recipe.calibration_method == "entropy":
+        reader = _DatasetReader(calibration, needed, count)
+        cache = _entropy_ranges(src=src, work=out.parent, reader=reader, method=method,
+                                op_types=op_types or list(QDQRegistry), bins=recipe.entropy_bins)
+        notes.append(f"entropy threshold searched over {recipe.entropy_bins} histogram bins" if cache else
+                     "entropy ranges from onnxruntime's 128-bin histogram (close to min-max)")
+    with _stdout_to_log():
+        quantize_static(src, str(out), _DatasetReader(calibration, needed, count),
+                        quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types,
+                        per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
+                        activation_type=_quant_type(QuantType, recipe.activation_type),
+                        weight_type=_quant_type(QuantType, recipe.weight_type),
+                        nodes_to_exclude=list(recipe.nodes_to_exclude) or None, calibrate_method=method,
+                        calibration_providers=["CPUExecutionProvider"],
+                        **({"calibration_cache_path": str(cache)} if cache else {}))
+    return notes
+
+
+def _entropy_ranges(*, src: str, work: Path, reader: _DatasetReader, method: Any, op_types: list[str],
+                    bins: int) -> Path | None:
+    """Entropy ranges from a ``bins``-bin histogram, saved as a calibration cache for ``quantize_static``.
+
+    ``quantize_static`` makes the entropy histogram with as many bins as quantized levels (128), which
+    leaves one candidate threshold, the full range: min-max under another name. None if this
+    onnxruntime cannot take ranges from a calibration cache.
     """
-    try:
-        from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
-    except ImportError:
+    from onnxruntime.quantization import calibrate, quantize_static
+
+    if "calibration_cache_path" not in signature(quantize_static).parameters:
         return None
-    calibrator = create_calibrator(Path(src), op_types, augmented_model_path=str(work / "augmented.onnx"),
-                                   calibrate_method=method, providers=["CPUExecutionProvider"],
-                                   extra_options={"num_bins": 2048, "num_quantized_bins": 128})
+    calibrator = calibrate.create_calibrator(
+        Path(src), op_types, augmented_model_path=str(work / "augmented.onnx"), calibrate_method=method,
+        providers=["CPUExecutionProvider"], extra_options={"num_bins": bins, "num_quantized_bins": 128})
     with _stdout_to_log():
         calibrator.collect_data(reader)
         ranges = calibrator.compute_data()
     del calibrator
     cache = work / "entropy-ranges.json"
-    save_tensors_data(ranges, cache)
+    calibrate.save_tensors_data(ranges, cache)
     return cache
+
+
+class _DatasetReader:
+    """ONNX Runtime calibration data reader: the first ``count`` samples, one at a time (batch 1)."""
+
+    def __init__(self, data: Dataset, names: list[str], count: int) -> None:
+        self._data, self._names, self._count, self._next = data, names, count, 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._next >= self._count:
+            return None
+        self._next += 1
+        feeds = self._data.sample(self._next - 1)
+        return {name: feeds[name] for name in self._names}
+
+    def rewind(self) -> None:
+        self._next = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+
+_STDOUT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _stdout_to_log() -> Iterator[None]:
+    """onnxruntime's calibrators print progress; send it to the debug log instead of stdout.
+
+    ``redirect_stdout`` swaps a process-wide object: the lock keeps builds running in threads of one
+    process (a flow's task runner) from restoring each other's streams out of order.
+    """
+    buffer = io.StringIO()
+    with _STDOUT_LOCK, contextlib.redirect_stdout(buffer):
+        yield
+    if buffer.getvalue().strip():
+        log.debug("onnxruntime: %s", " | ".join(buffer.getvalue().strip().splitlines()))
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

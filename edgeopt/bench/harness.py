@@ -319,7 +319,7 @@ def _run_worker(job: dict[str, Any], *, work_dir: Path, candidate: str, what: st
                                          f"{timeout_s:g} s; the worker was killed {where}")
     if killed_at_mb is not None:
         raise CandidateFailed("oom", f"candidate '{candidate}': {what} worker used {killed_at_mb:.0f} MB, "
-                                     f"above the memory limit of {memory_limit_mb:g} MB; it was killed {where}")
+                                     f"above the memory limit of {memory_limit_mb:g} MB; killed {where}")
     payload: dict[str, Any] | None = None
     if result_path.is_file():
         with contextlib.suppress(ValueError, OSError):
@@ -354,6 +354,7 @@ def _classify_text(text: str) -> str | None:
 
 def _classify_exit(rc: int, stderr: str, *, candidate: str, what: str, where: str) -> CandidateFailed:
     """The failure for a worker that ended without reporting one itself."""
+    head = f"candidate '{candidate}': {what} worker"
     if rc < 0:
         try:
             sig: signal.Signals | int = signal.Signals(-rc)
@@ -361,15 +362,14 @@ def _classify_exit(rc: int, stderr: str, *, candidate: str, what: str, where: st
         except ValueError:
             sig, name = -rc, f"signal {-rc}"
         if _MEMORY_RE.search(stderr):
-            return CandidateFailed("oom", f"candidate '{candidate}': {what} worker died by {name} after an "
-                                          f"allocation failure: {_last_line(stderr)} {where}")
+            return CandidateFailed("oom", f"{head} died by {name} after an allocation failure: "
+                                          f"{_last_line(stderr)} {where}")
         if sig == signal.SIGKILL:
-            return CandidateFailed("oom", f"candidate '{candidate}': {what} worker was killed by SIGKILL "
-                                          f"from outside the harness, most likely the kernel OOM killer {where}")
+            return CandidateFailed("oom", f"{head} was killed by SIGKILL from outside the harness, most "
+                                          f"likely by the kernel OOM killer {where}")
         kind = "native crash" if sig in _CRASH_SIGNALS else "killed"
-        return CandidateFailed("crash", f"candidate '{candidate}': {what} worker died by {name} ({kind}) {where}")
+        return CandidateFailed("crash", f"{head} died by {name} ({kind}) {where}")
     if rc == 0:
-        return CandidateFailed("crash", f"candidate '{candidate}': {what} worker exited without a result {where}")
+        return CandidateFailed("crash", f"{head} exited without a result {where}")
     reason = _classify_text(stderr) or "crash"
-    return CandidateFailed(reason, f"candidate '{candidate}': {what} worker exited with code {rc}: "
-                                   f"{_last_line(stderr)} {where}")
+    return CandidateFailed(reason, f"{head} exited with code {rc}: {_last_line(stderr)} {where}")

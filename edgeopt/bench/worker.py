@@ -10,10 +10,11 @@ inputs are built (``/proc/self/clear_refs``). ``getrusage(RUSAGE_SELF).ru_maxrss
 there because after fork+exec it carries the *parent's* peak (a 600 MB parent makes a 9 MB child
 report 600 MB); elsewhere it is the fallback.
 
-Fault injection (tests only): ``EDGEOPT_BENCH_FAULT`` set to ``segfault``, ``abort``, ``hang``,
-``oom`` or ``nan`` makes the worker, right after loading the artifact, kill itself with SIGSEGV /
-SIGABRT, sleep forever, allocate memory until the job's memory limit is far exceeded (then raise
-``MemoryError``), or return NaN outputs. It exists to test the parent's failure classification.
+Fault injection (tests only): ``EDGEOPT_BENCH_FAULT`` makes the worker misbehave right after
+loading the artifact, to test the parent's failure classification: ``segfault`` / ``abort`` kill
+it with SIGSEGV / SIGABRT; ``hang`` sleeps forever; ``oom`` allocates past the job's memory limit
+and waits 10 s for the watchdog (with no limit: allocates 2 GB), then raises ``MemoryError``;
+``nan`` makes the outputs NaN.
 """
 
 from __future__ import annotations
@@ -120,11 +121,13 @@ def _inject_fault(session: Any, memory_limit_mb: float | None) -> Any:
         while True:
             time.sleep(3600)
     elif fault == "oom":
-        cap_mb = 2.0 * memory_limit_mb if memory_limit_mb else 2048.0
+        cap_mb = memory_limit_mb + 64.0 if memory_limit_mb else 2048.0
         hoard = []
         while rss_mb() < cap_mb:
             hoard.append(np.ones(32 * 2**20 // 8))  # 32 MB, pages touched
             time.sleep(0.01)
+        if memory_limit_mb:  # above the limit: give the parent's watchdog time to kill this process
+            time.sleep(10.0)
         raise MemoryError(f"fault injection: allocated {rss_mb():.0f} MB")
     elif fault == "nan":
         return _NanSession(session)
@@ -239,6 +242,7 @@ def _measure(job: dict[str, Any]) -> dict[str, Any]:
         "peak_reset": peak_reset,
         "distinct_inputs": n,
         "data": data_id,
+        "tool_versions": backend.tool_versions(),
         "timed_start_unix": timed_start_unix,
         "timed_end_unix": timed_end_unix,
     }
@@ -295,6 +299,20 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _failure(exc: BaseException) -> dict[str, Any]:
+    """The result payload for an exception: its class, a one-line message, and a reason if known."""
+    reasons = {BackendUnavailable: "unavailable", ModelError: "build-error", MemoryError: "oom"}
+    payload: dict[str, Any] = {"ok": False, "error": type(exc).__name__}
+    if isinstance(exc, CandidateFailed):
+        payload["reason"] = exc.reason
+    for cls, reason in reasons.items():
+        if isinstance(exc, cls):
+            payload["reason"] = reason
+    known = (CandidateFailed, BackendUnavailable, ModelError, DataError, ConfigError)
+    payload["message"] = _one_line(str(exc) if isinstance(exc, known) else f"{type(exc).__name__}: {exc}")
+    return payload
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the job in ``argv[0]``; write its result JSON; return the exit code (0 = ok)."""
     args = sys.argv[1:] if argv is None else argv
@@ -314,19 +332,10 @@ def main(argv: list[str] | None = None) -> int:
         payload: dict[str, Any] = {"ok": True, **jobs[job["mode"]](job)}
         _stage["now"] = "done"
         code = 0
-    except CandidateFailed as exc:
-        payload = {"ok": False, "error": "CandidateFailed", "reason": exc.reason, "message": _one_line(exc)}
-    except BackendUnavailable as exc:
-        payload = {"ok": False, "error": "BackendUnavailable", "reason": "unavailable", "message": _one_line(exc)}
-    except ModelError as exc:
-        payload = {"ok": False, "error": "ModelError", "reason": "build-error", "message": _one_line(exc)}
-    except (DataError, ConfigError) as exc:
-        payload = {"ok": False, "error": type(exc).__name__, "message": _one_line(exc)}
-    except MemoryError as exc:
-        payload = {"ok": False, "error": "MemoryError", "reason": "oom", "message": _one_line(f"MemoryError: {exc}")}
-    except Exception as exc:  # noqa: BLE001 - classified by the parent from the message and stderr
-        log.exception("job failed")
-        payload = {"ok": False, "error": type(exc).__name__, "message": _one_line(f"{type(exc).__name__}: {exc}")}
+    except Exception as exc:  # every failure goes to the result file, classified
+        if not isinstance(exc, (CandidateFailed, BackendUnavailable, ModelError, DataError, ConfigError)):
+            log.exception("job failed")
+        payload = _failure(exc)
     payload.update(stage=_stage["now"], started_unix=started, finished_unix=time.time(), pid=os.getpid())
     _write_json(Path(job["result_path"]), payload)
     return code

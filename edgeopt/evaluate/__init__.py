@@ -15,7 +15,13 @@ from typing import Protocol
 import numpy as np
 
 from edgeopt.errors import ModelError
-from edgeopt.evaluate.fidelity import OUTPUT_KEY, cosine_per_sample, evaluate_outputs, load_outputs, predictions
+from edgeopt.evaluate.fidelity import (
+    OUTPUT_KEY,
+    cosine_per_sample,
+    evaluate_outputs,
+    load_outputs,
+    predictions,
+)
 from edgeopt.records import EvalResult, ModelKind
 
 __all__ = [

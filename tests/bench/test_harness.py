@@ -220,7 +220,8 @@ def test_infer_matches_onnxruntime(models, tmp_path, positive_data):
     out = infer(artifact=_artifact(models["mlp"]), signature=SIG, out_path=tmp_path / "outputs.npz",
                 data_path=str(positive_data), batch_size=4)
     x = np.load(positive_data)["x"]
-    expected = ort.InferenceSession(str(models["mlp"]), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    session = ort.InferenceSession(str(models["mlp"]), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {"x": x})[0]
     with np.load(out, allow_pickle=False) as npz:
         assert list(npz["output_names"]) == ["y"]
         assert npz["output_0"].shape == (10, 8)  # 10 samples in batches of 4: the last batch trimmed
@@ -242,7 +243,7 @@ def test_lock_serializes_measurements(models, hardware, tmp_path):
         try:
             measure(artifact=_artifact(models["mlp"]), settings=FAST, signature=SIG, hardware=hardware,
                     out_dir=tmp_path / str(i), lock_path=lock)
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except Exception as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
@@ -251,7 +252,8 @@ def test_lock_serializes_measurements(models, hardware, tmp_path):
     for t in threads:
         t.join()
     assert not errors
-    spans = sorted((r["started_unix"], r["finished_unix"]) for r in map(_result_json, (tmp_path / "0", tmp_path / "1")))
+    results = [_result_json(tmp_path / str(i)) for i in range(2)]
+    spans = sorted((r["started_unix"], r["finished_unix"]) for r in results)
     assert spans[0][1] <= spans[1][0], f"measurements overlapped: {spans}"
 
 
