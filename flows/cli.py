@@ -52,9 +52,18 @@ def optimize(
     from flows._env import configure_embedded_defaults
 
     configure_embedded_defaults(quiet=not verbose)
-    # a missing model file is caught before Prefect starts
-    if not model.exists():
-        _fail(EdgeOptError(f"model {model}: no such file; check the path"))
+    # Pre-flight: a wrong profile, model or data fails in a second, before Prefect starts
+    # (the flow checks the same again when it runs from a deployment).
+    from edgeopt.intake import assess as do_assess
+    from edgeopt.profiles import load_profile
+    from edgeopt.workflow import check_data
+
+    try:
+        load_profile(profile).candidate_specs(tuple(candidate or ()))
+        check_data(do_assess(model), calibration=str(calibration) if calibration else None,
+                   evaluation=str(eval_data) if eval_data else None)
+    except EdgeOptError as exc:
+        _fail(exc)
     from flows.optimize import add_progress_listener, optimize_flow
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,

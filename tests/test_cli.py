@@ -1,0 +1,145 @@
+"""The `edgeopt` command, run as a user runs it: a subprocess with its own data folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import write_profile
+
+EDGEOPT = str(Path(sys.executable).parent / "edgeopt")
+
+
+@pytest.fixture(scope="module")
+def cli_env(tmp_path_factory):
+    home = tmp_path_factory.mktemp("cli-home")
+    env = {**os.environ, "EDGEOPT_HOME": str(home), "PREFECT_HOME": str(home / "prefect"),
+           "COLUMNS": "200", "NO_COLOR": "1"}
+    env.pop("PREFECT_RESULTS_LOCAL_STORAGE_PATH", None)
+    env.pop("PREFECT_LOCAL_STORAGE_PATH", None)
+    for key in [k for k in env if k.startswith(("PREFECT_LOGGING", "MLFLOW_LOGGING"))]:
+        env.pop(key)
+    return env
+
+
+def run(env, *args, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([EDGEOPT, *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def _registered(home: Path) -> list:
+    import mlflow
+
+    db = home / "mlflow" / "mlflow.db"
+    if not db.exists():
+        return []
+    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}").search_registered_models()
+
+
+def test_profiles_list_and_show(cli_env):
+    r = run(cli_env, "profiles", "list")
+    assert r.returncode == 0, r.stderr
+    for name in ("intel-cpu", "apple-silicon", "nvidia-gpu", "arm64"):
+        assert name in r.stdout
+    r = run(cli_env, "profiles", "show", "intel-cpu")
+    assert r.returncode == 0 and "speedup_min: 2.0" in r.stdout and "ort-int8-static-entropy" in r.stdout
+
+
+def test_assess_prints_signature(cli_env, tiny):
+    r = run(cli_env, "assess", tiny["model"])
+    assert r.returncode == 0, r.stderr
+    assert "kind=cnn" in r.stdout and "input  input: float32" in r.stdout and "Conv×2" in r.stdout
+
+
+def _nan_calibration(tiny, tmp_path) -> Path:
+    cal = np.load(tiny["calibration"])["input"].copy()
+    cal[0, 0, 0, 0] = np.nan
+    np.savez(tmp_path / "nan.npz", input=cal)
+    return tmp_path / "nan.npz"
+
+
+def _bad_eval(tiny, tmp_path) -> Path:
+    np.savez(tmp_path / "bad.npz", input=np.zeros((4, 1, 16, 16), np.float32))
+    return tmp_path / "bad.npz"
+
+
+def _empty_profile(tmp_path) -> Path:
+    p = tmp_path / "empty.yaml"
+    p.write_text("hardware: {arch: x86_64}\ncandidates: []\n")
+    return p
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing", "no such file"),
+    ("not-onnx", "not a readable ONNX file"),
+    ("truncated", "not a readable ONNX file|invalid ONNX model"),
+    ("bad-eval", "evaluation data .*input 'input' has shape \\[4, 1, 16, 16\\]"),
+    ("nan-calibration", "calibration data .*NaN or inf"),
+    ("unknown-profile", "unknown profile 'warp-drive'"),
+    ("empty-candidates", "candidates: the candidate list is empty"),
+])
+def test_bad_input_is_one_line_nonzero_exit_nothing_registered(cli_env, tiny, tmp_path, case, expected):
+    import re
+
+    model, extra, profile = tiny["model"], [], str(write_profile(tmp_path / "p.yaml"))
+    if case == "missing":
+        model = tmp_path / "nope.onnx"
+    elif case == "not-onnx":
+        model = tmp_path / "m.onnx"
+        model.write_text("not onnx")
+    elif case == "truncated":
+        model = tmp_path / "m.onnx"
+        model.write_bytes(tiny["model"].read_bytes()[:500])
+    elif case == "bad-eval":
+        extra = ["--eval", _bad_eval(tiny, tmp_path)]
+    elif case == "nan-calibration":
+        extra = ["--calibration", _nan_calibration(tiny, tmp_path)]
+    elif case == "unknown-profile":
+        profile = "warp-drive"
+    elif case == "empty-candidates":
+        profile = str(_empty_profile(tmp_path))
+    r = run(cli_env, "optimize", model, "--profile", profile, *extra)
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: ") and re.search(expected, lines[0]), lines[0]
+    assert _registered(Path(cli_env["EDGEOPT_HOME"])) == []
+
+
+def test_optimize_prints_table_and_where_to_look(cli_env, tiny, tmp_path):
+    profile = write_profile(tmp_path / "p.yaml", gates={"speedup_min": 50})
+    r = run(cli_env, "optimize", tiny["model"], "--profile", profile, "--calibration", tiny["calibration"],
+            "--eval", tiny["eval"], "--json", tmp_path / "r.json")
+    assert r.returncode == 0, r.stderr
+    for text in ("baseline-fp32", "ort-int8-static-minmax", "p50 ms", "no candidate passed its gates",
+                 "nearest miss:", "MLflow run: http", "Prefect flow run:"):
+        assert text in r.stdout, (text, r.stdout)
+    assert (tmp_path / "r.json").is_file()
+
+
+@pytest.mark.slow
+def test_demo_on_the_reference_cnn(cli_env):
+    """What `make demo` runs: build the reference ResNet, optimize it for intel-cpu."""
+    home = Path(cli_env["EDGEOPT_HOME"])
+    r = run(cli_env, "zoo", "build", "digits-resnet", timeout=900)
+    assert r.returncode == 0, r.stderr
+    zoo = home / "zoo" / "digits-resnet"
+    r = run(cli_env, "optimize", zoo / "model.onnx", "--profile", "intel-cpu", "--calibration",
+            zoo / "calibration.npz", "--eval", zoo / "eval.npz", timeout=900)
+    assert r.returncode == 0, r.stderr
+    for name in ("baseline-fp32", "ort-fp32-optimized", "ort-int8-dynamic", "ort-int8-static-minmax",
+                 "ort-int8-static-entropy", "ort-int8-static-percentile"):
+        assert name in r.stdout
+    import mlflow
+
+    cl = mlflow.MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow' / 'mlflow.db'}")
+    exp = cl.get_experiment_by_name("edgeopt/digits-resnet-intel-cpu")
+    runs = cl.search_runs([exp.experiment_id])
+    parents = [x for x in runs if "mlflow.parentRunId" not in x.data.tags]
+    assert len(parents) == 1 and len(runs) == 7
+    baseline = next(x for x in runs if x.info.run_name == "baseline-fp32")
+    assert baseline.data.metrics["top1_accuracy"] >= 0.95
