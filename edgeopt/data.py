@@ -125,12 +125,13 @@ def load_dataset(path: str | Path, *, signature: tuple[TensorSpec, ...], role: R
     (count,) = counts
     if count == 0:
         raise DataError(f"{role} data {p}: contains no samples")
-    if labels is not None:
-        if labels.ndim != 1 or labels.shape[0] != count or not np.issubdtype(labels.dtype, np.integer):
-            raise DataError(
-                f"{role} data {p}: '{LABELS_KEY}' must be a 1-D integer array with one class per sample "
-                f"({count}); got shape {list(labels.shape)} dtype {labels.dtype}"
-            )
+    if labels is not None and (
+        labels.ndim != 1 or labels.shape[0] != count or not np.issubdtype(labels.dtype, np.integer)
+    ):
+        raise DataError(
+            f"{role} data {p}: '{LABELS_KEY}' must be a 1-D integer array with one class per sample "
+            f"({count}); got shape {list(labels.shape)} dtype {labels.dtype}"
+        )
     return Dataset(str(p.resolve()), file_sha256(p), arrays, labels)
 
 

@@ -26,9 +26,9 @@ __all__ = [
     "HardwareTarget",
     "Objective",
     "Profile",
+    "host_mismatches",
     "list_profiles",
     "load_profile",
-    "host_mismatches",
     "profiles_dir",
 ]
 

@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -25,8 +25,9 @@ zoo_app = typer.Typer(no_args_is_help=True, help="Reference models built locally
 app.add_typer(profiles_app, name="profiles")
 app.add_typer(zoo_app, name="zoo")
 
-out = Console()
-err = Console(stderr=True)
+# Outside a terminal (CI logs, pipes) rich would wrap the table at 80 columns.
+out = Console() if sys.stdout.isatty() else Console(width=200)
+err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=200)
 
 
 def _fail(exc: BaseException, code: int = 2) -> None:
@@ -38,14 +39,14 @@ def _fail(exc: BaseException, code: int = 2) -> None:
 def optimize(
     model: Annotated[Path, typer.Argument(help="model file (.onnx)")],
     profile: Annotated[str, typer.Option("--profile", "-p", help="target profile name or .yaml path")] = "intel-cpu",
-    calibration: Annotated[Optional[Path], typer.Option(help="calibration data (.npz)")] = None,
-    eval_data: Annotated[Optional[Path], typer.Option("--eval", help="evaluation data (.npz, optional 'labels')")] = None,
-    candidate: Annotated[Optional[list[str]], typer.Option("--candidate", "-c", help="only this candidate (repeatable)")] = None,
-    model_name: Annotated[Optional[str], typer.Option(help="registered model name (default: <model>-<profile>)")] = None,
+    calibration: Annotated[Path | None, typer.Option(help="calibration data (.npz)")] = None,
+    eval_data: Annotated[Path | None, typer.Option("--eval", help="evaluation data (.npz, optional 'labels')")] = None,
+    candidate: Annotated[list[str] | None, typer.Option("--candidate", "-c", help="only this candidate (repeatable)")] = None,
+    model_name: Annotated[str | None, typer.Option(help="registered model name (default: <model>-<profile>)")] = None,
     refresh: Annotated[bool, typer.Option(help="rebuild and re-measure, ignoring cached results")] = False,
     allow_hardware_mismatch: Annotated[bool, typer.Option(help="run on a machine that does not fit the profile")] = False,
     strict: Annotated[bool, typer.Option(help="exit with code 3 when no candidate passes its gates")] = False,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="also write the full report as JSON here")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the full report as JSON here")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Prefect's logs")] = False,
 ) -> None:
     """Build, benchmark, evaluate and gate every candidate of PROFILE for MODEL; register the winner."""
@@ -104,12 +105,17 @@ def _print_report(result) -> None:
     for o in result.outcomes:
         if o.failure:
             out.print(f"  {o.name} failed ({o.failure.reason}): {o.failure.message}", highlight=False)
+    if result.cached:
+        out.print(f"reused cached measurements for {len(result.cached)} of {len(result.outcomes)} candidates "
+                  "(nothing changed); --refresh re-measures", highlight=False)
     if result.registered_version:
         out.print(f"registered: {result.model_name} version {result.registered_version} (alias 'candidate')")
     out.print(f"MLflow run: {result.mlflow_run_url}  (store: {result.tracking_uri}; `make mlflow-ui` to browse)",
               highlight=False, soft_wrap=True)
     if result.flow_run_id:
-        where = result.flow_run_url or f"http://127.0.0.1:4200/runs/flow-run/{result.flow_run_id}"
+        where = result.flow_run_url
+        if not where or where.startswith("None"):
+            where = f"http://127.0.0.1:4200/runs/flow-run/{result.flow_run_id}"
         out.print(f"Prefect flow run: {result.flow_run_id}  ({where}; `make prefect-ui` to browse)",
                   highlight=False, soft_wrap=True)
 
@@ -172,7 +178,7 @@ def profiles_show(name: Annotated[str, typer.Argument(help="profile name or .yam
 
 @zoo_app.command("build")
 def zoo_build(
-    name: Annotated[Optional[list[str]], typer.Argument(help="models to build (default: digits-resnet)")] = None,
+    name: Annotated[list[str] | None, typer.Argument(help="models to build (default: digits-resnet)")] = None,
     force: Annotated[bool, typer.Option(help="rebuild even if already built")] = False,
 ) -> None:
     """Build reference models (trained here, offline) with their calibration and evaluation data."""

@@ -50,7 +50,7 @@ def add_progress_listener(fn: Callable[[str, str], None]) -> Callable[[], None]:
 
 
 def _progress(stage: str, detail: str) -> None:
-    for fn in list(_listeners):
+    for fn in _listeners:
         fn(stage, detail)
 
 
@@ -70,6 +70,7 @@ class OptimizeReport(BaseModel):
     registered_version: str | None = None
     flow_run_id: str | None = None
     flow_run_url: str | None = None
+    cached: tuple[str, ...] = ()
 
 
 def _default_model_name(model: str, profile: str) -> str:
@@ -203,7 +204,9 @@ def optimize_flow(
             profile=prof.name, model_name=name, outcomes=tuple(outcomes), selection=selection,
             experiment_id=exp_id, mlflow_run_id=run_id, mlflow_run_url=url,
             tracking_uri=settings.mlflow_tracking_uri(base), registered_version=version,
-            flow_run_id=str(flow_run.id) if flow_run.id else None, flow_run_url=flow_run.ui_url,
+            cached=tuple(n for n, hit in cached.items() if hit),
+            flow_run_id=str(flow_run.id) if flow_run.id else None,
+            flow_run_url=flow_run.ui_url if flow_run.ui_url and not flow_run.ui_url.startswith("None") else None,
         )
     finally:
         tracking.end_parent_run(data_dir=str(base), run_id=run_id, selection=selection, status=status,

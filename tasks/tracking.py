@@ -189,6 +189,12 @@ def register_selected(*, data_dir: str, model_name: str, run_id: str, outcome: C
         cl.get_registered_model(model_name)
     except MlflowException:
         cl.create_registered_model(model_name, description="edgeopt-selected edge artifacts")
+    sha = outcome.artifact.sha256 if outcome.artifact else None
+    if sha:  # the same artifact selected again: point the alias at its existing version
+        for existing in cl.search_model_versions(f"name = '{model_name}'"):
+            if existing.tags.get("artifact.sha256") == sha:
+                cl.set_registered_model_alias(model_name, CANDIDATE_ALIAS, existing.version)
+                return str(existing.version)
     source = f"{cl.get_run(run_id).info.artifact_uri}/model"
     tags = {"edgeopt.candidate": outcome.spec.name, "edgeopt.backend": outcome.spec.backend,
             **{f"gate.{v.gate}": v.describe() for v in outcome.verdicts}}

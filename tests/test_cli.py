@@ -28,7 +28,8 @@ def cli_env(tmp_path_factory):
 
 
 def run(env, *args, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([EDGEOPT, *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
+    return subprocess.run([EDGEOPT, *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout,
+                          check=False)
 
 
 def _registered(home: Path) -> list:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import io
-import threading
 import logging
 import os
 import shutil
 import tempfile
+import threading
 from inspect import signature
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal

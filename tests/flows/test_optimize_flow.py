@@ -79,6 +79,11 @@ def test_passing_candidate_is_registered_with_alias(mlp, tmp_path):
     assert mv.tags["edgeopt.candidate"] == "ort-int8-dynamic"
     assert "pass" in mv.tags["gate.speedup"]
     assert mv.run_id in {r.info.run_id for r in _children(cl, report).values()}
+    # the same artifact selected again keeps its version instead of registering a duplicate
+    again = optimize_flow(model=str(mlp["model"]), profile=str(profile), evaluation=str(mlp["eval"]),
+                          data_dir=str(tmp_path / "data"), model_name="mlp-test")
+    assert again.cached and again.registered_version == "1"
+    assert len(cl.search_model_versions("name = 'mlp-test'")) == 1
 
 
 def test_failed_candidate_is_recorded_and_flow_goes_on(tiny, tmp_path):
@@ -99,8 +104,8 @@ def test_failed_candidate_is_recorded_and_flow_goes_on(tiny, tmp_path):
 def test_rerun_with_nothing_changed_uses_the_cache(tiny, tmp_path):
     profile = write_profile(tmp_path / "p.yaml", candidates=[
         {"name": "ort-int8-dynamic", "backend": "onnxruntime", "recipe": {"precision": "int8", "quantization": "dynamic"}}])
-    kwargs = dict(model=str(tiny["model"]), profile=str(profile), evaluation=str(tiny["eval"]),
-                  data_dir=str(tmp_path / "data"))
+    kwargs = {"model": str(tiny["model"]), "profile": str(profile), "evaluation": str(tiny["eval"]),
+              "data_dir": str(tmp_path / "data")}
     first = optimize_flow(**kwargs)
     second = optimize_flow(**kwargs)
     for a, b in zip(first.outcomes, second.outcomes, strict=True):
