@@ -38,20 +38,35 @@ def _direct(model: str, cal: str, ev: str, profile_name: str, work: Path) -> tup
     a = intake.assess(model)
     hw = fingerprint()
     workflow.check_data(a, calibration=cal, evaluation=ev)
-    outcomes, base_out = [], None
-    for spec in [prof.baseline.spec(baseline=True), *prof.candidate_specs()]:
+    specs = [prof.baseline.spec(baseline=True), *prof.candidate_specs()]
+    built, failed = {}, {}
+    for spec in specs:
         try:
-            art = workflow.build(spec, assessment=a, calibration=cal, work_dir=work)
-            bench = workflow.measure(art, profile=prof, assessment=a, hardware=hw, evaluation=ev, work_dir=work,
-                                     lock_path=work / "bench.lock")
-            outs = workflow.run_outputs(art, profile=prof, assessment=a, evaluation=ev, work_dir=work)
+            built[spec.name] = workflow.build(spec, assessment=a, calibration=cal, work_dir=work)
         except CandidateFailed as exc:
-            outcomes.append(workflow.failed(spec, stage="build", error=exc))
+            failed[spec.name] = workflow.failed(spec, stage="build", error=exc)
+    runs: dict[str, list] = {}
+    for r in range(prof.benchmark.repeats):  # interleaved, as the flow does
+        for spec in specs:
+            if spec.name in built and spec.name not in failed:
+                try:
+                    runs.setdefault(spec.name, []).append(workflow.measure(
+                        built[spec.name], profile=prof, assessment=a, hardware=hw, evaluation=ev, work_dir=work,
+                        lock_path=work / "bench.lock", repeat=r))
+                except CandidateFailed as exc:
+                    failed[spec.name] = workflow.failed(spec, stage="benchmark", error=exc)
+    outcomes, base_out = [], None
+    for spec in specs:
+        if spec.name in failed:
+            outcomes.append(failed[spec.name])
             continue
+        art = built[spec.name]
+        outs = workflow.run_outputs(art, profile=prof, assessment=a, evaluation=ev, work_dir=work)
         base_out = base_out or outs
         e = workflow.evaluate(spec.name, outputs=outs, baseline_outputs=base_out, assessment=a, evaluation=ev,
                               max_samples=prof.benchmark.max_eval_samples)
-        outcomes.append(CandidateOutcome(spec=spec, artifact=art, benchmark=bench, evaluation=e))
+        outcomes.append(CandidateOutcome(spec=spec, artifact=art, benchmark=workflow.pool(runs[spec.name]),
+                                         evaluation=e))
     outcomes = workflow.with_gates(outcomes, profile=prof)
     selection = workflow.select(outcomes, profile=prof)
     return time.perf_counter() - t0, outcomes, selection

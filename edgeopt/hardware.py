@@ -14,7 +14,7 @@ import psutil
 
 from edgeopt.records import HardwareFingerprint
 
-__all__ = ["ISA_FLAGS", "TOOL_DISTRIBUTIONS", "fingerprint", "has_isa", "tool_versions"]
+__all__ = ["ISA_FLAGS", "TOOL_DISTRIBUTIONS", "distribution_versions", "fingerprint", "has_isa", "tool_versions"]
 
 #: ISA features worth recording, as /proc/cpuinfo spells them → our names.
 ISA_FLAGS = {
@@ -94,15 +94,20 @@ def has_isa(fp: HardwareFingerprint, feature: str) -> bool:
     return feature.lower() in fp.isa_flags
 
 
-@cache
-def tool_versions() -> dict[str, str]:
+def distribution_versions(names: tuple[str, ...]) -> dict[str, str]:
+    """Installed versions of the given distributions (missing ones are left out)."""
     versions = {}
-    for dist in TOOL_DISTRIBUTIONS:
+    for dist in names:
         try:
             versions[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             continue
     return versions
+
+
+@cache
+def tool_versions() -> dict[str, str]:
+    return distribution_versions(TOOL_DISTRIBUTIONS)
 
 
 @cache

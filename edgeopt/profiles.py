@@ -53,6 +53,8 @@ class BenchmarkConfig(_Strict):
     max_duration_s: float = Field(60.0, gt=0, description="stop timing after this many seconds")
     timeout_s: float = Field(300.0, gt=0, description="a measurement running longer fails as 'timeout'")
     memory_limit_mb: float | None = Field(None, gt=0, description="a process above this RSS fails as 'oom'")
+    repeats: int = Field(3, ge=1, description="fresh-process measurements per candidate, interleaved "
+                         "across candidates and pooled (their p50 spread is reported)")
     eval_samples: int = Field(64, ge=1, description="data samples cycled through as benchmark inputs")
     max_eval_samples: int = Field(1000, ge=1, description="samples used for accuracy/fidelity at most")
 

@@ -131,6 +131,9 @@ class BenchmarkResult(Record):
     size_bytes: int
     duration_s: float
     samples_path: str | None = Field(default=None, description=".npy file of the raw latency samples (ms)")
+    repeats: int = Field(default=1, description="fresh-process measurements pooled into this result")
+    latency_ms_p50_repeats: tuple[float, ...] = Field(default=(), description="p50 of each repeat, in order")
+    latency_p50_spread_pct: float = Field(default=0.0, description="(max - min) / median of the repeats' p50, %")
     hardware: HardwareFingerprint
 
 

@@ -8,7 +8,7 @@ from edgeopt.records import CandidateOutcome, Selection
 
 __all__ = ["COLUMNS", "markdown", "rows", "verdict"]
 
-COLUMNS = ("candidate", "p50 ms", "p95 ms", "speed-up p50", "speed-up p95", "model RSS MB", "peak RSS MB",
+COLUMNS = ("candidate", "p50 ms", "p95 ms", "p50 spread", "speed-up p50", "speed-up p95", "model RSS MB", "peak RSS MB",
            "size MB", "accuracy", "fidelity", "verdict")
 
 
@@ -41,6 +41,7 @@ def rows(outcomes: Sequence[CandidateOutcome], selection: Selection | None = Non
             "candidate": o.name,
             "p50 ms": _f(b and b.latency_ms_p50, ".3f"),
             "p95 ms": _f(b and b.latency_ms_p95, ".3f"),
+            "p50 spread": f"{b.latency_p50_spread_pct:.1f}% ({b.repeats}x)" if b else "-",
             "speed-up p50": "1.00x" if (o.spec.baseline and b) else _f(o.speedup_p50, ".2f") + ("x" if o.speedup_p50 else ""),
             "speed-up p95": "1.00x" if (o.spec.baseline and b) else _f(o.speedup_p95, ".2f") + ("x" if o.speedup_p95 else ""),
             "model RSS MB": _f(b and b.rss_model_mb, ".1f"),

@@ -42,6 +42,7 @@ __all__ = [
     "failed",
     "measure",
     "outputs_path",
+    "pool",
     "run_outputs",
     "select",
     "with_gates",
@@ -117,9 +118,10 @@ def _with_threads(artifact: Artifact, profile: Profile) -> Artifact:
     return artifact.model_copy(update={"runtime": runtime})
 
 
-def bench_dir(artifact: Artifact, *, profile: Profile, work_dir: Path) -> Path:
+def bench_dir(artifact: Artifact, *, profile: Profile, work_dir: Path, repeat: int = 0) -> Path:
     artifact = _with_threads(artifact, profile)
-    return work_dir / "bench" / f"{artifact.candidate}-{artifact.sha256[:12]}-{digest(profile.benchmark, artifact.runtime)}"
+    key = digest(profile.benchmark, artifact.runtime)
+    return work_dir / "bench" / f"{artifact.candidate}-{artifact.sha256[:12]}-{key}" / f"repeat-{repeat}"
 
 
 def outputs_path(artifact: Artifact, *, profile: Profile, work_dir: Path) -> Path:
@@ -128,13 +130,23 @@ def outputs_path(artifact: Artifact, *, profile: Profile, work_dir: Path) -> Pat
 
 
 def measure(artifact: Artifact, *, profile: Profile, assessment: Assessment, hardware: HardwareFingerprint,
-            evaluation: str | None, work_dir: Path, lock_path: Path | None = None) -> BenchmarkResult:
-    """Benchmark one artifact in a fresh process (CandidateFailed on crash, oom, timeout...)."""
+            evaluation: str | None, work_dir: Path, lock_path: Path | None = None, repeat: int = 0) -> BenchmarkResult:
+    """Benchmark one artifact in a fresh process (CandidateFailed on crash, oom, timeout...).
+
+    ``repeat`` numbers the measurements of one artifact (``profile.benchmark.repeats`` of them,
+    interleaved across candidates by the caller so that each sees the same machine conditions).
+    """
     artifact = _with_threads(artifact, profile)
-    out_dir = bench_dir(artifact, profile=profile, work_dir=work_dir)
+    out_dir = bench_dir(artifact, profile=profile, work_dir=work_dir, repeat=repeat)
     out_dir.mkdir(parents=True, exist_ok=True)
     return bench.measure(artifact=artifact, settings=bench_settings(profile), signature=assessment.inputs,
                          hardware=hardware, out_dir=out_dir, data_path=evaluation, lock_path=lock_path)
+
+
+def pool(results: list[BenchmarkResult]) -> BenchmarkResult:
+    """One result from an artifact's repeated measurements (pooled samples, p50 spread)."""
+    first = Path(results[0].samples_path).parent.parent
+    return bench.combine(results, out_path=first / "pooled_latency_ms.npy")
 
 
 def run_outputs(artifact: Artifact, *, profile: Profile, assessment: Assessment, evaluation: str | None,

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict
 from edgeopt import report, settings, workflow
 from edgeopt.errors import CandidateFailed, ConfigError, EdgeOptError
 from edgeopt.profiles import host_mismatches
-from edgeopt.records import CandidateOutcome, CandidateSpec, Selection
+from edgeopt.records import CandidateOutcome, Selection
 from tasks import tracking
 from tasks.phases import (
     assess_task,
@@ -35,6 +35,7 @@ from tasks.phases import (
     load_profile_task,
     outputs_files_missing,
     outputs_task,
+    pool_task,
     select_task,
 )
 
@@ -79,23 +80,34 @@ def _default_model_name(model: str, profile: str) -> str:
     return f"{stem}-{profile}"
 
 
-def _measure(spec: CandidateSpec, art, *, prof, assessment, hw, evaluation, work, refresh):
-    """Benchmark then run outputs; returns (outcome-so-far, outputs path or None, cached?)."""
-    bench = benchmark_task.with_options(refresh_cache=refresh or bench_files_missing(art, prof, work) or None)
-    outs = outputs_task.with_options(refresh_cache=refresh or outputs_files_missing(art, prof, work) or None)
-    _progress("benchmark", spec.name)
-    state = bench(art, prof, assessment, hw, evaluation, work, return_state=True)
-    try:
-        result = state.result()
-    except CandidateFailed as exc:
-        return workflow.failed(spec, stage="benchmark", error=exc, artifact=art), None, False
-    cached = state.name == "Cached"
-    _progress("evaluate", spec.name)
-    try:
-        path = outs(art, prof, assessment, evaluation, work)
-    except CandidateFailed as exc:
-        return workflow.failed(spec, stage="evaluate", error=exc, artifact=art), None, cached
-    return CandidateOutcome(spec=spec, artifact=art, benchmark=result), path, cached
+def _benchmark_rounds(specs, built, *, prof, assessment, hw, evaluation, work, refresh):
+    """Measure every built candidate ``repeats`` times, interleaved (round 1: all, round 2: all...),
+    so slow and fast periods of the machine fall on every candidate alike.
+
+    Returns ({name: [result per repeat]}, {name: failed outcome}, {name: all repeats cached?}).
+    """
+    results: dict[str, list] = {}
+    failures: dict[str, CandidateOutcome] = {}
+    cached: dict[str, bool] = {}
+    repeats = prof.benchmark.repeats
+    for r in range(repeats):
+        for s in specs:
+            art = built[s.name]
+            if isinstance(art, CandidateOutcome) or s.name in failures:
+                continue
+            _progress("benchmark", f"{s.name} ({r + 1}/{repeats})")
+            stale = refresh or bench_files_missing(art, prof, work, r)
+            state = benchmark_task.with_options(refresh_cache=stale or None)(
+                art, prof, assessment, hw, evaluation, work, r, return_state=True)
+            try:
+                results.setdefault(s.name, []).append(state.result())
+            except CandidateFailed as exc:
+                failures[s.name] = workflow.failed(s, stage="benchmark", error=exc, artifact=art)
+                if s.baseline:  # nothing can be compared with it: stop measuring
+                    return results, failures, cached
+                continue
+            cached[s.name] = cached.get(s.name, True) and state.name == "Cached"
+    return results, failures, cached
 
 
 @flow(name="optimize", flow_run_name="optimize-{profile}", task_runner=ThreadPoolTaskRunner(max_workers=2))
@@ -153,30 +165,51 @@ def optimize_flow(
             stale = refresh or build_files_missing(s, assessment, calibration, work)
             futures[s.name] = build_task.with_options(refresh_cache=stale or None).submit(s, assessment, calibration, work)
         outcomes: list[CandidateOutcome] = []
-        cached: dict[str, bool] = {}
         baseline_outputs: str | None = None
+        # Every build finishes before the first measurement: a build running beside a benchmark
+        # would slow it down (one benchmark at a time per machine, and nothing else either).
+        built: dict[str, object] = {}
         for s in specs:
             _progress("build", s.name)
             try:
-                art = futures[s.name].result()
+                built[s.name] = futures[s.name].result()
             except CandidateFailed as exc:
                 logger.warning("%s", exc)
-                outcomes.append(workflow.failed(s, stage="build", error=exc))
-                continue
-            outcome, outputs, cached[s.name] = _measure(s, art, prof=prof, assessment=assessment, hw=hw,
-                                                        evaluation=evaluation, work=work, refresh=refresh)
-            if s.baseline:
-                if outcome.failure:
+                built[s.name] = workflow.failed(s, stage="build", error=exc)
+        for s in specs:
+            art = built[s.name]
+            if s.baseline and isinstance(art, CandidateOutcome):
+                raise EdgeOptError(f"the baseline {s.name} could not be built ({art.failure.reason}): "
+                                   f"{art.failure.message}; nothing is registered")
+        results, failures, cached = _benchmark_rounds(specs, built, prof=prof, assessment=assessment, hw=hw,
+                                                      evaluation=evaluation, work=work, refresh=refresh)
+        for s in specs:
+            art = built[s.name]
+            if isinstance(art, CandidateOutcome) or s.name in failures:
+                outcome = art if isinstance(art, CandidateOutcome) else failures[s.name]
+                if s.baseline:
                     raise EdgeOptError(f"the baseline {s.name} failed ({outcome.failure.reason}): "
                                        f"{outcome.failure.message}; nothing is registered")
+                outcomes.append(outcome)
+                continue
+            outcome = CandidateOutcome(spec=s, artifact=art, benchmark=pool_task(s.name, results[s.name]))
+            _progress("evaluate", s.name)
+            stale = refresh or outputs_files_missing(art, prof, work)
+            try:
+                outputs = outputs_task.with_options(refresh_cache=stale or None)(art, prof, assessment, evaluation, work)
+            except CandidateFailed as exc:
+                if s.baseline:
+                    raise EdgeOptError(f"the baseline {s.name} failed ({exc.reason}): {exc}; nothing is registered") from exc
+                outcomes.append(workflow.failed(s, stage="evaluate", error=exc, artifact=art))
+                continue
+            if s.baseline:
                 baseline_outputs = outputs
-            if outputs and baseline_outputs:
-                try:
-                    ev = evaluate_task(s.name, outputs, baseline_outputs, assessment, evaluation,
-                                       prof.benchmark.max_eval_samples)
-                    outcome = outcome.model_copy(update={"evaluation": ev})
-                except CandidateFailed as exc:
-                    outcome = workflow.failed(s, stage="evaluate", error=exc, artifact=art)
+            try:
+                ev = evaluate_task(s.name, outputs, baseline_outputs, assessment, evaluation,
+                                   prof.benchmark.max_eval_samples)
+                outcome = outcome.model_copy(update={"evaluation": ev})
+            except CandidateFailed as exc:
+                outcome = workflow.failed(s, stage="evaluate", error=exc, artifact=art)
             outcomes.append(outcome)
 
         _progress("select", prof.name)

@@ -45,7 +45,8 @@ def _build_key(_ctx: Any, p: dict[str, Any]) -> str:
 
 def _bench_key(_ctx: Any, p: dict[str, Any]) -> str:
     artifact, profile = p["artifact"], p["profile"]
-    key = workflow.digest(artifact.sha256, artifact.runtime, profile.benchmark, p["hardware"], _data_sha(p["evaluation"]))
+    key = workflow.digest(artifact.sha256, artifact.runtime, profile.benchmark, p["hardware"], _data_sha(p["evaluation"]),
+                          p["repeat"])
     return f"bench-{artifact.candidate}-{key}"
 
 
@@ -63,10 +64,11 @@ def build_files_missing(spec: CandidateSpec, assessment: Assessment, calibration
     return not folder.is_dir() or not any(folder.iterdir())
 
 
-def bench_files_missing(artifact: Artifact, profile: Profile, work_dir: str) -> bool:
+def bench_files_missing(artifact: Artifact, profile: Profile, work_dir: str, repeat: int) -> bool:
     if not Path(artifact.path).exists():
         return True
-    return not (workflow.bench_dir(artifact, profile=profile, work_dir=Path(work_dir)) / "latency_ms.npy").is_file()
+    folder = workflow.bench_dir(artifact, profile=profile, work_dir=Path(work_dir), repeat=repeat)
+    return not (folder / "latency_ms.npy").is_file()
 
 
 def outputs_files_missing(artifact: Artifact, profile: Profile, work_dir: str) -> bool:
@@ -98,13 +100,18 @@ def build_task(spec: CandidateSpec, assessment: Assessment, calibration: str | N
     return workflow.build(spec, assessment=assessment, calibration=calibration, work_dir=Path(work_dir))
 
 
-@task(name="benchmark", task_run_name="benchmark-{artifact.candidate}", tags=[BENCH_TAG],
+@task(name="benchmark", task_run_name="benchmark-{artifact.candidate}-{repeat}", tags=[BENCH_TAG],
       cache_key_fn=_bench_key, persist_result=True)
 def benchmark_task(artifact: Artifact, profile: Profile, assessment: Assessment, hardware: HardwareFingerprint,
-                   evaluation: str | None, work_dir: str) -> BenchmarkResult:
+                   evaluation: str | None, work_dir: str, repeat: int = 0) -> BenchmarkResult:
     work = Path(work_dir)
     return workflow.measure(artifact, profile=profile, assessment=assessment, hardware=hardware,
-                            evaluation=evaluation, work_dir=work, lock_path=work / "bench.lock")
+                            evaluation=evaluation, work_dir=work, lock_path=work / "bench.lock", repeat=repeat)
+
+
+@task(name="pool-repeats", task_run_name="pool-{candidate}", cache_policy=NO_CACHE)
+def pool_task(candidate: str, results: list[BenchmarkResult]) -> BenchmarkResult:
+    return workflow.pool(results)
 
 
 @task(name="run-outputs", task_run_name="outputs-{artifact.candidate}", tags=[BENCH_TAG],

@@ -117,6 +117,8 @@ def _metrics(o: CandidateOutcome) -> dict[str, float]:
                       "rss_model_mb", "load_time_ms", "size_bytes", "duration_s"):
             m[field] = float(getattr(b, field))
         m["latency_samples"] = float(b.samples)
+        m["latency_repeats"] = float(b.repeats)
+        m["latency_p50_spread_pct"] = b.latency_p50_spread_pct
     if o.evaluation:
         e = o.evaluation
         m[e.metric] = e.value

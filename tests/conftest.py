@@ -89,7 +89,7 @@ def write_profile(path: Path, *, gates: dict | None = None, candidates: list[dic
     doc = {
         "description": "test profile",
         "hardware": {"arch": "x86_64", "device": "cpu", "threads": 1},
-        "benchmark": {"warmup_runs": 3, "min_runs": 30, "min_duration_s": 0.2, "timeout_s": 120,
+        "benchmark": {"warmup_runs": 3, "min_runs": 30, "min_duration_s": 0.2, "timeout_s": 120, "repeats": 1,
                       **(benchmark or {})},
         "gates": gates or {},
         "candidates": candidates or [

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -67,13 +66,9 @@ class Backend(ABC):
 
     @classmethod
     def tool_versions(cls) -> dict[str, str]:
-        versions: dict[str, str] = {}
-        for dist in cls.distributions:
-            try:
-                versions[dist] = importlib.metadata.version(dist)
-            except importlib.metadata.PackageNotFoundError:
-                continue
-        return versions
+        from edgeopt.hardware import distribution_versions
+
+        return distribution_versions(cls.distributions)
 
     @abstractmethod
     def optimize(

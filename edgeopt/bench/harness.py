@@ -45,11 +45,11 @@ import numpy as np
 from pydantic import Field, model_validator
 
 import edgeopt
-from edgeopt.bench.stats import summarize
+from edgeopt.bench.stats import relative_spread, summarize
 from edgeopt.errors import CandidateFailed, ConfigError, DataError, ModelError
 from edgeopt.records import Artifact, BenchmarkResult, HardwareFingerprint, Record, TensorSpec
 
-__all__ = ["BenchSettings", "artifact_size_bytes", "infer", "measure"]
+__all__ = ["BenchSettings", "artifact_size_bytes", "combine", "infer", "measure"]
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def measure(
         "mode": "measure",
         "artifact": artifact.model_dump(mode="json"),
         "signature": [s.model_dump(mode="json") for s in signature],
-        "data_path": str(data_path) if data_path else None,
+        "data_path": str(Path(data_path).resolve()) if data_path else None,
         "settings": settings.model_dump(mode="json"),
         "samples_path": str(samples_path),
     }
@@ -188,7 +188,7 @@ def infer(
         "mode": "infer",
         "artifact": artifact.model_dump(mode="json"),
         "signature": [s.model_dump(mode="json") for s in signature],
-        "data_path": str(data_path) if data_path else None,
+        "data_path": str(Path(data_path).resolve()) if data_path else None,
         "batch_size": batch_size,
         "max_samples": max_samples,
         "out_path": str(out_path.resolve()),
@@ -197,6 +197,46 @@ def infer(
                 timeout_s=timeout_s, memory_limit_mb=None)
     shutil.rmtree(work_dir, ignore_errors=True)
     return out_path
+
+
+def combine(results: list[BenchmarkResult], *, out_path: Path) -> BenchmarkResult:
+    """Pool repeated measurements of one artifact (each in its own fresh process) into one result.
+
+    Percentiles come from all samples together; the spread of the repeats' p50 says how much one
+    measurement moves on this machine. Peak RSS is the largest seen, the model's RSS and the load
+    time the median. The pooled samples are written to ``out_path`` (.npy).
+    """
+    if not results:
+        raise ValueError("no results to combine")
+    if len({r.candidate for r in results}) != 1:
+        raise ValueError(f"results of different candidates: {sorted({r.candidate for r in results})}")
+    if len(results) == 1:
+        r = results[0]
+        return r.model_copy(update={"repeats": 1, "latency_ms_p50_repeats": (r.latency_ms_p50,),
+                                    "latency_p50_spread_pct": 0.0})
+    pooled = np.concatenate([np.load(r.samples_path, allow_pickle=False) for r in results])
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out_path, pooled)
+    s = summarize(pooled)
+    p50s = tuple(r.latency_ms_p50 for r in results)
+    first = results[0]
+    return first.model_copy(update={
+        "samples": s.samples,
+        "latency_ms_p50": s.latency_ms_p50, "latency_ms_p90": s.latency_ms_p90,
+        "latency_ms_p95": s.latency_ms_p95, "latency_ms_p99": s.latency_ms_p99,
+        "latency_ms_mean": s.latency_ms_mean, "latency_ms_std": s.latency_ms_std,
+        "latency_ms_min": s.latency_ms_min, "latency_ms_max": s.latency_ms_max,
+        "throughput_per_s": s.throughput_per_s(batch_size=first.batch_size),
+        "rss_peak_mb": max(r.rss_peak_mb for r in results),
+        "rss_model_mb": float(np.median([r.rss_model_mb for r in results])),
+        "load_time_ms": float(np.median([r.load_time_ms for r in results])),
+        "duration_s": sum(r.duration_s for r in results),
+        "samples_path": str(out_path),
+        "repeats": len(results),
+        "latency_ms_p50_repeats": p50s,
+        "latency_p50_spread_pct": 100.0 * relative_spread(p50s),
+    })
 
 
 # ------------------------------------------------------------------------------------- internals

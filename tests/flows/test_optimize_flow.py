@@ -58,6 +58,21 @@ def test_nothing_passes_registers_nothing(tiny, tmp_path):
     assert {"model", "latency"} <= artifacts
     assert cl.search_registered_models() == []
 
+    # the Prefect API holds the flow run, its report artifact and the link to the MLflow run
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        fr = client.read_flow_run(UUID(report.flow_run_id))
+        assert fr.state.is_completed()
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(report.flow_run_id)])))
+    by_key = {a.key: a for a in arts}
+    assert "baseline-fp32" in by_key["optimize-strict"].data and "Nearest misses" in by_key["optimize-strict"].data
+    assert report.mlflow_run_id in by_key["mlflow-run"].data
+
 
 def test_passing_candidate_is_registered_with_alias(mlp, tmp_path):
     """A profile with its own (reachable) gates: the winner becomes a model version aliased 'candidate'."""
@@ -66,10 +81,13 @@ def test_passing_candidate_is_registered_with_alias(mlp, tmp_path):
         gates={"speedup_min": 1.2, "memory_reduction_min": 0.0, "accuracy_ratio_min": 0.8},
         candidates=[{"name": "ort-int8-dynamic", "backend": "onnxruntime",
                      "recipe": {"precision": "int8", "quantization": "dynamic"}}],
+        benchmark={"repeats": 2},
     )
     report = optimize_flow(model=str(mlp["model"]), profile=str(profile), evaluation=str(mlp["eval"]),
                            data_dir=str(tmp_path / "data"), model_name="mlp-test")
     chosen = report.outcomes[1]
+    assert chosen.benchmark.repeats == 2 and len(chosen.benchmark.latency_ms_p50_repeats) == 2
+    assert chosen.benchmark.samples >= 2 * 30
     assert chosen.speedup_p50 and chosen.speedup_p50 >= 1.2, chosen.verdicts
     assert report.selection.selected == "ort-int8-dynamic"
     assert report.registered_version == "1"

@@ -1,0 +1,49 @@
+"""Every registered backend honours the same contract (a new entry is covered automatically)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from edgeopt import backends
+from edgeopt.backends.base import Backend, Recipe
+from edgeopt.data import file_sha256
+from edgeopt.errors import BackendUnavailable
+from edgeopt.intake import assess
+
+
+@pytest.mark.parametrize("name", backends.names())
+def test_declares_its_identity(name):
+    b = backends.get(name)
+    assert isinstance(b, Backend) and b.name == name
+    assert b.formats and b.devices and b.extra and b.requires
+    assert issubclass(b.recipe_type, Recipe)
+    undocumented = [f for f, info in b.recipe_type.model_fields.items() if not info.description]
+    assert undocumented == []
+
+
+@pytest.mark.parametrize("name", backends.names())
+def test_recipe_validation_names_allowed_fields(name):
+    rt = backends.recipe_type(name)
+    rt.model_validate({})  # defaults are a valid recipe
+    with pytest.raises(ValidationError) as info:
+        rt.model_validate({"no_such_field": 1})
+    assert "no_such_field" in str(info.value)
+
+
+@pytest.mark.parametrize("name", backends.names())
+def test_builds_and_loads_or_says_what_to_install(name, tiny, tmp_path):
+    b = backends.get(name)
+    if not b.available():
+        with pytest.raises(BackendUnavailable, match=rf"edgeopt\[{b.extra}\]"):
+            b.check_available()
+        pytest.skip(f"{name} is not installed here (extra '{b.extra}')")
+    a = assess(tiny["model"])
+    art = b.optimize(model=a.model, assessment=a, recipe=b.recipe_type(), candidate="c", out_dir=tmp_path / "out")
+    assert art.backend == name and art.parent_sha256 == a.model.sha256
+    assert art.sha256 == file_sha256(art.path) and art.tool_versions
+    session = b.load(path=art.path, runtime=art.runtime)
+    x = np.load(tiny["eval"])["input"][:2]
+    (y,) = session.run({session.input_names[0]: x})
+    assert y.shape == (2, 4) and np.isfinite(y).all()

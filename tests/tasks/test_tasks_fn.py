@@ -1,0 +1,84 @@
+"""Tasks called through ``.fn()``: the thin wrappers without Prefect's engine, MLflow on a temp store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from edgeopt.errors import CandidateFailed, DataError
+from edgeopt.profiles import load_profile
+from edgeopt.records import CandidateOutcome
+from tasks import phases, tracking
+from tests.conftest import write_profile
+
+
+@pytest.fixture()
+def setup(tiny, tmp_path):
+    profile = load_profile(str(write_profile(tmp_path / "p.yaml")))
+    assessment = phases.assess_task.fn(str(tiny["model"]))
+    return profile, assessment, str(tmp_path / "work")
+
+
+def test_build_benchmark_outputs_evaluate(setup, tiny):
+    profile, assessment, work = setup
+    spec = profile.candidates[1].spec()  # ort-int8-dynamic
+    assert phases.build_files_missing(spec, assessment, None, work)
+    art = phases.build_task.fn(spec, assessment, None, work)
+    assert Path(art.path).is_file() and art.precision == "int8"
+    assert not phases.build_files_missing(spec, assessment, None, work)
+    hw = phases.fingerprint_task.fn()
+    bench = phases.benchmark_task.fn(art, profile, assessment, hw, str(tiny["eval"]), work)
+    assert bench.samples >= profile.benchmark.min_runs and bench.threads == profile.hardware.threads
+    assert not phases.bench_files_missing(art, profile, work, 0)
+    assert phases.bench_files_missing(art, profile, work, 1)
+    outs = phases.outputs_task.fn(art, profile, assessment, str(tiny["eval"]), work)
+    ev = phases.evaluate_task.fn(spec.name, outs, outs, assessment, str(tiny["eval"]), 1000)
+    assert ev.top1_agreement == 1.0 and ev.samples == 120 and ev.metric == "top1_accuracy"
+
+
+def test_static_recipe_without_calibration_fails_with_reason(setup):
+    profile, assessment, work = setup
+    with pytest.raises(CandidateFailed) as info:
+        phases.build_task.fn(profile.candidates[2].spec(), assessment, None, work)
+    assert info.value.reason == "missing-data"
+
+
+def test_check_data_rejects_mismatch(setup, tmp_path):
+    import numpy as np
+
+    _, assessment, _ = setup
+    np.savez(tmp_path / "x.npz", input=np.zeros((2, 1, 9, 9), np.float32))
+    with pytest.raises(DataError, match="shape"):
+        phases.check_data_task.fn(assessment, str(tmp_path / "x.npz"), None)
+
+
+def test_cache_keys_follow_their_inputs(setup, tiny):
+    profile, assessment, work = setup
+    spec = profile.candidates[0].spec()
+    p = {"spec": spec, "assessment": assessment, "calibration": str(tiny["calibration"]), "work_dir": work}
+    key = phases._build_key(None, p)
+    assert key == phases._build_key(None, dict(p))
+    other = profile.candidates[1].spec()
+    assert phases._build_key(None, {**p, "spec": other}) != key
+
+
+def test_tracking_nested_run_and_registration(setup, tmp_path):
+    profile, assessment, work = setup
+    hw = phases.fingerprint_task.fn()
+    data_dir = str(tmp_path / "store")
+    exp_id, run_id = tracking.start_parent_run.fn(
+        data_dir=data_dir, experiment="edgeopt/test", run_name="r", assessment=assessment, profile_name="p",
+        profile_doc=profile.model_dump(mode="json"), hardware=hw, tags={})
+    spec = profile.candidates[0].spec()
+    art = phases.build_task.fn(spec, assessment, None, work)
+    outcome = CandidateOutcome(spec=spec, artifact=art)
+    child = tracking.log_candidate.fn(data_dir=data_dir, experiment_id=exp_id, parent_run_id=run_id, outcome=outcome)
+    cl = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'store' / 'mlflow' / 'mlflow.db'}")
+    run = cl.get_run(child)
+    assert run.data.tags["mlflow.parentRunId"] == run_id
+    assert run.data.params["recipe.graph_optimization"] == "all"
+    assert [a.path for a in cl.list_artifacts(child, "model")] == ["model/artifact.json", "model/model.onnx"]
+    # artifacts land under the data folder, not the working directory
+    assert cl.get_run(run_id).info.artifact_uri.startswith((tmp_path / "store").as_uri())
