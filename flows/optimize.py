@@ -25,6 +25,7 @@ from tasks import tracking
 from tasks.phases import (
     assess_task,
     bench_files_missing,
+    benchmark_slot,
     benchmark_task,
     build_files_missing,
     build_task,
@@ -110,6 +111,43 @@ def _benchmark_rounds(specs, built, *, prof, assessment, hw, evaluation, work, r
     return results, failures, cached
 
 
+def _measure_all(specs, built, *, prof, assessment, hw, evaluation, work, refresh):
+    """Benchmark (interleaved repeats), run outputs and evaluate every built candidate, in order."""
+    outcomes: list[CandidateOutcome] = []
+    baseline_outputs: str | None = None
+    results, failures, cached = _benchmark_rounds(specs, built, prof=prof, assessment=assessment, hw=hw,
+                                                  evaluation=evaluation, work=work, refresh=refresh)
+    for s in specs:
+        art = built[s.name]
+        if isinstance(art, CandidateOutcome) or s.name in failures:
+            outcome = art if isinstance(art, CandidateOutcome) else failures[s.name]
+            if s.baseline:
+                raise EdgeOptError(f"the baseline {s.name} failed ({outcome.failure.reason}): "
+                                   f"{outcome.failure.message}; nothing is registered")
+            outcomes.append(outcome)
+            continue
+        outcome = CandidateOutcome(spec=s, artifact=art, benchmark=pool_task(s.name, results[s.name]))
+        _progress("evaluate", s.name)
+        stale = refresh or outputs_files_missing(art, prof, work)
+        try:
+            outputs = outputs_task.with_options(refresh_cache=stale or None)(art, prof, assessment, evaluation, work)
+        except CandidateFailed as exc:
+            if s.baseline:
+                raise EdgeOptError(f"the baseline {s.name} failed ({exc.reason}): {exc}; nothing is registered") from exc
+            outcomes.append(workflow.failed(s, stage="evaluate", error=exc, artifact=art))
+            continue
+        if s.baseline:
+            baseline_outputs = outputs
+        try:
+            ev = evaluate_task(s.name, outputs, baseline_outputs, assessment, evaluation,
+                               prof.benchmark.max_eval_samples)
+            outcome = outcome.model_copy(update={"evaluation": ev})
+        except CandidateFailed as exc:
+            outcome = workflow.failed(s, stage="evaluate", error=exc, artifact=art)
+        outcomes.append(outcome)
+    return outcomes, cached
+
+
 @flow(name="optimize", flow_run_name="optimize-{profile}", task_runner=ThreadPoolTaskRunner(max_workers=2))
 def optimize_flow(
     model: str,
@@ -164,8 +202,6 @@ def optimize_flow(
         for s in specs:
             stale = refresh or build_files_missing(s, assessment, calibration, work)
             futures[s.name] = build_task.with_options(refresh_cache=stale or None).submit(s, assessment, calibration, work)
-        outcomes: list[CandidateOutcome] = []
-        baseline_outputs: str | None = None
         # Every build finishes before the first measurement: a build running beside a benchmark
         # would slow it down (one benchmark at a time per machine, and nothing else either).
         built: dict[str, object] = {}
@@ -181,36 +217,9 @@ def optimize_flow(
             if s.baseline and isinstance(art, CandidateOutcome):
                 raise EdgeOptError(f"the baseline {s.name} could not be built ({art.failure.reason}): "
                                    f"{art.failure.message}; nothing is registered")
-        results, failures, cached = _benchmark_rounds(specs, built, prof=prof, assessment=assessment, hw=hw,
-                                                      evaluation=evaluation, work=work, refresh=refresh)
-        for s in specs:
-            art = built[s.name]
-            if isinstance(art, CandidateOutcome) or s.name in failures:
-                outcome = art if isinstance(art, CandidateOutcome) else failures[s.name]
-                if s.baseline:
-                    raise EdgeOptError(f"the baseline {s.name} failed ({outcome.failure.reason}): "
-                                       f"{outcome.failure.message}; nothing is registered")
-                outcomes.append(outcome)
-                continue
-            outcome = CandidateOutcome(spec=s, artifact=art, benchmark=pool_task(s.name, results[s.name]))
-            _progress("evaluate", s.name)
-            stale = refresh or outputs_files_missing(art, prof, work)
-            try:
-                outputs = outputs_task.with_options(refresh_cache=stale or None)(art, prof, assessment, evaluation, work)
-            except CandidateFailed as exc:
-                if s.baseline:
-                    raise EdgeOptError(f"the baseline {s.name} failed ({exc.reason}): {exc}; nothing is registered") from exc
-                outcomes.append(workflow.failed(s, stage="evaluate", error=exc, artifact=art))
-                continue
-            if s.baseline:
-                baseline_outputs = outputs
-            try:
-                ev = evaluate_task(s.name, outputs, baseline_outputs, assessment, evaluation,
-                                   prof.benchmark.max_eval_samples)
-                outcome = outcome.model_copy(update={"evaluation": ev})
-            except CandidateFailed as exc:
-                outcome = workflow.failed(s, stage="evaluate", error=exc, artifact=art)
-            outcomes.append(outcome)
+        with benchmark_slot():
+            outcomes, cached = _measure_all(specs, built, prof=prof, assessment=assessment, hw=hw,
+                                            evaluation=evaluation, work=work, refresh=refresh)
 
         _progress("select", prof.name)
         outcomes = gate_task(outcomes, prof)

@@ -8,7 +8,9 @@ retried: they are deterministic; the flow records them and goes on.
 
 from __future__ import annotations
 
+import contextlib
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,30 @@ from edgeopt.records import (
     Selection,
 )
 
-BENCH_TAG = f"edgeopt-benchmark-{socket.gethostname()}"
+#: Prefect global concurrency limit (1 slot) that keeps measurements on one host one at a time.
+BENCH_LIMIT = f"edgeopt-benchmark-{socket.gethostname()}"
+
+
+@contextlib.contextmanager
+def benchmark_slot() -> Iterator[None]:
+    """Hold this host's benchmark slot for a whole measuring phase (created on first use).
+
+    One acquisition per flow run, not per task: a per-task tag limit costs about a second of
+    lease traffic per measurement. The harness also holds a file lock per measurement.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(BENCH_LIMIT)
+        except ObjectNotFound:
+            with contextlib.suppress(Exception):  # another flow may have created it meanwhile
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=BENCH_LIMIT, limit=1))
+    with concurrency(BENCH_LIMIT, occupy=1, strict=True):
+        yield
 
 
 def _data_sha(path: str | None) -> str | None:
@@ -100,7 +125,7 @@ def build_task(spec: CandidateSpec, assessment: Assessment, calibration: str | N
     return workflow.build(spec, assessment=assessment, calibration=calibration, work_dir=Path(work_dir))
 
 
-@task(name="benchmark", task_run_name="benchmark-{artifact.candidate}-{repeat}", tags=[BENCH_TAG],
+@task(name="benchmark", task_run_name="benchmark-{artifact.candidate}-{repeat}",
       cache_key_fn=_bench_key, persist_result=True)
 def benchmark_task(artifact: Artifact, profile: Profile, assessment: Assessment, hardware: HardwareFingerprint,
                    evaluation: str | None, work_dir: str, repeat: int = 0) -> BenchmarkResult:
@@ -114,7 +139,7 @@ def pool_task(candidate: str, results: list[BenchmarkResult]) -> BenchmarkResult
     return workflow.pool(results)
 
 
-@task(name="run-outputs", task_run_name="outputs-{artifact.candidate}", tags=[BENCH_TAG],
+@task(name="run-outputs", task_run_name="outputs-{artifact.candidate}",
       cache_key_fn=_outputs_key, persist_result=True)
 def outputs_task(artifact: Artifact, profile: Profile, assessment: Assessment, evaluation: str | None,
                  work_dir: str) -> str:

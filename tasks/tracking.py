@@ -8,6 +8,7 @@ Every call uses an explicit ``MlflowClient`` and run id, never the fluent active
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -39,9 +40,14 @@ def _transient(_task: Any, _run: Any, state: Any) -> bool:
 
 
 def client(data_dir: str):
+    return _client_for(mlflow_tracking_uri(Path(data_dir)))
+
+
+@functools.lru_cache(maxsize=8)
+def _client_for(uri: str):
+    """One client per store: opening a SQLite store checks its schema, which takes a second."""
     import mlflow
 
-    uri = mlflow_tracking_uri(Path(data_dir))
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     return mlflow.MlflowClient(tracking_uri=uri)
