@@ -56,6 +56,7 @@ class BenchmarkConfig(_Strict):
     repeats: int = Field(3, ge=1, description="fresh-process measurements per candidate, interleaved "
                          "across candidates and pooled (their p50 spread is reported)")
     eval_samples: int = Field(64, ge=1, description="data samples cycled through as benchmark inputs")
+    seq_len: int = Field(128, ge=1, description="token sequence length text data is padded/truncated to")
     max_eval_samples: int = Field(1000, ge=1, description="samples used for accuracy/fidelity at most")
 
 

@@ -13,9 +13,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from edgeopt import backends, bench, gates, pareto
+from edgeopt import backends, bench, gates, intake, pareto
 from edgeopt.data import Dataset, file_sha256, load_dataset
-from edgeopt.errors import BackendUnavailable, CandidateFailed, DataError
+from edgeopt.errors import BackendUnavailable, CandidateFailed, DataError, ModelError
 from edgeopt.evaluate import evaluator_for, load_outputs
 from edgeopt.hardware import tool_versions
 from edgeopt.profiles import Profile
@@ -43,6 +43,8 @@ __all__ = [
     "measure",
     "outputs_path",
     "pool",
+    "prepare_data",
+    "prepare_model",
     "run_outputs",
     "select",
     "with_gates",
@@ -55,6 +57,48 @@ def digest(*parts: Any) -> str:
     """A stable short hash of JSON-able parts (cache keys, folder names)."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:24]
+
+
+TEXT_SUFFIXES = (".txt", ".jsonl")
+
+
+def prepare_model(model: str, *, work_dir: Path) -> tuple[Assessment, Assessment]:
+    """Assess the model as given and the ONNX model the candidates are built from.
+
+    An ONNX file is both. A Hugging Face checkpoint folder (safetensors only) is exported to ONNX
+    once, into ``work_dir/converted/<sha>/`` with its tokenizer beside it.
+    """
+    source = intake.assess(model)
+    if source.model.format == "onnx":
+        return source, source
+    if source.model.format == "hf":
+        from edgeopt.intake.hf import export_onnx
+
+        out = work_dir / "converted" / source.model.sha256[:24]
+        if not (out / "model.onnx").is_file():
+            export_onnx(model, out_dir=out)
+        return source, intake.assess(out / "model.onnx")
+    raise ModelError(f"model {model}: {source.model.format} models cannot be optimized yet")
+
+
+def prepare_data(path: str | None, *, assessment: Assessment, seq_len: int, work_dir: Path, role: str) -> str | None:
+    """Text data (.txt / .jsonl of sentences) is tokenized with the model's own tokenizer into the
+    .npz form every phase uses; other paths are returned as they are."""
+    if path is None or Path(path).suffix.lower() not in TEXT_SUFFIXES:
+        return path
+    tokenizer_dir = Path(assessment.model.path).parent
+    if not any((tokenizer_dir / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
+        raise DataError(f"{role} data {path}: text data needs a text model with its tokenizer beside it "
+                        f"(none in {tokenizer_dir}); pass an .npz of model inputs instead")
+    from edgeopt.text import load_sentences, tokenize_to_npz
+
+    if not Path(path).is_file():
+        raise DataError(f"{role} data {path}: no such file; check the path")
+    out = work_dir / "data" / f"{role}-{file_sha256(path)[:16]}-{assessment.model.sha256[:12]}-{seq_len}.npz"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tokenize_to_npz(load_sentences(path), tokenizer_dir=tokenizer_dir, out_path=out, seq_len=seq_len)
+    return str(out)
 
 
 def check_data(assessment: Assessment, *, calibration: str | None, evaluation: str | None) -> tuple[Dataset | None, Dataset | None]:
@@ -168,6 +212,12 @@ def evaluate(candidate: str, *, outputs: str, baseline_outputs: str, assessment:
     if evaluation:
         data = load_dataset(evaluation, signature=assessment.inputs, role="evaluation").head(max_samples)
         labels = data.labels
+        if assessment.kind == "encoder" and "attention_mask" in data.inputs:
+            from edgeopt.evaluate.embedding import evaluate_embeddings
+
+            return evaluate_embeddings(candidate=candidate, outputs=load_outputs(outputs),
+                                       baseline_outputs=load_outputs(baseline_outputs),
+                                       attention_mask=data.inputs["attention_mask"])
     evaluator = evaluator_for(assessment.kind)
     return evaluator(candidate=candidate, outputs=load_outputs(outputs),
                      baseline_outputs=load_outputs(baseline_outputs), labels=labels)

@@ -37,16 +37,18 @@ def _fail(exc: BaseException, code: int = 2) -> None:
 
 @app.command()
 def optimize(
-    model: Annotated[Path, typer.Argument(help="model file (.onnx)")],
+    model: Annotated[Path, typer.Argument(help="model: an .onnx file or a Hugging Face checkpoint folder")],
     profile: Annotated[str, typer.Option("--profile", "-p", help="target profile name or .yaml path")] = "intel-cpu",
-    calibration: Annotated[Path | None, typer.Option(help="calibration data (.npz)")] = None,
-    eval_data: Annotated[Path | None, typer.Option("--eval", help="evaluation data (.npz, optional 'labels')")] = None,
+    calibration: Annotated[Path | None, typer.Option(help="calibration data (.npz; .txt/.jsonl for text)")] = None,
+    eval_data: Annotated[Path | None, typer.Option("--eval", help="evaluation data (.npz with optional "
+                                                                  "'labels'; .txt/.jsonl for text)")] = None,
     candidate: Annotated[list[str] | None, typer.Option("--candidate", "-c", help="only this candidate (repeatable)")] = None,
     model_name: Annotated[str | None, typer.Option(help="registered model name (default: <model>-<profile>)")] = None,
     refresh: Annotated[bool, typer.Option(help="rebuild and re-measure, ignoring cached results")] = False,
     allow_hardware_mismatch: Annotated[bool, typer.Option(help="run on a machine that does not fit the profile")] = False,
     strict: Annotated[bool, typer.Option(help="exit with code 3 when no candidate passes its gates")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the full report as JSON here")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="token length for text data (default: the profile's)")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Prefect's logs")] = False,
 ) -> None:
     """Build, benchmark, evaluate and gate every candidate of PROFILE for MODEL; register the winner."""
@@ -55,14 +57,23 @@ def optimize(
     configure_embedded_defaults(quiet=not verbose)
     # Pre-flight: a wrong profile, model or data fails in a second, before Prefect starts
     # (the flow checks the same again when it runs from a deployment).
+    from edgeopt.data import load_dataset
     from edgeopt.intake import assess as do_assess
     from edgeopt.profiles import load_profile
-    from edgeopt.workflow import check_data
+    from edgeopt.workflow import TEXT_SUFFIXES
 
     try:
         load_profile(profile).candidate_specs(tuple(candidate or ()))
-        check_data(do_assess(model), calibration=str(calibration) if calibration else None,
-                   evaluation=str(eval_data) if eval_data else None)
+        a = do_assess(model)
+        for role, path in (("calibration", calibration), ("evaluation", eval_data)):
+            if path is None:
+                continue
+            if path.suffix.lower() in TEXT_SUFFIXES:
+                from edgeopt.text import load_sentences
+
+                load_sentences(path)
+            elif a.model.format == "onnx":
+                load_dataset(path, signature=a.inputs, role=role)
     except EdgeOptError as exc:
         _fail(exc)
     from flows.optimize import add_progress_listener, optimize_flow
@@ -76,7 +87,8 @@ def optimize(
                                    calibration=str(calibration) if calibration else None,
                                    evaluation=str(eval_data) if eval_data else None,
                                    candidates=list(candidate) if candidate else None, model_name=model_name,
-                                   refresh=refresh, allow_hardware_mismatch=allow_hardware_mismatch)
+                                   refresh=refresh, allow_hardware_mismatch=allow_hardware_mismatch,
+                                   seq_len=seq_len)
         except EdgeOptError as exc:
             progress.stop()
             _fail(exc)

@@ -23,7 +23,6 @@ from edgeopt.profiles import host_mismatches
 from edgeopt.records import CandidateOutcome, Selection
 from tasks import tracking
 from tasks.phases import (
-    assess_task,
     bench_files_missing,
     benchmark_slot,
     benchmark_task,
@@ -37,6 +36,8 @@ from tasks.phases import (
     outputs_files_missing,
     outputs_task,
     pool_task,
+    prepare_data_task,
+    prepare_model_task,
     select_task,
 )
 
@@ -76,8 +77,10 @@ class OptimizeReport(BaseModel):
 
 
 def _default_model_name(model: str, profile: str) -> str:
-    p = Path(model)
-    stem = p.parent.name if p.stem in ("model", "") else p.stem
+    p = Path(model).expanduser().resolve()
+    stem = p.name if p.is_dir() else p.stem
+    if stem in ("model", "hf", "checkpoint", ""):
+        stem = p.parent.name
     return f"{stem}-{profile}"
 
 
@@ -159,19 +162,21 @@ def optimize_flow(
     data_dir: str | None = None,
     refresh: bool = False,
     allow_hardware_mismatch: bool = False,
+    seq_len: int | None = None,
 ) -> OptimizeReport:
     """Optimize MODEL for PROFILE on this machine and register the winner (if any) in MLflow.
 
     Args:
-        model: path to the model file (ONNX) on the worker.
+        model: path to the model on the worker: an .onnx file or a Hugging Face checkpoint folder.
         profile: target profile name (profiles/*.yaml) or path to a profile file.
-        calibration: .npz calibration data (static quantization recipes need it).
-        evaluation: .npz evaluation data; with a ``labels`` array accuracy is reported.
+        calibration: .npz calibration data, or .txt/.jsonl sentences for text models.
+        evaluation: .npz evaluation data (a ``labels`` array gives accuracy), or .txt/.jsonl sentences.
         candidates: only these candidate names from the profile (default: all).
         model_name: registered model name in MLflow (default: <model>-<profile>).
         data_dir: edgeopt data folder (default: $EDGEOPT_HOME or ./.edgeopt).
         refresh: rebuild and re-measure everything, ignoring cached results.
         allow_hardware_mismatch: run even if this machine does not fit the profile's hardware.
+        seq_len: token length for text data (default: the profile's benchmark.seq_len).
     """
     logger = get_run_logger()
     base = Path(data_dir).expanduser().resolve() if data_dir else settings.data_dir()
@@ -181,7 +186,10 @@ def optimize_flow(
 
     _progress("assess", Path(model).name)
     prof = load_profile_task(profile)
-    assessment = assess_task(str(Path(model).expanduser().resolve()))
+    source, assessment = prepare_model_task(str(Path(model).expanduser().resolve()), work)
+    seq = seq_len or prof.benchmark.seq_len
+    calibration = prepare_data_task(calibration, assessment, seq, work, "calibration")
+    evaluation = prepare_data_task(evaluation, assessment, seq, work, "evaluation")
     hw = fingerprint_task()
     mismatch = host_mismatches(prof, hw)
     if mismatch and not allow_hardware_mismatch:
@@ -193,7 +201,7 @@ def optimize_flow(
 
     exp_id, run_id = tracking.start_parent_run(
         data_dir=str(base), experiment=f"edgeopt/{name}", run_name=f"optimize-{prof.name}",
-        assessment=assessment, profile_name=prof.name, profile_doc=prof.model_dump(mode="json"), hardware=hw,
+        assessment=source, profile_name=prof.name, profile_doc=prof.model_dump(mode="json"), hardware=hw,
         tags={"prefect.flow_run_id": str(flow_run.id or "")})
     status = "FAILED"
     selection: Selection | None = None

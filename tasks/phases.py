@@ -110,6 +110,17 @@ def assess_task(model: str) -> Assessment:
     return intake.assess(model)
 
 
+@task(name="prepare-model", cache_policy=NO_CACHE)
+def prepare_model_task(model: str, work_dir: str) -> tuple[Assessment, Assessment]:
+    """(the model as given, the ONNX model candidates are built from); exports HF checkpoints."""
+    return workflow.prepare_model(model, work_dir=Path(work_dir))
+
+
+@task(name="prepare-data", task_run_name="prepare-{role}-data", cache_policy=NO_CACHE)
+def prepare_data_task(path: str | None, assessment: Assessment, seq_len: int, work_dir: str, role: str) -> str | None:
+    return workflow.prepare_data(path, assessment=assessment, seq_len=seq_len, work_dir=Path(work_dir), role=role)
+
+
 @task(name="fingerprint", cache_policy=NO_CACHE)
 def fingerprint_task() -> HardwareFingerprint:
     return fingerprint()

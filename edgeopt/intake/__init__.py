@@ -1,7 +1,7 @@
 """Model intake: detect a model's format, validate it, hash it and assess it.
 
-ONNX files are supported now; Hugging Face checkpoints and GGUF files arrive with their issues
-and are refused with a clear message until then.
+ONNX files and Hugging Face checkpoint folders (safetensors only; exported to ONNX for the
+candidates) are supported; GGUF files arrive with the LLM work and are refused clearly until then.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def detect_format(path: str | Path) -> str:
     if p.is_dir():
         if (p / "config.json").is_file():
             return "hf"
-        raise ModelError(f"model {p}: a folder without config.json; pass an .onnx file")
+        raise ModelError(f"model {p}: a folder without config.json; pass an .onnx file or a Hugging Face checkpoint folder")
     with open(p, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF":
@@ -35,4 +35,8 @@ def assess(path: str | Path) -> Assessment:
     fmt = detect_format(path)
     if fmt == "onnx":
         return assess_onnx(path)
+    if fmt == "hf":
+        from edgeopt.intake.hf import assess_hf
+
+        return assess_hf(path)
     raise ModelError(f"model {path}: {fmt} models are not supported yet; export the model to ONNX first")
