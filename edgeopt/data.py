@@ -19,7 +19,7 @@ import numpy as np
 from edgeopt.errors import DataError
 from edgeopt.records import TensorSpec
 
-__all__ = ["LABELS_KEY", "Dataset", "file_sha256", "load_dataset", "synthetic_dataset"]
+__all__ = ["LABELS_KEY", "Dataset", "file_sha256", "load_dataset", "path_sha256", "synthetic_dataset"]
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,20 @@ def file_sha256(path: str | Path) -> str:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+    return h.hexdigest()
+
+
+def path_sha256(path: str | Path) -> str:
+    """sha256 of a model file, or of a model folder: each file's relative path, NUL, bytes, sorted by path."""
+    p = Path(path)
+    if not p.is_dir():
+        return file_sha256(p)
+    h = hashlib.sha256()
+    for f in sorted(q for q in p.rglob("*") if q.is_file()):
+        h.update(f.relative_to(p).as_posix().encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
 
 

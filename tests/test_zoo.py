@@ -41,7 +41,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> zoo.ZooEntry:
 def test_registry_matches_recipes() -> None:
     from edgeopt.zoo import digits
 
-    assert set(zoo.ZOO_MODELS) == set(digits.RECIPES)
+    assert set(zoo.ZOO_MODELS) == set(digits.RECIPES) | set(zoo._BUILDERS)
     assert all(desc and "\n" not in desc for desc in zoo.ZOO_MODELS.values())
 
 

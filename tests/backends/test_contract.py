@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from edgeopt import backends
 from edgeopt.backends.base import Backend, Recipe
-from edgeopt.data import file_sha256
+from edgeopt.data import path_sha256
 from edgeopt.errors import BackendUnavailable
 from edgeopt.intake import assess
 
@@ -42,7 +42,7 @@ def test_builds_and_loads_or_says_what_to_install(name, tiny, tmp_path):
     a = assess(tiny["model"])
     art = b.optimize(model=a.model, assessment=a, recipe=b.recipe_type(), candidate="c", out_dir=tmp_path / "out")
     assert art.backend == name and art.parent_sha256 == a.model.sha256
-    assert art.sha256 == file_sha256(art.path) and art.tool_versions
+    assert art.sha256 == path_sha256(art.path) and art.tool_versions
     session = b.load(path=art.path, runtime=art.runtime)
     x = np.load(tiny["eval"])["input"][:2]
     (y,) = session.run({session.input_names[0]: x})
