@@ -35,7 +35,8 @@ def rows(outcomes: Sequence[CandidateOutcome], selection: Selection | None = Non
         b, e = o.benchmark, o.evaluation
         accuracy = fidelity = "-"
         if e is not None:
-            accuracy = f"{e.value:.4f}" if e.metric == "top1_accuracy" else "-"
+            short = {"top1_accuracy": "", "top1_agreement": "agree ", "cosine_mean": "cos "}.get(e.metric, f"{e.metric} ")
+            accuracy = f"{short}{e.value:.4f}"
             fidelity = f"agree {e.top1_agreement:.3f} cos {e.cosine_mean:.4f}"
         out.append({
             "candidate": o.name,

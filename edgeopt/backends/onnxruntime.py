@@ -324,11 +324,29 @@ def _pre_process(*, src: str, out: Path, candidate: str, notes: list[str]) -> st
     try:
         quant_pre_process(src, str(out))
     except Exception as exc:  # noqa: BLE001 - pre-processing is an improvement, not a requirement
+        _remove_shape_inference_dump()
         log.warning("%s: quantization pre-processing failed, quantizing the raw model: %s",
                     candidate, _short(exc))
         notes.append(f"pre-processing skipped: {_short(exc, 120)}")
         return src
     return str(out)
+
+
+def _remove_shape_inference_dump() -> None:
+    """onnxruntime's symbolic shape inference, when incomplete, dumps ``sym_shape_infer_temp.onnx``
+    and its external data into the working directory: remove them, they are not ours to leave."""
+    import onnx
+
+    dump = Path("sym_shape_infer_temp.onnx")
+    if not dump.is_file():
+        return
+    with contextlib.suppress(Exception):
+        model = onnx.load(str(dump), load_external_data=False)
+        locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
+        for loc in locations:
+            if "/" not in loc and Path(loc).is_file():
+                Path(loc).unlink()
+    dump.unlink(missing_ok=True)
 
 
 def _op_types(registry: dict[str, Any], recipe: OrtRecipe) -> list[str] | None:
