@@ -132,8 +132,10 @@ def test_demo_on_the_reference_cnn(cli_env):
     r = run(cli_env, "optimize", zoo / "model.onnx", "--profile", "intel-cpu", "--calibration",
             zoo / "calibration.npz", "--eval", zoo / "eval.npz", timeout=900)
     assert r.returncode == 0, r.stderr
-    for name in ("baseline-fp32", "ort-fp32-optimized", "ort-int8-dynamic", "ort-int8-static-minmax",
-                 "ort-int8-static-entropy", "ort-int8-static-percentile"):
+    from edgeopt.profiles import load_profile
+
+    names = ["baseline-fp32", *(c.name for c in load_profile("intel-cpu").candidates)]
+    for name in names:
         assert name in r.stdout
     import mlflow
 
@@ -141,6 +143,14 @@ def test_demo_on_the_reference_cnn(cli_env):
     exp = cl.get_experiment_by_name("edgeopt/digits-resnet-intel-cpu")
     runs = cl.search_runs([exp.experiment_id])
     parents = [x for x in runs if "mlflow.parentRunId" not in x.data.tags]
-    assert len(parents) == 1 and len(runs) == 7
+    assert len(parents) == 1 and len(runs) == 1 + len(names)
+    children = {x.info.run_name: x for x in runs if x.data.tags.get("mlflow.parentRunId")}
+    assert set(children) == set(names)
+    # OpenVINO candidates state the precision they execute in
+    assert children["ov-fp32"].data.params["precision"] == "fp32"
+    from edgeopt.hardware import fingerprint
+
+    if {"avx512-bf16", "amx-bf16"} & set(fingerprint().isa_flags):  # OpenVINO's CPU default is bf16 there
+        assert "bf16" in children["ov-fp32-auto"].data.params["precision"]
     baseline = next(x for x in runs if x.info.run_name == "baseline-fp32")
     assert baseline.data.metrics["top1_accuracy"] >= 0.95
