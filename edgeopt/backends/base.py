@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
-from edgeopt.errors import BackendUnavailable
+from edgeopt.errors import BackendUnavailable, CandidateFailed, ConfigError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -69,6 +69,23 @@ class Backend(ABC):
         from edgeopt.hardware import distribution_versions
 
         return distribution_versions(cls.distributions)
+
+    #: what needs calibration data, for the message when it is missing (e.g. "static INT8")
+    calibrated_recipe: ClassVar[str] = "this recipe"
+
+    def check_request(self, *, model: ModelRef, recipe: Recipe, candidate: str,
+                      calibration: Dataset | None) -> None:
+        """The checks every build starts with: recipe type, model format, calibration data, toolchain."""
+        if not isinstance(recipe, self.recipe_type):
+            raise ConfigError(f"{candidate}: the {self.name} backend needs a {self.recipe_type.__name__}, "
+                              f"got {type(recipe).__name__}")
+        if model.format not in self.formats:
+            raise CandidateFailed("build-error", f"{candidate}: {self.name} builds "
+                                  f"{', '.join(sorted(self.formats))} models, got {model.format!r}")
+        if recipe.needs_calibration() and calibration is None:
+            raise CandidateFailed("missing-data", f"{candidate}: {self.calibrated_recipe} needs calibration data; "
+                                  "pass --calibration DATA")
+        self.check_available()
 
     @abstractmethod
     def optimize(

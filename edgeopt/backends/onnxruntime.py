@@ -15,7 +15,7 @@ import tempfile
 import threading
 from inspect import signature
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
 from pydantic import Field, model_validator
 
@@ -181,19 +181,12 @@ class OnnxRuntimeBackend(Backend):
     recipe_type: ClassVar[type[Recipe]] = OrtRecipe
     requires: ClassVar[tuple[str, ...]] = ("onnxruntime",)
     distributions: ClassVar[tuple[str, ...]] = ("onnxruntime", "onnx")
+    calibrated_recipe: ClassVar[str] = "static INT8"
 
     def optimize(self, *, model: ModelRef, assessment: Assessment, recipe: Recipe, candidate: str,
                  out_dir: Path, calibration: Dataset | None = None) -> Artifact:
-        if not isinstance(recipe, OrtRecipe):
-            raise ConfigError(f"{candidate}: the onnxruntime backend needs an OrtRecipe, "
-                              f"got {type(recipe).__name__}")
-        if model.format not in self.formats:
-            raise CandidateFailed("build-error",
-                                  f"{candidate}: onnxruntime builds onnx models, got {model.format!r}")
-        if recipe.needs_calibration() and calibration is None:
-            raise CandidateFailed("missing-data",
-                                  f"{candidate}: static INT8 needs calibration data; pass --calibration DATA")
-        self.check_available()
+        self.check_request(model=model, recipe=recipe, candidate=candidate, calibration=calibration)
+        recipe = cast(OrtRecipe, recipe)  # check_request raised for any other type
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         final = out_dir / "model.onnx"

@@ -23,7 +23,7 @@ import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -273,19 +273,12 @@ class OpenVinoBackend(Backend):
     #: the measuring process needs only the runtime; nncf is checked when a recipe uses it
     requires: ClassVar[tuple[str, ...]] = ("openvino",)
     distributions: ClassVar[tuple[str, ...]] = ("openvino", "nncf")
+    calibrated_recipe: ClassVar[str] = "NNCF INT8"
 
     def optimize(self, *, model: ModelRef, assessment: Assessment, recipe: Recipe, candidate: str,
                  out_dir: Path, calibration: Dataset | None = None) -> Artifact:
-        if not isinstance(recipe, OpenVinoRecipe):
-            raise ConfigError(f"{candidate}: the openvino backend needs an OpenVinoRecipe, "
-                              f"got {type(recipe).__name__}")
-        if model.format not in self.formats:
-            raise CandidateFailed("build-error",
-                                  f"{candidate}: openvino builds onnx models, got {model.format!r}")
-        if recipe.needs_calibration() and calibration is None:
-            raise CandidateFailed("missing-data",
-                                  f"{candidate}: NNCF INT8 needs calibration data; pass --calibration DATA")
-        self.check_available()
+        self.check_request(model=model, recipe=recipe, candidate=candidate, calibration=calibration)
+        recipe = cast(OpenVinoRecipe, recipe)  # check_request raised for any other type
         if recipe.precision in _NNCF_PRECISIONS and importlib.util.find_spec("nncf") is None:
             raise BackendUnavailable(self.name, self.extra, "missing: nncf")
         out_dir = Path(out_dir)
