@@ -17,7 +17,6 @@ from edgeopt import backends, bench, gates, intake, pareto
 from edgeopt.data import Dataset, file_sha256, load_dataset
 from edgeopt.errors import BackendUnavailable, CandidateFailed, DataError, ModelError
 from edgeopt.evaluate import evaluator_for, load_outputs
-from edgeopt.hardware import tool_versions
 from edgeopt.profiles import Profile
 from edgeopt.records import (
     Artifact,
@@ -30,6 +29,7 @@ from edgeopt.records import (
     HardwareFingerprint,
     Selection,
 )
+from edgeopt.text import is_text_data, prepare_text_data
 
 __all__ = [
     "bench_dir",
@@ -59,9 +59,6 @@ def digest(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:24]
 
 
-TEXT_SUFFIXES = (".txt", ".jsonl")
-
-
 def prepare_model(model: str, *, work_dir: Path) -> tuple[Assessment, Assessment]:
     """Assess the model as given and the ONNX model the candidates are built from.
 
@@ -84,21 +81,14 @@ def prepare_model(model: str, *, work_dir: Path) -> tuple[Assessment, Assessment
 def prepare_data(path: str | None, *, assessment: Assessment, seq_len: int, work_dir: Path, role: str) -> str | None:
     """Text data (.txt / .jsonl of sentences) is tokenized with the model's own tokenizer into the
     .npz form every phase uses; other paths are returned as they are."""
-    if path is None or Path(path).suffix.lower() not in TEXT_SUFFIXES:
+    if path is None or not is_text_data(path):
         return path
     tokenizer_dir = Path(assessment.model.path).parent
     if not any((tokenizer_dir / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")):
         raise DataError(f"{role} data {path}: text data needs a text model with its tokenizer beside it "
                         f"(none in {tokenizer_dir}); pass an .npz of model inputs instead")
-    from edgeopt.text import load_sentences, tokenize_to_npz
-
-    if not Path(path).is_file():
-        raise DataError(f"{role} data {path}: no such file; check the path")
-    out = work_dir / "data" / f"{role}-{file_sha256(path)[:16]}-{assessment.model.sha256[:12]}-{seq_len}.npz"
-    if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tokenize_to_npz(load_sentences(path), tokenizer_dir=tokenizer_dir, out_path=out, seq_len=seq_len)
-    return str(out)
+    return str(prepare_text_data(path, tokenizer_dir=tokenizer_dir, out_dir=work_dir / "data", seq_len=seq_len,
+                                 role=role))
 
 
 def check_data(assessment: Assessment, *, calibration: str | None, evaluation: str | None) -> tuple[Dataset | None, Dataset | None]:
@@ -241,6 +231,3 @@ def with_gates(outcomes: list[CandidateOutcome], *, profile: Profile) -> list[Ca
 def select(outcomes: list[CandidateOutcome], *, profile: Profile) -> Selection:
     return pareto.select(outcomes, objective=profile.objective)
 
-
-def versions() -> dict[str, str]:
-    return tool_versions()

@@ -60,7 +60,7 @@ def optimize(
     from edgeopt.data import load_dataset
     from edgeopt.intake import assess as do_assess
     from edgeopt.profiles import load_profile
-    from edgeopt.workflow import TEXT_SUFFIXES
+    from edgeopt.text import is_text_data
 
     try:
         load_profile(profile).candidate_specs(tuple(candidate or ()))
@@ -68,7 +68,7 @@ def optimize(
         for role, path in (("calibration", calibration), ("evaluation", eval_data)):
             if path is None:
                 continue
-            if path.suffix.lower() in TEXT_SUFFIXES:
+            if is_text_data(path):
                 from edgeopt.text import load_sentences
 
                 load_sentences(path)

@@ -51,3 +51,15 @@ def test_synthetic_follows_signature(sig):
     ds = synthetic_dataset(sig, count=5)
     assert ds.inputs["input"].shape == (5, 1, 8, 8) and ds.inputs["input"].dtype == np.float32
     assert ds.sha256 == synthetic_dataset(sig, count=5).sha256
+
+
+def test_text_data_needs_a_tokenizer_beside_the_model(tiny, tmp_path):
+    from edgeopt.workflow import prepare_data
+
+    text = tmp_path / "s.txt"
+    text.write_text("A sentence.\nAnother one.\n", encoding="utf-8")
+    a = assess(tiny["model"])
+    with pytest.raises(DataError, match="text data needs a text model with its tokenizer"):
+        prepare_data(str(text), assessment=a, seq_len=16, work_dir=tmp_path / "w", role="evaluation")
+    assert prepare_data(str(tiny["eval"]), assessment=a, seq_len=16, work_dir=tmp_path / "w",
+                        role="evaluation") == str(tiny["eval"])
