@@ -38,7 +38,8 @@ def _direct(model: str, cal: str, ev: str, profile_name: str, work: Path) -> tup
     a = intake.assess(model)
     hw = fingerprint()
     workflow.check_data(a, calibration=cal, evaluation=ev)
-    specs = [prof.baseline.spec(baseline=True), *prof.candidate_specs()]
+    planned, _ = workflow.plan(prof, source=a, converted=a)
+    specs = [prof.baseline.spec(baseline=True), *planned]
     built, failed = {}, {}
     for spec in specs:
         try:
@@ -67,7 +68,7 @@ def _direct(model: str, cal: str, ev: str, profile_name: str, work: Path) -> tup
                               max_samples=prof.benchmark.max_eval_samples)
         outcomes.append(CandidateOutcome(spec=spec, artifact=art, benchmark=workflow.pool(runs[spec.name]),
                                          evaluation=e))
-    outcomes = workflow.with_gates(outcomes, profile=prof)
+    outcomes = workflow.with_gates(outcomes, profile=prof, kind=a.kind)
     selection = workflow.select(outcomes, profile=prof)
     return time.perf_counter() - t0, outcomes, selection
 

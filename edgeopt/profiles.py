@@ -16,12 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from edgeopt import backends
 from edgeopt.errors import ConfigError
-from edgeopt.records import CandidateSpec, HardwareFingerprint
+from edgeopt.records import CandidateSpec, HardwareFingerprint, ModelKind
 
 __all__ = [
     "BenchmarkConfig",
     "Budgets",
     "CandidateConfig",
+    "GateOverrides",
     "Gates",
     "HardwareTarget",
     "Objective",
@@ -78,6 +79,16 @@ class Gates(_Strict):
     cosine_min: float | None = Field(None, ge=-1, le=1, description="mean cosine similarity to the baseline at least")
 
 
+class GateOverrides(_Strict):
+    """Gates for one model kind, over the profile's ``gates`` (fields left out keep those)."""
+
+    accuracy_ratio_min: float | None = Field(None, gt=0, le=1.5, description="as Gates.accuracy_ratio_min")
+    speedup_min: float | None = Field(None, ge=0, description="as Gates.speedup_min")
+    speedup_percentile: Literal["p50", "p95"] | None = Field(None, description="as Gates.speedup_percentile")
+    memory_reduction_min: float | None = Field(None, ge=0, lt=1, description="as Gates.memory_reduction_min")
+    cosine_min: float | None = Field(None, ge=-1, le=1, description="as Gates.cosine_min")
+
+
 class Objective(_Strict):
     """Weights of the recommendation among passing Pareto-optimal candidates."""
 
@@ -97,6 +108,8 @@ class CandidateConfig(_Strict):
     name: str = Field(description="unique candidate name, e.g. ort-int8-static-minmax")
     backend: str = Field(description="registered backend name")
     recipe: dict[str, Any] = Field(default_factory=dict, description="backend recipe fields")
+    kinds: tuple[ModelKind, ...] = Field((), description="model kinds the recipe applies to (empty: every kind); "
+                                         "the others skip it")
 
     @field_validator("name")
     @classmethod
@@ -138,6 +151,9 @@ class Profile(_Strict):
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
     budgets: Budgets = Field(default_factory=Budgets)
     gates: Gates = Field(default_factory=Gates)
+    kind_gates: dict[ModelKind, GateOverrides] = Field(
+        default_factory=dict, description="per model kind, gates that replace those in `gates` "
+        "(e.g. encoder: {cosine_min: 0.99})")
     objective: Objective = Field(default_factory=Objective)
     baseline: CandidateConfig = Field(default_factory=lambda: CandidateConfig(**_DEFAULT_BASELINE),
                                       description="the reference every candidate is compared with")
@@ -155,8 +171,9 @@ class Profile(_Strict):
             seen.add(c.name)
         return v
 
-    def candidate_specs(self, only: tuple[str, ...] = ()) -> tuple[CandidateSpec, ...]:
-        """The candidates to build, optionally filtered to the names in ``only``."""
+    def candidate_specs(self, only: tuple[str, ...] = (), *, kind: str | None = None) -> tuple[CandidateSpec, ...]:
+        """The candidates to build, optionally filtered to the names in ``only``, and to the
+        recipes that apply to a ``kind`` of model (a name asked for that does not apply is an error)."""
         if only:
             unknown = sorted(set(only) - {c.name for c in self.candidates})
             if unknown:
@@ -164,7 +181,24 @@ class Profile(_Strict):
                     f"profile {self.name}: unknown candidate(s) {', '.join(unknown)} "
                     f"(allowed: {', '.join(c.name for c in self.candidates)})"
                 )
-        return tuple(c.spec() for c in self.candidates if not only or c.name in only)
+        chosen = [c for c in self.candidates if not only or c.name in only]
+        if kind is not None:
+            misfits = [c.name for c in chosen if only and c.kinds and kind not in c.kinds]
+            if misfits:
+                raise ConfigError(f"profile {self.name}: candidate(s) {', '.join(misfits)} apply to "
+                                  f"{' / '.join(self._kinds_of(misfits))} models; this model is {kind}")
+            chosen = [c for c in chosen if not c.kinds or kind in c.kinds]
+        return tuple(c.spec() for c in chosen)
+
+    def _kinds_of(self, names: list[str]) -> list[str]:
+        return sorted({k for c in self.candidates if c.name in names for k in c.kinds})
+
+    def gates_for(self, kind: str) -> Gates:
+        """The profile's gates with the overrides for ``kind`` applied."""
+        overrides = self.kind_gates.get(kind)  # type: ignore[call-overload]
+        if overrides is None:
+            return self.gates
+        return self.gates.model_copy(update=overrides.model_dump(exclude_none=True))
 
 
 def profiles_dir() -> Path:
@@ -180,12 +214,15 @@ def list_profiles() -> list[str]:
 def _allowed_fields(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
     """Field names allowed at the parent of ``loc`` (for 'unknown key' messages)."""
     current: Any = model
+    mapping_key = False  # the part after a dict field is a key (e.g. kind_gates.<kind>)
     for part in loc[:-1]:
-        if isinstance(part, int):
+        if isinstance(part, int) or mapping_key:
+            mapping_key = False
             continue
         if not (isinstance(current, type) and issubclass(current, BaseModel)) or part not in current.model_fields:
             return None
         ann = current.model_fields[part].annotation
+        mapping_key = getattr(ann, "__origin__", None) is dict
         args = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
         current = args[0] if args else ann
     if isinstance(current, type) and issubclass(current, BaseModel):

@@ -102,6 +102,9 @@ class Artifact(Record):
     runtime: dict[str, Any] = Field(default_factory=dict, description="options used to load and run it")
     tool_versions: dict[str, str] = Field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    placement: dict[str, Any] = Field(
+        default_factory=dict, description="where it was seen to run after the build: target device or "
+        "provider, 'target_share' of executed nodes on it (fallback detection), per-device shares")
 
 
 class Failure(Record):

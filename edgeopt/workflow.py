@@ -15,7 +15,7 @@ from typing import Any
 
 from edgeopt import backends, bench, gates, intake, pareto
 from edgeopt.data import Dataset, file_sha256, load_dataset
-from edgeopt.errors import BackendUnavailable, CandidateFailed, DataError, ModelError
+from edgeopt.errors import BackendUnavailable, CandidateFailed, ConfigError, DataError, ModelError
 from edgeopt.evaluate import evaluator_for, load_outputs
 from edgeopt.profiles import Profile
 from edgeopt.records import (
@@ -36,12 +36,14 @@ __all__ = [
     "bench_settings",
     "build",
     "build_dir",
+    "build_input",
     "check_data",
     "digest",
     "evaluate",
     "failed",
     "measure",
     "outputs_path",
+    "plan",
     "pool",
     "prepare_data",
     "prepare_model",
@@ -96,6 +98,42 @@ def check_data(assessment: Assessment, *, calibration: str | None, evaluation: s
     cal = load_dataset(calibration, signature=assessment.inputs, role="calibration") if calibration else None
     ev = load_dataset(evaluation, signature=assessment.inputs, role="evaluation") if evaluation else None
     return cal, ev
+
+
+def build_input(spec: CandidateSpec, *, source: Assessment, converted: Assessment) -> Assessment | None:
+    """The model a candidate is built from: the converted ONNX model, or the model as given (a Hugging
+    Face checkpoint) for a backend that builds from that; None when its backend takes neither."""
+    formats = backends.get(spec.backend).formats
+    return next((a for a in (converted, source) if a.model.format in formats), None)
+
+
+def plan(profile: Profile, *, only: tuple[str, ...] = (), source: Assessment,
+         converted: Assessment) -> tuple[list[CandidateSpec], list[str]]:
+    """The profile's candidates for this model, and why the others are left out.
+
+    Recipes for other kinds of model are left out (``kinds`` in the profile), and so are those whose
+    backend cannot take the model in any form we have (asking for one by name is a ``ConfigError``).
+    Recipe fields that follow from the gates (e.g. NNCF's accuracy budget) are filled in here.
+    """
+    kind = converted.kind
+    gates_ = profile.gates_for(kind)
+    specs: list[CandidateSpec] = []
+    skipped = [f"{c.name}: applies to {', '.join(c.kinds)} models, this one is {kind}"
+               for c in profile.candidates if c.kinds and kind not in c.kinds and not only]
+    for spec in profile.candidate_specs(only, kind=kind):
+        backend = backends.get(spec.backend)
+        if build_input(spec, source=source, converted=converted) is None:
+            why = (f"{spec.name}: the {spec.backend} backend builds {', '.join(sorted(backend.formats))} models, "
+                   f"this one is {source.model.format}")
+            if only:
+                raise ConfigError(why)
+            skipped.append(why)
+            continue
+        extra = backend.recipe_type.model_validate(spec.recipe).from_gates(gates=gates_, kind=kind)
+        specs.append(spec.model_copy(update={"recipe": spec.recipe | extra}) if extra else spec)
+    for why in skipped:
+        log.info("skipped %s", why)
+    return specs, skipped
 
 
 def build_dir(spec: CandidateSpec, *, assessment: Assessment, calibration: str | None, work_dir: Path) -> Path:
@@ -218,12 +256,14 @@ def failed(spec: CandidateSpec, *, stage: str, error: CandidateFailed, artifact:
                             failure=Failure(stage=stage, reason=error.reason, message=str(error)))
 
 
-def with_gates(outcomes: list[CandidateOutcome], *, profile: Profile) -> list[CandidateOutcome]:
-    """Apply the profile's gates to every successful candidate against the baseline outcome."""
+def with_gates(outcomes: list[CandidateOutcome], *, profile: Profile, kind: str) -> list[CandidateOutcome]:
+    """Apply the profile's gates for this ``kind`` of model to every successful candidate against
+    the baseline outcome."""
     baseline = next(o for o in outcomes if o.spec.baseline)
     if not baseline.ok:
         return outcomes
-    return [o if o.spec.baseline else gates.outcome_with_gates(o, baseline=baseline, gates=profile.gates,
+    kind_gates = profile.gates_for(kind)
+    return [o if o.spec.baseline else gates.outcome_with_gates(o, baseline=baseline, gates=kind_gates,
                                                                budgets=profile.budgets)
             for o in outcomes]
 

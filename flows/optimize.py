@@ -196,7 +196,11 @@ def optimize_flow(
         raise ConfigError(f"profile {prof.name} does not fit this machine: {'; '.join(mismatch)}; "
                           "pick another profile or pass --allow-hardware-mismatch")
     check_data_task(assessment, calibration, evaluation)
-    specs = [prof.baseline.spec(baseline=True), *prof.candidate_specs(tuple(candidates or ()))]
+    planned, skipped = workflow.plan(prof, only=tuple(candidates or ()), source=source, converted=assessment)
+    for why in skipped:
+        logger.info("skipped %s", why)
+    specs = [prof.baseline.spec(baseline=True), *planned]
+    inputs = {s.name: workflow.build_input(s, source=source, converted=assessment) for s in specs}
     name = model_name or _default_model_name(model, prof.name)
 
     exp_id, run_id = tracking.start_parent_run(
@@ -208,8 +212,9 @@ def optimize_flow(
     try:
         futures = {}
         for s in specs:
-            stale = refresh or build_files_missing(s, assessment, calibration, work)
-            futures[s.name] = build_task.with_options(refresh_cache=stale or None).submit(s, assessment, calibration, work)
+            stale = refresh or build_files_missing(s, inputs[s.name], calibration, work)
+            futures[s.name] = build_task.with_options(refresh_cache=stale or None).submit(
+                s, inputs[s.name], calibration, work)
         # Every build finishes before the first measurement: a build running beside a benchmark
         # would slow it down (one benchmark at a time per machine, and nothing else either).
         built: dict[str, object] = {}
@@ -230,7 +235,7 @@ def optimize_flow(
                                             evaluation=evaluation, work=work, refresh=refresh)
 
         _progress("select", prof.name)
-        outcomes = gate_task(outcomes, prof)
+        outcomes = gate_task(outcomes, prof, assessment.kind)
         selection = select_task(outcomes, prof)
         logs = [tracking.log_candidate.submit(data_dir=str(base), experiment_id=exp_id, parent_run_id=run_id,
                                               outcome=o, cached=cached.get(o.name, False)) for o in outcomes]

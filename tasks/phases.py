@@ -166,8 +166,8 @@ def evaluate_task(candidate: str, outputs: str, baseline_outputs: str, assessmen
 
 
 @task(name="gate", cache_policy=NO_CACHE)
-def gate_task(outcomes: list[CandidateOutcome], profile: Profile) -> list[CandidateOutcome]:
-    return workflow.with_gates(outcomes, profile=profile)
+def gate_task(outcomes: list[CandidateOutcome], profile: Profile, kind: str) -> list[CandidateOutcome]:
+    return workflow.with_gates(outcomes, profile=profile, kind=kind)
 
 
 @task(name="select", cache_policy=NO_CACHE)

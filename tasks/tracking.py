@@ -135,6 +135,9 @@ def _metrics(o: CandidateOutcome) -> dict[str, float]:
     for name in ("speedup_p50", "speedup_p95", "memory_reduction"):
         if getattr(o, name) is not None:
             m[name] = float(getattr(o, name))
+    share = o.artifact.placement.get("target_share") if o.artifact else None
+    if isinstance(share, int | float):
+        m["placement_target_share"] = float(share)
     return m
 
 
@@ -169,6 +172,9 @@ def log_candidate(*, data_dir: str, experiment_id: str, parent_run_id: str, outc
         tags["edgeopt.status"] = "passed" if outcome.passed else "rejected"
     for v in outcome.verdicts:
         tags[f"gate.{v.gate}"] = v.describe()
+    if outcome.artifact and outcome.artifact.placement:
+        tags["edgeopt.placement"] = "; ".join(n for n in outcome.artifact.notes
+                                              if n.startswith(("placement:", "compiled for", "FALLBACK")))[:4000]
     cl.log_batch(rid, metrics=[Metric(k, v, 0, 0) for k, v in _metrics(outcome).items()],
                  params=[Param(k, str(v)[:500]) for k, v in params.items()],
                  tags=[RunTag(k, v) for k, v in tags.items()])

@@ -146,3 +146,24 @@ def mlp(tmp_path_factory) -> dict[str, Path]:
     np.savez(d / "calibration.npz", x=rng.standard_normal((32, 256)).astype(np.float32))
     np.savez(d / "eval.npz", x=ev, labels=labels)
     return {"model": model, "calibration": d / "calibration.npz", "eval": d / "eval.npz", "dir": d}
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> dict[str, Path]:
+    """A tiny BERT checkpoint made here, its ONNX export (tokenizer and export.json beside it), and
+    token data of real sentences: calibration and evaluation sets kept apart (length 24)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from edgeopt.intake.hf import export_onnx
+    from edgeopt.text import default_sentences, tokenize_to_npz
+    from tests.tinybert import make_tiny_bert
+
+    d = tmp_path_factory.mktemp("tiny-bert")
+    ckpt = make_tiny_bert(d / "ckpt")
+    model = export_onnx(ckpt, out_dir=d / "onnx")
+    sentences = default_sentences(count=96, seed=3)
+    (d / "calibration.txt").write_text("\n".join(sentences[:48]) + "\n", encoding="utf-8")
+    (d / "eval.txt").write_text("\n".join(sentences[48:]) + "\n", encoding="utf-8")
+    cal = tokenize_to_npz(sentences[:48], tokenizer_dir=model.parent, out_path=d / "calibration.npz", seq_len=24)
+    ev = tokenize_to_npz(sentences[48:], tokenizer_dir=model.parent, out_path=d / "eval.npz", seq_len=24)
+    return {"ckpt": ckpt, "model": model, "calibration": cal, "eval": ev, "dir": d}

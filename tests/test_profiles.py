@@ -47,6 +47,10 @@ BASE = {"hardware": {"arch": "x86_64"},
     (lambda d: d["candidates"][0].update(recipe={"precision": "int4"}),
      r"candidates\[0\]: recipe\.precision: .*'fp32', 'fp16' or 'int8'.*got 'int4'"),
     (lambda d: d.pop("hardware"), r"hardware: required field is missing"),
+    (lambda d: d.update(kind_gates={"vision": {"cosine_min": 0.9}}), r"kind_gates\.vision.*'cnn', 'encoder', 'llm'"),
+    (lambda d: d.update(kind_gates={"encoder": {"cosine": 0.9}}),
+     r"kind_gates\.encoder\.cosine: unknown key 'cosine' \(allowed: accuracy_ratio_min"),
+    (lambda d: d["candidates"][0].update(kinds=["image"]), r"candidates\[0\]\.kinds\[0\]: .*'cnn', 'encoder'"),
 ])
 def test_wrong_profile_is_one_line_naming_file_field_allowed_and_given(tmp_path, mutate, expected):
     import copy
@@ -73,6 +77,31 @@ def test_candidate_filter_names_allowed_values():
     assert [s.name for s in p.candidate_specs(("ort-int8-dynamic",))] == ["ort-int8-dynamic"]
     with pytest.raises(ConfigError, match="unknown candidate\\(s\\) nope \\(allowed: ort-fp32-optimized"):
         p.candidate_specs(("nope",))
+
+
+def test_kind_gates_override_only_their_kind(tmp_path):
+    doc = {**BASE, "gates": {"speedup_min": 1.5},
+           "kind_gates": {"encoder": {"cosine_min": 0.99, "accuracy_ratio_min": 0.98}}}
+    p = load_profile(_write(tmp_path, doc))
+    enc, cnn = p.gates_for("encoder"), p.gates_for("cnn")
+    assert (enc.cosine_min, enc.accuracy_ratio_min, enc.speedup_min) == (0.99, 0.98, 1.5)
+    assert (cnn.cosine_min, cnn.accuracy_ratio_min, cnn.speedup_min) == (None, 0.95, 1.5)
+    shipped = load_profile("intel-cpu")
+    assert shipped.gates_for("encoder").cosine_min == 0.99 and shipped.gates_for("cnn").cosine_min is None
+
+
+def test_candidates_for_a_kind(tmp_path):
+    doc = {**BASE, "candidates": [{"name": "all", "backend": "onnxruntime"},
+                                  {"name": "enc", "backend": "onnxruntime", "kinds": ["encoder"]}]}
+    p = load_profile(_write(tmp_path, doc))
+    assert [s.name for s in p.candidate_specs(kind="encoder")] == ["all", "enc"]
+    assert [s.name for s in p.candidate_specs(kind="cnn")] == ["all"]
+    assert [s.name for s in p.candidate_specs()] == ["all", "enc"]
+    with pytest.raises(ConfigError, match="candidate\\(s\\) enc apply to encoder models; this model is cnn"):
+        p.candidate_specs(("enc",), kind="cnn")
+    intel = load_profile("intel-cpu")
+    assert "ort-bert-fp32" in [s.name for s in intel.candidate_specs(kind="encoder")]
+    assert "ort-bert-fp32" not in [s.name for s in intel.candidate_specs(kind="cnn")]
 
 
 def test_host_mismatch_is_reported():

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from edgeopt.data import Dataset
+    from edgeopt.profiles import Gates
     from edgeopt.records import Artifact, Assessment, ModelRef
 
 __all__ = ["Backend", "Recipe", "Session"]
@@ -30,6 +31,11 @@ class Recipe(BaseModel):
 
     def runtime_options(self) -> dict[str, Any]:
         """Options the measuring process needs to load and run the artifact (threads, device...)."""
+        return {}
+
+    def from_gates(self, *, gates: Gates, kind: str) -> dict[str, Any]:
+        """Recipe fields that follow from the profile's gates for a ``kind`` of model (e.g. an accuracy
+        budget a toolchain enforces while building); the flow adds them to the recipe before building."""
         return {}
 
 

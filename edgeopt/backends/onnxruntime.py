@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 from pydantic import Field, model_validator
 
 from edgeopt.backends.base import Backend, Recipe
+from edgeopt.backends.ort_placement import placement
 from edgeopt.data import file_sha256
 from edgeopt.errors import CandidateFailed, ConfigError
 from edgeopt.records import Artifact
@@ -63,6 +64,7 @@ _SCOPED_FIELDS: tuple[tuple[tuple[str, ...], Any, str], ...] = (
      lambda r: r.precision == "int8", "precision='int8'"),
     (("nodes_to_exclude", "op_types_to_exclude"),
      lambda r: r.precision != "fp32", "precision='fp16' or 'int8'"),
+    (("num_heads", "hidden_size"), lambda r: r.transformer_fusion != "none", "transformer_fusion='bert'"),
 )
 
 
@@ -92,6 +94,15 @@ class OrtRecipe(Recipe):
     weight_type: Literal["int8", "uint8"] = Field(default="int8", description="INT8 weight type")
     nodes_to_exclude: tuple[str, ...] = Field(default=(), description="node names kept in float (fp16/int8)")
     op_types_to_exclude: tuple[str, ...] = Field(default=(), description="op types kept in float (fp16/int8)")
+    transformer_fusion: Literal["none", "bert"] = Field(
+        default="none",
+        description="'bert': ONNX Runtime's transformer optimizer fuses attention, layer norms and GELU into "
+        "its contrib operators first (BERT-like encoders; fp32, or int8 quantized on top)")
+    num_heads: int | None = Field(
+        default=None, ge=1, description="transformer_fusion: attention heads; None: from the export's "
+        "export.json, else read from the graph")
+    hidden_size: int | None = Field(
+        default=None, ge=1, description="transformer_fusion: hidden size; None: as num_heads")
     graph_optimization: Level = Field(
         default="all",
         description="level ONNX Runtime optimizes the fp32 graph at when building, saved into the artifact "
@@ -128,6 +139,8 @@ class OrtRecipe(Recipe):
         if self.precision != "int8" and self.quantization != "none":
             raise ValueError(f"precision {self.precision!r} needs quantization 'none' "
                              f"(received {self.quantization!r}); use precision 'int8' to quantize")
+        if self.transformer_fusion != "none" and self.precision == "fp16":
+            raise ValueError("transformer_fusion applies with precision 'fp32' or 'int8' (received 'fp16')")
         for fields, applies, scope in _SCOPED_FIELDS:
             misplaced = [f for f in fields if f in self.model_fields_set]
             if misplaced and not applies(self):
@@ -141,7 +154,8 @@ class OrtRecipe(Recipe):
     def runtime_options(self) -> dict[str, Any]:
         level = self.load_optimization
         if level is None:
-            offline_all = self.precision == "fp32" and self.graph_optimization == "all"
+            offline_all = (self.precision == "fp32" and self.graph_optimization == "all"
+                           and self.transformer_fusion == "none")
             level = "disabled" if offline_all else "all"
         return {"intra_op_threads": self.intra_op_threads, "inter_op_threads": self.inter_op_threads,
                 "execution_mode": self.execution_mode, "execution_provider": self.execution_provider,
@@ -196,20 +210,22 @@ class OnnxRuntimeBackend(Backend):
             built = Path(tmp) / "model.onnx"
             notes = self._build(model=model, recipe=recipe, candidate=candidate, out=built,
                                 calibration=calibration)
-            try:
-                self.load(path=str(built), runtime=recipe.runtime_options())
+            try:  # loaded and run once as the benchmark will, with the profiler saying where nodes ran
+                opts, providers = _session_options(recipe.runtime_options(), who=candidate)
+                where = placement(str(built), options=opts, providers=providers)
             except CandidateFailed:
                 raise
             except Exception as exc:
-                message = f"{candidate}: the built model does not load: {_short(exc)}"
+                message = f"{candidate}: the built model does not load and run: {_short(exc)}"
                 raise CandidateFailed(classify(exc), message) from exc
+            notes += where.describe()
             os.replace(built, final)
         size = final.stat().st_size
         log.info("%s: built %s (%d bytes)", candidate, final, size)
         return Artifact(candidate=candidate, backend=self.name, path=str(final), sha256=file_sha256(final),
                         size_bytes=size, parent_sha256=model.sha256, precision=recipe.precision,
                         runtime=recipe.runtime_options(), tool_versions=self.tool_versions(),
-                        notes=tuple(notes))
+                        notes=tuple(notes), placement=where.as_dict())
 
     def load(self, *, path: str, runtime: dict[str, Any]) -> OrtSession:
         import onnxruntime as ort
@@ -223,6 +239,19 @@ class OnnxRuntimeBackend(Backend):
                calibration: Dataset | None) -> list[str]:
         step = "build"
         try:
+            notes: list[str] = []
+            src = model.path
+            if recipe.transformer_fusion != "none":
+                from edgeopt.backends.ort_transformers import fuse
+
+                step = f"{recipe.transformer_fusion} transformer fusion"
+                fused = out.parent / "fused.onnx"
+                notes += fuse(src=src, out=fused if recipe.precision != "fp32" else out,
+                              model_type=recipe.transformer_fusion, num_heads=recipe.num_heads,
+                              hidden_size=recipe.hidden_size, candidate=candidate)
+                if recipe.precision == "fp32":
+                    return notes
+                src = str(fused)
             if recipe.precision == "fp32" and recipe.graph_optimization == "disabled":
                 step = "copy"
                 shutil.copyfile(model.path, out)
@@ -233,9 +262,8 @@ class OnnxRuntimeBackend(Backend):
             if recipe.precision == "fp16":
                 step = "fp16 conversion"
                 return _to_fp16(src=model.path, out=out, recipe=recipe)
-            notes: list[str] = []
             step = "quantization pre-processing"
-            src = _pre_process(src=model.path, out=out.parent / "preprocessed.onnx", candidate=candidate,
+            src = _pre_process(src=src, out=out.parent / "preprocessed.onnx", candidate=candidate,
                                notes=notes)
             if recipe.quantization == "dynamic":
                 step = "dynamic quantization"
@@ -346,6 +374,10 @@ def _op_types(registry: dict[str, Any], recipe: OrtRecipe) -> list[str] | None:
     return sorted(set(registry) - set(recipe.op_types_to_exclude)) if recipe.op_types_to_exclude else None
 
 
+#: fused contrib operators (e.g. ``Attention``) have no ONNX shape inference: their outputs are float
+_QUANT_OPTIONS = {"DefaultTensorType": 1}  # onnx.TensorProto.FLOAT
+
+
 def _quant_type(quant_type: Any, name: str) -> Any:
     return quant_type.QInt8 if name == "int8" else quant_type.QUInt8
 
@@ -357,7 +389,7 @@ def _quantize_dynamic(*, src: str, out: Path, recipe: OrtRecipe) -> list[str]:
     quantize_dynamic(src, str(out), per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
                      weight_type=_quant_type(QuantType, recipe.weight_type),
                      op_types_to_quantize=_op_types(IntegerOpsRegistry, recipe),
-                     nodes_to_exclude=list(recipe.nodes_to_exclude) or None)
+                     nodes_to_exclude=list(recipe.nodes_to_exclude) or None, extra_options=_QUANT_OPTIONS)
     return [f"dynamic int8: uint8 activations, {recipe.weight_type} weights"
             + (", per-channel" if recipe.per_channel else "")]
 
@@ -398,7 +430,7 @@ def _quantize_static(*, src: str, out: Path, recipe: OrtRecipe, candidate: str,
                         activation_type=_quant_type(QuantType, recipe.activation_type),
                         weight_type=_quant_type(QuantType, recipe.weight_type),
                         nodes_to_exclude=list(recipe.nodes_to_exclude) or None, calibrate_method=method,
-                        calibration_providers=["CPUExecutionProvider"],
+                        calibration_providers=["CPUExecutionProvider"], extra_options=_QUANT_OPTIONS,
                         **({"calibration_cache_path": str(cache)} if cache else {}))
     return notes
 

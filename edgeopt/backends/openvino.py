@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from edgeopt.data import Dataset
+    from edgeopt.profiles import Gates
     from edgeopt.records import Assessment, ModelRef
 
 __all__ = ["ExecutionReport", "OpenVinoBackend", "OpenVinoRecipe", "OpenVinoSession", "classify",
@@ -62,9 +63,10 @@ _LABEL_PREFIX = {"fp32": "", "fp16": "fp16w+", "int8": "int8+", "int8-weights": 
 
 #: fields that mean something only for some recipes: (fields, applies?, what they apply to)
 _SCOPED_FIELDS: tuple[tuple[tuple[str, ...], Any, str], ...] = (
-    (("preset", "model_type", "subset_size", "fast_bias_correction", "max_accuracy_drop"),
+    (("preset", "model_type", "subset_size", "fast_bias_correction", "max_accuracy_drop", "accuracy_control"),
      lambda r: r.precision == "int8", "precision='int8'"),
-    (("accuracy_metric",), lambda r: r.max_accuracy_drop is not None, "max_accuracy_drop set"),
+    (("accuracy_metric",), lambda r: r.max_accuracy_drop is not None or r.accuracy_control,
+     "accuracy_control or max_accuracy_drop set"),
     (("ignored_types", "ignored_names"), lambda r: r.precision in _NNCF_PRECISIONS,
      "precision 'int8', 'int8-weights' or 'int4-weights'"),
     (("sym",), lambda r: r.precision in ("int8-weights", "int4-weights"),
@@ -104,10 +106,14 @@ class OpenVinoRecipe(Recipe):
         default=(), description="NNCF: OpenVINO op types kept in float (e.g. 'Softmax'); absent: noted")
     ignored_names: tuple[str, ...] = Field(
         default=(), description="NNCF: node names kept in float (usually the ONNX node names); unknown fails")
+    accuracy_control: bool = Field(
+        default=False, description="int8: NNCF quantize_with_accuracy_control keeps layers in float until "
+        "accuracy_metric vs the FP32 outputs on the calibration samples drops by at most max_accuracy_drop; "
+        "left unset, that comes from the profile's gates (cosine: 1 - cosine_min; top-1 agreement: "
+        "1 - accuracy_ratio_min)")
     max_accuracy_drop: float | None = Field(
-        default=None, gt=0, lt=1, description="int8: if set, NNCF quantize_with_accuracy_control keeps "
-        "layers in float until accuracy_metric vs the FP32 outputs on the calibration samples drops by at "
-        "most this (absolute)")
+        default=None, gt=0, lt=1, description="int8: the largest absolute drop accuracy control allows "
+        "(setting it turns accuracy control on)")
     accuracy_metric: Literal["auto", "top1_agreement", "cosine"] = Field(
         default="auto", description="accuracy control metric; 'auto': top1_agreement for CNNs, else cosine")
     sym: bool = Field(default=False, description="weight compression: symmetric weights (no zero point)")
@@ -138,6 +144,19 @@ class OpenVinoRecipe(Recipe):
 
     def needs_calibration(self) -> bool:
         return self.precision == "int8"
+
+    def control_metric(self, kind: str) -> str:
+        """The accuracy-control metric for a ``kind`` of model."""
+        if self.accuracy_metric != "auto":
+            return self.accuracy_metric
+        return "top1_agreement" if kind == "cnn" else "cosine"
+
+    def from_gates(self, *, gates: Gates, kind: str) -> dict[str, Any]:
+        if not self.accuracy_control or self.max_accuracy_drop is not None:
+            return {}
+        if self.control_metric(kind) == "cosine" and gates.cosine_min is not None:
+            return {"max_accuracy_drop": round(1.0 - gates.cosine_min, 6)}
+        return {"max_accuracy_drop": round(1.0 - gates.accuracy_ratio_min, 6)}
 
     def runtime_options(self) -> dict[str, Any]:
         return {"device": self.device, "performance_hint": self.performance_hint,
@@ -303,7 +322,8 @@ class OpenVinoBackend(Backend):
         return Artifact(candidate=candidate, backend=self.name, path=str(final), sha256=ir_sha256(final),
                         size_bytes=size, parent_sha256=model.sha256, precision=precision,
                         runtime=recipe.runtime_options() | {"compiled": report.as_dict()},
-                        tool_versions=self.tool_versions(), notes=tuple(notes + report.describe()))
+                        tool_versions=self.tool_versions(), notes=tuple(notes + report.describe()),
+                        placement=report.as_dict())
 
     def load(self, *, path: str, runtime: dict[str, Any]) -> OpenVinoSession:
         """Compile ``path`` (IR folder or its model.xml); nothing else: the harness measures load time."""
@@ -382,7 +402,7 @@ class _Builder:
             out.mkdir()
             ov.save_model(model, str(out / "model.xml"), compress_to_fp16=r.precision == "fp16")
             return [*notes, "IR weights: fp16" if r.precision == "fp16" else f"IR: {r.precision}"]
-        except (CandidateFailed, BackendUnavailable):
+        except (CandidateFailed, BackendUnavailable, ConfigError):
             raise
         except Exception as exc:  # toolchain errors of every kind are classified here
             log.debug("%s: %s failed", self.candidate, step, exc_info=True)
@@ -427,11 +447,13 @@ class _Builder:
             "preset": None if r.preset == "auto" else getattr(nncf.QuantizationPreset, r.preset.upper())}
         notes.append(f"NNCF INT8 PTQ: preset {r.preset}, model_type {model_type}, {subset} of "
                      f"{len(items)} calibration samples, fast_bias_correction {r.fast_bias_correction}")
+        if r.accuracy_control and r.max_accuracy_drop is None:
+            raise ConfigError(f"{self.candidate}: accuracy_control needs max_accuracy_drop (the flow sets it "
+                              "from the profile's gates; set it in the recipe when building directly)")
         if r.max_accuracy_drop is None:
             with _quiet_nncf():
                 return nncf.quantize(model, nncf.Dataset(items), **kwargs)
-        metric = r.accuracy_metric if r.accuracy_metric != "auto" else (
-            "top1_agreement" if self.assessment.kind == "cnn" else "cosine")
+        metric = r.control_metric(self.assessment.kind)
         # NNCF validates subsets of the raw items, so each carries its index into the FP32 outputs
         indexed = list(enumerate(items))
         validate = _fidelity_fn(model, items, metric)

@@ -342,7 +342,7 @@ def test_unloadable_copy_fails_verification(backend, tmp_path) -> None:
         backend.optimize(model=ref, assessment=assessment, candidate="cand",
                          recipe=OrtRecipe(graph_optimization="disabled"), out_dir=tmp_path / "a")
     assert err.value.reason == "build-error"
-    assert str(err.value).startswith("cand: the built model does not load: ")
+    assert str(err.value).startswith("cand: the built model does not load and run: ")
     assert list((tmp_path / "a").iterdir()) == []
 
 
@@ -467,3 +467,26 @@ def test_recipe_inconsistent_values(fields, expected) -> None:
 def test_recipe_is_frozen() -> None:
     with pytest.raises(ValidationError):
         OrtRecipe().precision = "fp16"  # type: ignore[misc]
+
+
+# -- placement (where the nodes run) ---------------------------------------------------------------
+
+
+def test_placement_is_read_from_a_profiled_run(backend, cnn, tmp_path) -> None:
+    artifact, _ = _build(backend, cnn, tmp_path / "a", graph_optimization="basic")
+    where = artifact.placement
+    assert where["target"] == "CPUExecutionProvider" and where["target_share"] == 1.0
+    assert 0 < where["nodes"] <= len(onnx.load(artifact.path).graph.node)  # the session may fuse more
+    assert any(n.startswith("placement: CPUExecutionProvider 100% of") for n in artifact.notes)
+    assert not list(tmp_path.glob("**/*.json")), "profiler traces left behind"
+
+
+def test_placement_flags_a_fallback() -> None:
+    from edgeopt.backends.ort_placement import PlacementReport
+
+    partial = PlacementReport(target="CUDAExecutionProvider", nodes=10,
+                              provider_shares={"CUDAExecutionProvider": 0.7, "CPUExecutionProvider": 0.3})
+    assert partial.target_share == pytest.approx(0.7)
+    assert partial.describe()[-1] == "FALLBACK: targets CUDAExecutionProvider but 30% of nodes run elsewhere"
+    on_cpu = PlacementReport(target="CPUExecutionProvider", nodes=4, provider_shares={"CPUExecutionProvider": 1.0})
+    assert len(on_cpu.describe()) == 1 and on_cpu.as_dict()["target_share"] == 1.0

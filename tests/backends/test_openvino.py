@@ -212,6 +212,15 @@ def test_int8_with_accuracy_control(backend, cnn, tmp_path):
     assert _agreement(out, cnn.reference) >= 0.8
 
 
+def test_accuracy_control_without_a_budget_is_a_config_error(backend, cnn, tmp_path):
+    # the flow fills max_accuracy_drop from the profile's gates; a direct build must give it
+    with pytest.raises(ConfigError, match="accuracy_control needs max_accuracy_drop"):
+        backend.optimize(model=cnn.model, assessment=cnn.assessment, calibration=cnn.calibration,
+                         recipe=OpenVinoRecipe(precision="int8", accuracy_control=True), candidate="cand",
+                         out_dir=tmp_path / "b")
+    assert not (tmp_path / "b" / "model").exists()
+
+
 def test_int8_needs_calibration(backend, cnn, tmp_path):
     with pytest.raises(CandidateFailed) as info:
         backend.optimize(model=cnn.model, assessment=cnn.assessment, recipe=OpenVinoRecipe(precision="int8"),
@@ -308,7 +317,7 @@ def test_fallback_is_flagged():
     ({"precison": "int8"}, "unknown openvino recipe field(s) 'precison'; allowed: precision"),
     ({"preset": "mixed"}, "'preset' applies only with precision='int8' (received precision='fp32')"),
     ({"precision": "int8", "group_size": 64}, "'group_size' applies only with precision='int4-weights'"),
-    ({"precision": "int8", "accuracy_metric": "cosine"}, "applies only with max_accuracy_drop set"),
+    ({"precision": "int8", "accuracy_metric": "cosine"}, "applies only with accuracy_control or max_accuracy_drop set"),
     ({"precision": "fp16", "sym": True}, "'sym' applies only with precision 'int8-weights' or 'int4-"),
     ({"precision": "int4-weights", "group_size": 0}, "group_size must be -1"),
     ({"precision": "int8", "max_accuracy_drop": 2}, "less than 1"),

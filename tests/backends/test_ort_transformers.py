@@ -1,0 +1,98 @@
+"""ONNX Runtime's transformer optimizer as an ORT recipe (``transformer_fusion``), on a tiny BERT."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from edgeopt import intake
+from edgeopt.backends.onnxruntime import OnnxRuntimeBackend, OrtRecipe
+from edgeopt.data import load_dataset
+from edgeopt.errors import CandidateFailed
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+
+def _ops(path: str) -> Counter[str]:
+    return Counter(n.op_type for n in onnx.load(path).graph.node)
+
+
+def _hidden(backend: OnnxRuntimeBackend, path: str, runtime: dict, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    session = backend.load(path=path, runtime=runtime)
+    return np.concatenate([session.run({k: v[i:i + 1] for k, v in feeds.items()})[0]
+                           for i in range(len(next(iter(feeds.values()))))])
+
+
+def _build(tiny_bert: dict[str, Path], out: Path, **recipe):
+    a = intake.assess(str(tiny_bert["model"]))
+    r = OrtRecipe.model_validate(recipe)
+    cal = (load_dataset(str(tiny_bert["calibration"]), signature=a.inputs, role="calibration")
+           if r.needs_calibration() else None)
+    return a, OnnxRuntimeBackend().optimize(model=a.model, assessment=a, recipe=r, candidate="cand", out_dir=out,
+                                            calibration=cal)
+
+
+@pytest.fixture(scope="module")
+def feeds(tiny_bert) -> dict[str, np.ndarray]:
+    data = np.load(tiny_bert["eval"])
+    return {k: data[k][:8] for k in ("input_ids", "attention_mask", "token_type_ids") if k in data.files}
+
+
+def test_fp32_fusion_fuses_attention_and_keeps_the_outputs(tiny_bert, feeds, tmp_path) -> None:
+    source = _ops(str(tiny_bert["model"]))
+    assert source["Softmax"] == 2 and not source["Attention"]
+    _, art = _build(tiny_bert, tmp_path / "b", precision="fp32", transformer_fusion="bert")
+    ops = _ops(art.path)
+    assert ops["Attention"] == 2, ops  # one per layer
+    assert ops["SkipLayerNormalization"] >= 2 and not ops["Softmax"]
+    assert sum(ops.values()) < sum(source.values()) / 3
+    assert any("Attention" in n for n in art.notes) and any("rewritten as Div" in n for n in art.notes)
+    assert art.runtime["graph_optimization"] == "all"
+    backend = OnnxRuntimeBackend()
+    ref = _hidden(backend, str(tiny_bert["model"]), {}, feeds)
+    np.testing.assert_allclose(_hidden(backend, art.path, art.runtime, feeds), ref, atol=1e-4)
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["model.onnx"], "temporary files left behind"
+
+
+def test_dynamic_int8_on_the_fused_graph(tiny_bert, feeds, tmp_path) -> None:
+    _, art = _build(tiny_bert, tmp_path / "b", precision="int8", quantization="dynamic", transformer_fusion="bert")
+    ops = _ops(art.path)
+    assert ops["QAttention"] == 2 or (ops["Attention"] == 2 and ops["MatMulInteger"]), ops
+    backend = OnnxRuntimeBackend()
+    ref = _hidden(backend, str(tiny_bert["model"]), {}, feeds)
+    out = _hidden(backend, art.path, art.runtime, feeds)
+    cos = np.sum(out * ref, axis=-1) / (np.linalg.norm(out, axis=-1) * np.linalg.norm(ref, axis=-1))
+    assert np.isfinite(out).all() and float(np.mean(cos)) > 0.95, float(np.mean(cos))
+
+
+def test_static_int8_on_the_fused_graph(tiny_bert, tmp_path) -> None:
+    _, art = _build(tiny_bert, tmp_path / "b", precision="int8", quantization="static", transformer_fusion="bert",
+                    calibration_samples=16)
+    ops = _ops(art.path)
+    assert ops["Attention"] == 2 and ops["QuantizeLinear"] and ops["DequantizeLinear"], ops
+
+
+def test_fusion_of_a_model_without_attention_fails_unsupported(tiny, tmp_path) -> None:
+    a = intake.assess(str(tiny["model"]))
+    out = tmp_path / "b"
+    with pytest.raises(CandidateFailed) as err:
+        OnnxRuntimeBackend().optimize(model=a.model, assessment=a, candidate="cnn-bert", out_dir=out,
+                                      recipe=OrtRecipe(precision="fp32", transformer_fusion="bert"))
+    assert err.value.reason == "unsupported-op"
+    assert "matched no attention subgraph" in str(err.value) and "\n" not in str(err.value)
+    assert not (out / "model.onnx").exists() and not any(out.iterdir())
+
+
+def test_fusion_recipe_validation() -> None:
+    with pytest.raises(ValidationError, match="num_heads.*applies only with transformer_fusion='bert'"):
+        OrtRecipe(num_heads=12)
+    with pytest.raises(ValidationError, match="transformer_fusion applies with precision 'fp32' or 'int8'"):
+        OrtRecipe(precision="fp16", transformer_fusion="bert")
+    with pytest.raises(ValidationError, match="transformer_fusion"):
+        OrtRecipe(transformer_fusion="gpt2")
+    assert OrtRecipe(transformer_fusion="bert").runtime_options()["graph_optimization"] == "all"
