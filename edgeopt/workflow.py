@@ -167,8 +167,11 @@ def build(spec: CandidateSpec, *, assessment: Assessment, calibration: str | Non
     out_dir = build_dir(spec, assessment=assessment, calibration=calibration if cal else None, work_dir=work_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    artifact = backend.optimize(model=assessment.model, assessment=assessment, recipe=recipe,
-                                candidate=spec.name, out_dir=out_dir, calibration=cal)
+    try:
+        artifact = backend.optimize(model=assessment.model, assessment=assessment, recipe=recipe,
+                                    candidate=spec.name, out_dir=out_dir, calibration=cal)
+    except BackendUnavailable as exc:  # a tool only some recipes need (nncf, optimum-intel)
+        raise CandidateFailed("unavailable", f"{spec.name}: {exc}") from exc
     log.info("built %s: %s (%d bytes)", spec.name, artifact.precision, artifact.size_bytes)
     return artifact
 

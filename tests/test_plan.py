@@ -44,9 +44,19 @@ def test_an_encoder_gets_its_recipes_and_a_cosine_budget(encoder) -> None:
     names = [s.name for s in specs]
     assert {"ort-bert-fp32", "ort-bert-int8-dynamic", "ov-int8"} <= set(names)
     assert _recipe(specs, "ov-int8-accuracy")["max_accuracy_drop"] == pytest.approx(1 - 0.99)
-    for s in specs:  # the ONNX backends build from the converted model
-        if s.backend in ("onnxruntime", "openvino"):
-            assert workflow.build_input(s, source=source, converted=converted) is converted
+    for s in specs:  # the ONNX backends build from the converted model, optimum-intel from the checkpoint
+        want = source if s.backend == "optimum-intel" else converted
+        assert workflow.build_input(s, source=source, converted=converted) is want
+    assert {"oi-int8", "oi-int8-weights"} <= set(names)
+
+
+def test_checkpoint_recipes_are_skipped_for_an_onnx_encoder(encoder) -> None:
+    _, converted = encoder  # given as ONNX: there is no checkpoint for optimum-intel to export
+    specs, skipped = workflow.plan(load_profile("intel-cpu"), source=converted, converted=converted)
+    assert "oi-int8" not in [s.name for s in specs] and "ort-bert-fp32" in [s.name for s in specs]
+    assert any(s.startswith("oi-int8: the optimum-intel backend builds hf models, this one is onnx") for s in skipped)
+    with pytest.raises(ConfigError, match="oi-int8: the optimum-intel backend builds hf models"):
+        workflow.plan(load_profile("intel-cpu"), only=("oi-int8",), source=converted, converted=converted)
 
 
 def test_asking_for_a_recipe_of_another_kind_is_an_error(cnn) -> None:

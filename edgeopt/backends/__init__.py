@@ -18,6 +18,7 @@ __all__ = ["Backend", "Recipe", "Session", "get", "names", "recipe_type"]
 _MANIFEST: dict[str, tuple[str, str]] = {
     "onnxruntime": ("edgeopt.backends.onnxruntime", "OnnxRuntimeBackend"),
     "openvino": ("edgeopt.backends.openvino", "OpenVinoBackend"),
+    "optimum-intel": ("edgeopt.backends.optimum_intel", "OptimumIntelBackend"),
 }
 
 

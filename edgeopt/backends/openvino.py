@@ -40,8 +40,8 @@ if TYPE_CHECKING:
     from edgeopt.profiles import Gates
     from edgeopt.records import Assessment, ModelRef
 
-__all__ = ["ExecutionReport", "OpenVinoBackend", "OpenVinoRecipe", "OpenVinoSession", "classify",
-           "inspect_compiled", "ir_sha256"]
+__all__ = ["ExecutionReport", "OpenVinoBackend", "OpenVinoRecipe", "OpenVinoSession", "check_ir", "classify",
+           "finish_ir", "inspect_compiled", "ir_sha256"]
 
 log = logging.getLogger(__name__)
 
@@ -309,21 +309,8 @@ class OpenVinoBackend(Backend):
             built = Path(tmp) / "model"
             notes = _Builder(recipe=recipe, assessment=assessment, candidate=candidate).build(
                 src=model.path, out=built, calibration=calibration)
-            report = self._check(built, recipe=recipe, candidate=candidate)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(built, final)
-        # the float part: the compiled precision hint, else (AUTO has none) the exec graph's main float type
-        floats = [p for p in [report.inference_precision, *report.compute_shares, *report.precision_shares]
-                  if p in _FLOAT_NAMES]
-        precision = _LABEL_PREFIX[recipe.precision] + (_FLOAT_NAMES[floats[0]] if floats else "unknown")
-        size = sum((final / n).stat().st_size for n in IR_FILES)
-        log.info("%s: built %s (%d bytes), executes as %s", candidate, final, size, precision)
-        return Artifact(candidate=candidate, backend=self.name, path=str(final), sha256=ir_sha256(final),
-                        size_bytes=size, parent_sha256=model.sha256, precision=precision,
-                        runtime=recipe.runtime_options() | {"compiled": report.as_dict()},
-                        tool_versions=self.tool_versions(), notes=tuple(notes + report.describe()),
-                        placement=report.as_dict())
+            return finish_ir(built=built, final=final, recipe=recipe, candidate=candidate, model=model,
+                             backend=self.name, notes=notes, tool_versions=self.tool_versions())
 
     def load(self, *, path: str, runtime: dict[str, Any]) -> OpenVinoSession:
         """Compile ``path`` (IR folder or its model.xml); nothing else: the harness measures load time."""
@@ -334,17 +321,41 @@ class OpenVinoBackend(Backend):
         xml = Path(path) / "model.xml" if Path(path).is_dir() else Path(path)
         return OpenVinoSession(core.compile_model(str(xml), device, config), device=device)
 
-    def _check(self, folder: Path, *, recipe: OpenVinoRecipe, candidate: str) -> ExecutionReport:
-        """Compile the built IR as the benchmark will, run it once, read back how it executes."""
-        try:
-            session = self.load(path=str(folder), runtime=recipe.runtime_options())
-            session.run(session.probe_feeds())
-            return session.execution()
-        except (CandidateFailed, ConfigError):
-            raise
-        except Exception as exc:
-            raise CandidateFailed(classify(exc), f"{candidate}: the built IR does not compile or run on "
-                                  f"{recipe.device}: {_short(exc)}") from exc
+
+def check_ir(folder: Path, *, recipe: Any, candidate: str) -> ExecutionReport:
+    """Compile the built IR as the benchmark will, run it once, read back how it executes."""
+    try:
+        session = OpenVinoBackend().load(path=str(folder), runtime=recipe.runtime_options())
+        session.run(session.probe_feeds())
+        return session.execution()
+    except (CandidateFailed, ConfigError):
+        raise
+    except Exception as exc:
+        raise CandidateFailed(classify(exc), f"{candidate}: the built IR does not compile or run on "
+                              f"{recipe.device}: {_short(exc)}") from exc
+
+
+def finish_ir(*, built: Path, final: Path, recipe: Any, candidate: str, model: ModelRef, backend: str,
+              notes: list[str], tool_versions: dict[str, str]) -> Artifact:
+    """Check the IR folder ``built`` (compiled and run once), move it to ``final`` and describe it.
+
+    ``recipe`` is an OpenVINO-style recipe (``precision``, ``device``, ``runtime_options()``).
+    """
+    report = check_ir(built, recipe=recipe, candidate=candidate)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(built, final)
+    # the float part: the compiled precision hint, else (AUTO has none) the exec graph's main float type
+    floats = [p for p in [report.inference_precision, *report.compute_shares, *report.precision_shares]
+              if p in _FLOAT_NAMES]
+    precision = _LABEL_PREFIX[recipe.precision] + (_FLOAT_NAMES[floats[0]] if floats else "unknown")
+    size = sum((final / n).stat().st_size for n in IR_FILES)
+    log.info("%s: built %s (%d bytes), executes as %s", candidate, final, size, precision)
+    return Artifact(candidate=candidate, backend=backend, path=str(final), sha256=ir_sha256(final),
+                    size_bytes=size, parent_sha256=model.sha256, precision=precision,
+                    runtime=recipe.runtime_options() | {"compiled": report.as_dict()},
+                    tool_versions=tool_versions, notes=tuple(notes + report.describe()),
+                    placement=report.as_dict())
 
 
 def _compile_config(runtime: dict[str, Any], *, core: Any, who: str) -> tuple[str, dict[str, Any]]:
