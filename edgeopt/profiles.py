@@ -110,6 +110,10 @@ class CandidateConfig(_Strict):
     recipe: dict[str, Any] = Field(default_factory=dict, description="backend recipe fields")
     kinds: tuple[ModelKind, ...] = Field((), description="model kinds the recipe applies to (empty: every kind); "
                                          "the others skip it")
+    sequence: Literal["fixed", "dynamic", "bucketed"] = Field(
+        "fixed", description="text models: run inputs as given (padded to seq_len), each at its real length "
+        "('dynamic'), or at the smallest of `buckets` that fits ('bucketed')")
+    buckets: tuple[int, ...] = Field((), description="sequence lengths for 'bucketed', e.g. [32, 64, 128]")
 
     @field_validator("name")
     @classmethod
@@ -136,8 +140,17 @@ class CandidateConfig(_Strict):
             raise ValueError(f"{where}: {msg}") from None
         return self
 
+    @model_validator(mode="after")
+    def _buckets_fit(self) -> CandidateConfig:
+        if self.sequence == "bucketed" and (not self.buckets or min(self.buckets) < 1):
+            raise ValueError(f"sequence 'bucketed' needs buckets, positive lengths (got {list(self.buckets)})")
+        if self.sequence != "bucketed" and self.buckets:
+            raise ValueError(f"buckets apply only with sequence 'bucketed' (received {self.sequence!r})")
+        return self
+
     def spec(self, *, baseline: bool = False) -> CandidateSpec:
-        return CandidateSpec(name=self.name, backend=self.backend, recipe=dict(self.recipe), baseline=baseline)
+        return CandidateSpec(name=self.name, backend=self.backend, recipe=dict(self.recipe), baseline=baseline,
+                             sequence=self.sequence, buckets=tuple(sorted(self.buckets)))
 
 
 _DEFAULT_BASELINE = {"name": "baseline-fp32", "backend": "onnxruntime",

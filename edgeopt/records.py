@@ -89,6 +89,15 @@ class CandidateSpec(Record):
     backend: str
     recipe: dict[str, Any] = Field(default_factory=dict)
     baseline: bool = False
+    sequence: Literal["fixed", "dynamic", "bucketed"] = Field(
+        default="fixed", description="how text inputs are shaped when it runs (see edgeopt.bench.shapes)")
+    buckets: tuple[int, ...] = Field(default=(), description="sequence lengths for 'bucketed'")
+
+    def sequence_runtime(self) -> dict[str, Any]:
+        """The runtime entry that carries the sequence choice ({} for fixed-length inputs)."""
+        if self.sequence == "fixed":
+            return {}
+        return {"sequence": {"mode": self.sequence, "buckets": list(self.buckets)}}
 
 
 class Artifact(Record):
@@ -137,6 +146,10 @@ class BenchmarkResult(Record):
     repeats: int = Field(default=1, description="fresh-process measurements pooled into this result")
     latency_ms_p50_repeats: tuple[float, ...] = Field(default=(), description="p50 of each repeat, in order")
     latency_p50_spread_pct: float = Field(default=0.0, description="(max - min) / median of the repeats' p50, %")
+    sequence: str = Field(default="fixed", description="text inputs ran 'fixed' (padded as given), 'dynamic' "
+                          "(each at its real length) or 'bucketed'")
+    seq_len_mean: float | None = Field(default=None, description="mean token length the inputs ran at "
+                                       "(text models)")
     hardware: HardwareFingerprint
 
 

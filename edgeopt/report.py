@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from edgeopt.records import CandidateOutcome, Selection
+from edgeopt.records import BenchmarkResult, CandidateOutcome, Selection
 
 __all__ = ["COLUMNS", "markdown", "rows", "verdict"]
 
-COLUMNS = ("candidate", "p50 ms", "p95 ms", "p50 spread", "speed-up p50", "speed-up p95", "model RSS MB", "peak RSS MB",
+COLUMNS = ("candidate", "runs as", "tokens", "p50 ms", "p95 ms", "p50 spread", "speed-up p50", "speed-up p95", "model RSS MB", "peak RSS MB",
            "size MB", "accuracy", "fidelity", "verdict")
 
 
@@ -29,6 +29,15 @@ def _f(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _tokens(b: BenchmarkResult | None) -> str:
+    """The token length text inputs ran at: '128' fixed, '~24 dyn' / '~32 bkt' (mean) otherwise."""
+    if b is None or b.seq_len_mean is None:
+        return "-"
+    if b.sequence == "fixed":
+        return f"{b.seq_len_mean:.0f}"
+    return f"~{b.seq_len_mean:.0f} {'dyn' if b.sequence == 'dynamic' else 'bkt'}"
+
+
 def rows(outcomes: Sequence[CandidateOutcome], selection: Selection | None = None) -> list[dict[str, str]]:
     out = []
     for o in outcomes:
@@ -40,6 +49,8 @@ def rows(outcomes: Sequence[CandidateOutcome], selection: Selection | None = Non
             fidelity = f"agree {e.top1_agreement:.3f} cos {e.cosine_mean:.4f}"
         out.append({
             "candidate": o.name,
+            "runs as": o.artifact.precision if o.artifact else "-",
+            "tokens": _tokens(b),
             "p50 ms": _f(b and b.latency_ms_p50, ".3f"),
             "p95 ms": _f(b and b.latency_ms_p95, ".3f"),
             "p50 spread": f"{b.latency_p50_spread_pct:.1f}% ({b.repeats}x)" if b else "-",

@@ -141,7 +141,8 @@ def build_dir(spec: CandidateSpec, *, assessment: Assessment, calibration: str |
     backend = backends.get(spec.backend)
     needs_cal = backend.recipe_type.model_validate(spec.recipe).needs_calibration()
     cal_sha = file_sha256(calibration) if (needs_cal and calibration and Path(calibration).is_file()) else None
-    key = digest(assessment.model.sha256, spec.backend, spec.recipe, cal_sha, backend.tool_versions())
+    key = digest(assessment.model.sha256, spec.backend, spec.recipe, cal_sha, backend.tool_versions(),
+                 *([spec.sequence_runtime()] if spec.sequence != "fixed" else []))
     return work_dir / "builds" / f"{spec.name}-{key}"
 
 
@@ -172,6 +173,8 @@ def build(spec: CandidateSpec, *, assessment: Assessment, calibration: str | Non
                                     candidate=spec.name, out_dir=out_dir, calibration=cal)
     except BackendUnavailable as exc:  # a tool only some recipes need (nncf, optimum-intel)
         raise CandidateFailed("unavailable", f"{spec.name}: {exc}") from exc
+    if spec.sequence != "fixed":  # carried to the measuring process with the artifact
+        artifact = artifact.model_copy(update={"runtime": artifact.runtime | spec.sequence_runtime()})
     log.info("built %s: %s (%d bytes)", spec.name, artifact.precision, artifact.size_bytes)
     return artifact
 

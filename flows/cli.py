@@ -105,8 +105,8 @@ def _print_report(result) -> None:
     from edgeopt import report
 
     table = Table(title=f"{result.model_name} on {result.profile}", show_lines=False)
-    cols = ("candidate", "p50 ms", "p95 ms", "p50 spread", "speed-up p50", "model RSS MB", "size MB", "accuracy",
-            "verdict")
+    cols = ("candidate", "runs as", "tokens", "p50 ms", "p95 ms", "p50 spread", "speed-up p50", "model RSS MB",
+            "size MB", "accuracy", "verdict")
     for c in cols:
         table.add_column(c, justify="left" if c in ("candidate", "verdict") else "right")
     for r in report.rows(result.outcomes, result.selection):

@@ -125,6 +125,8 @@ def _metrics(o: CandidateOutcome) -> dict[str, float]:
         m["latency_samples"] = float(b.samples)
         m["latency_repeats"] = float(b.repeats)
         m["latency_p50_spread_pct"] = b.latency_p50_spread_pct
+        if b.seq_len_mean is not None:
+            m["seq_len_mean"] = b.seq_len_mean
     if o.evaluation:
         e = o.evaluation
         m[e.metric] = e.value
@@ -152,7 +154,7 @@ def log_candidate(*, data_dir: str, experiment_id: str, parent_run_id: str, outc
     spec = outcome.spec
     run = cl.create_run(experiment_id, run_name=spec.name, tags={"mlflow.parentRunId": parent_run_id})
     rid = run.info.run_id
-    params = {"backend": spec.backend, "baseline": str(spec.baseline)}
+    params = {"backend": spec.backend, "baseline": str(spec.baseline), "sequence": spec.sequence}
     _flat("recipe", spec.recipe, params)
     if outcome.artifact:
         params["precision"] = outcome.artifact.precision

@@ -151,7 +151,8 @@ def mlp(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> dict[str, Path]:
     """A tiny BERT checkpoint made here, its ONNX export (tokenizer and export.json beside it), and
-    token data of real sentences: calibration and evaluation sets kept apart (length 24)."""
+    token data of real short sentences (the tokenizer is nearly character-level): calibration and
+    evaluation sets kept apart, padded to 64 tokens."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from edgeopt.intake.hf import export_onnx
@@ -161,9 +162,9 @@ def tiny_bert(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("tiny-bert")
     ckpt = make_tiny_bert(d / "ckpt")
     model = export_onnx(ckpt, out_dir=d / "onnx")
-    sentences = default_sentences(count=96, seed=3)
-    (d / "calibration.txt").write_text("\n".join(sentences[:48]) + "\n", encoding="utf-8")
-    (d / "eval.txt").write_text("\n".join(sentences[48:]) + "\n", encoding="utf-8")
-    cal = tokenize_to_npz(sentences[:48], tokenizer_dir=model.parent, out_path=d / "calibration.npz", seq_len=24)
-    ev = tokenize_to_npz(sentences[48:], tokenizer_dir=model.parent, out_path=d / "eval.npz", seq_len=24)
+    sentences = [s for s in default_sentences(count=500, seed=3) if len(s) < 60][:64]
+    (d / "calibration.txt").write_text("\n".join(sentences[:32]) + "\n", encoding="utf-8")
+    (d / "eval.txt").write_text("\n".join(sentences[32:]) + "\n", encoding="utf-8")
+    cal = tokenize_to_npz(sentences[:32], tokenizer_dir=model.parent, out_path=d / "calibration.npz", seq_len=64)
+    ev = tokenize_to_npz(sentences[32:], tokenizer_dir=model.parent, out_path=d / "eval.npz", seq_len=64)
     return {"ckpt": ckpt, "model": model, "calibration": cal, "eval": ev, "dir": d}

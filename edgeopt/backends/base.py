@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -18,7 +19,11 @@ if TYPE_CHECKING:
     from edgeopt.profiles import Gates
     from edgeopt.records import Artifact, Assessment, ModelRef
 
-__all__ = ["Backend", "Recipe", "Session"]
+__all__ = ["STDOUT_LOCK", "Backend", "Recipe", "Session"]
+
+#: held by every ``contextlib.redirect_stdout`` of a toolchain's output: the swap is process-wide,
+#: and builds run in threads of one process (a flow's task runner)
+STDOUT_LOCK = threading.Lock()
 
 
 class Recipe(BaseModel):

@@ -6,19 +6,16 @@ Public surface: ``OrtRecipe`` (the typed recipe), ``OnnxRuntimeBackend`` and ``O
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import os
 import shutil
 import tempfile
-import threading
-from inspect import signature
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
 from pydantic import Field, model_validator
 
+from edgeopt.backends import ort_quantize
 from edgeopt.backends.base import Backend, Recipe
 from edgeopt.backends.ort_placement import placement
 from edgeopt.data import file_sha256
@@ -26,7 +23,6 @@ from edgeopt.errors import CandidateFailed, ConfigError
 from edgeopt.records import Artifact
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
 
     import numpy as np
 
@@ -48,7 +44,6 @@ PROVIDERS: dict[str, str] = {
 }
 _LEVELS = {"disabled": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
            "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
-_CALIBRATION = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 _RUNTIME_KEYS = ("intra_op_threads", "inter_op_threads", "execution_mode", "execution_provider",
                  "graph_optimization")
 #: lower-case fragments of toolchain messages that classify a failure
@@ -263,14 +258,14 @@ class OnnxRuntimeBackend(Backend):
                 step = "fp16 conversion"
                 return _to_fp16(src=model.path, out=out, recipe=recipe)
             step = "quantization pre-processing"
-            src = _pre_process(src=src, out=out.parent / "preprocessed.onnx", candidate=candidate,
+            src = ort_quantize.pre_process(src=src, out=out.parent / "preprocessed.onnx", candidate=candidate,
                                notes=notes)
             if recipe.quantization == "dynamic":
                 step = "dynamic quantization"
-                return notes + _quantize_dynamic(src=src, out=out, recipe=recipe)
+                return notes + ort_quantize.quantize_dynamic(src=src, out=out, recipe=recipe)
             assert calibration is not None  # checked in optimize()
             step = "static quantization"
-            return notes + _quantize_static(src=src, out=out, recipe=recipe, candidate=candidate,
+            return notes + ort_quantize.quantize_static(src=src, out=out, recipe=recipe, candidate=candidate,
                                             calibration=calibration)
         except CandidateFailed:
             raise
@@ -336,164 +331,6 @@ def _to_fp16(*, src: str, out: Path, recipe: OrtRecipe) -> list[str]:
     if recipe.nodes_to_exclude or recipe.op_types_to_exclude:
         notes.append(f"kept in fp32: {', '.join(recipe.nodes_to_exclude + recipe.op_types_to_exclude)}")
     return notes
-
-
-def _pre_process(*, src: str, out: Path, candidate: str, notes: list[str]) -> str:
-    """Shape inference and graph clean-up before quantization; the raw model if that fails."""
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    try:
-        quant_pre_process(src, str(out))
-    except Exception as exc:  # noqa: BLE001 - pre-processing is an improvement, not a requirement
-        _remove_shape_inference_dump()
-        log.warning("%s: quantization pre-processing failed, quantizing the raw model: %s",
-                    candidate, _short(exc))
-        notes.append(f"pre-processing skipped: {_short(exc, 120)}")
-        return src
-    return str(out)
-
-
-def _remove_shape_inference_dump() -> None:
-    """onnxruntime's symbolic shape inference, when incomplete, dumps ``sym_shape_infer_temp.onnx``
-    and its external data into the working directory: remove them, they are not ours to leave."""
-    import onnx
-
-    dump = Path("sym_shape_infer_temp.onnx")
-    if not dump.is_file():
-        return
-    with contextlib.suppress(Exception):
-        model = onnx.load(str(dump), load_external_data=False)
-        locations = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
-        for loc in locations:
-            if "/" not in loc and Path(loc).is_file():
-                Path(loc).unlink()
-    dump.unlink(missing_ok=True)
-
-
-def _op_types(registry: dict[str, Any], recipe: OrtRecipe) -> list[str] | None:
-    return sorted(set(registry) - set(recipe.op_types_to_exclude)) if recipe.op_types_to_exclude else None
-
-
-#: fused contrib operators (e.g. ``Attention``) have no ONNX shape inference: their outputs are float
-_QUANT_OPTIONS = {"DefaultTensorType": 1}  # onnx.TensorProto.FLOAT
-
-
-def _quant_type(quant_type: Any, name: str) -> Any:
-    return quant_type.QInt8 if name == "int8" else quant_type.QUInt8
-
-
-def _quantize_dynamic(*, src: str, out: Path, recipe: OrtRecipe) -> list[str]:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.registry import IntegerOpsRegistry
-
-    quantize_dynamic(src, str(out), per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
-                     weight_type=_quant_type(QuantType, recipe.weight_type),
-                     op_types_to_quantize=_op_types(IntegerOpsRegistry, recipe),
-                     nodes_to_exclude=list(recipe.nodes_to_exclude) or None, extra_options=_QUANT_OPTIONS)
-    return [f"dynamic int8: uint8 activations, {recipe.weight_type} weights"
-            + (", per-channel" if recipe.per_channel else "")]
-
-
-def _quantize_static(*, src: str, out: Path, recipe: OrtRecipe, candidate: str,
-                     calibration: Dataset) -> list[str]:
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.registry import QDQRegistry
-
-    graph = onnx.load(src, load_external_data=False).graph
-    initializers = {t.name for t in graph.initializer}
-    needed = [i.name for i in graph.input if i.name not in initializers]
-    missing = sorted(set(needed) - set(calibration.inputs))
-    if missing:
-        raise CandidateFailed("missing-data", f"{candidate}: calibration data has no array for input(s) "
-                              f"{', '.join(missing)} (has: {', '.join(sorted(calibration.inputs))})")
-    count = min(recipe.calibration_samples, calibration.count)
-    method = getattr(CalibrationMethod, _CALIBRATION[recipe.calibration_method])
-    op_types = _op_types(QDQRegistry, recipe)
-    notes = [f"static int8 (QDQ): {recipe.activation_type} activations, {recipe.weight_type} weights"
-             + (", per-channel" if recipe.per_channel else ""),
-             f"calibrated with {recipe.calibration_method} on {count} samples"]
-    if count < recipe.calibration_samples:
-        notes.append(f"calibration data has {count} samples, fewer than the "
-                     f"{recipe.calibration_samples} asked")
-    cache: Path | None = None
-    if recipe.calibration_method == "entropy":
-        reader = _DatasetReader(calibration, needed, count)
-        cache = _entropy_ranges(src=src, work=out.parent, reader=reader, method=method,
-                                op_types=op_types or list(QDQRegistry), bins=recipe.entropy_bins)
-        notes.append(f"entropy threshold searched over {recipe.entropy_bins} histogram bins" if cache else
-                     "entropy ranges from onnxruntime's 128-bin histogram (close to min-max)")
-    with _stdout_to_log():
-        quantize_static(src, str(out), _DatasetReader(calibration, needed, count),
-                        quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types,
-                        per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
-                        activation_type=_quant_type(QuantType, recipe.activation_type),
-                        weight_type=_quant_type(QuantType, recipe.weight_type),
-                        nodes_to_exclude=list(recipe.nodes_to_exclude) or None, calibrate_method=method,
-                        calibration_providers=["CPUExecutionProvider"], extra_options=_QUANT_OPTIONS,
-                        **({"calibration_cache_path": str(cache)} if cache else {}))
-    return notes
-
-
-def _entropy_ranges(*, src: str, work: Path, reader: _DatasetReader, method: Any, op_types: list[str],
-                    bins: int) -> Path | None:
-    """Entropy ranges from a ``bins``-bin histogram, saved as a calibration cache for ``quantize_static``.
-
-    ``quantize_static`` makes the entropy histogram with as many bins as quantized levels (128), which
-    leaves one candidate threshold, the full range: min-max under another name. None if this
-    onnxruntime cannot take ranges from a calibration cache.
-    """
-    from onnxruntime.quantization import calibrate, quantize_static
-
-    if "calibration_cache_path" not in signature(quantize_static).parameters:
-        return None
-    calibrator = calibrate.create_calibrator(
-        Path(src), op_types, augmented_model_path=str(work / "augmented.onnx"), calibrate_method=method,
-        providers=["CPUExecutionProvider"], extra_options={"num_bins": bins, "num_quantized_bins": 128})
-    with _stdout_to_log():
-        calibrator.collect_data(reader)
-        ranges = calibrator.compute_data()
-    del calibrator
-    cache = work / "entropy-ranges.json"
-    calibrate.save_tensors_data(ranges, cache)
-    return cache
-
-
-class _DatasetReader:
-    """ONNX Runtime calibration data reader: the first ``count`` samples, one at a time (batch 1)."""
-
-    def __init__(self, data: Dataset, names: list[str], count: int) -> None:
-        self._data, self._names, self._count, self._next = data, names, count, 0
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self._next >= self._count:
-            return None
-        self._next += 1
-        feeds = self._data.sample(self._next - 1)
-        return {name: feeds[name] for name in self._names}
-
-    def rewind(self) -> None:
-        self._next = 0
-
-    def __len__(self) -> int:
-        return self._count
-
-
-_STDOUT_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _stdout_to_log() -> Iterator[None]:
-    """onnxruntime's calibrators print progress; send it to the debug log instead of stdout.
-
-    ``redirect_stdout`` swaps a process-wide object: the lock keeps builds running in threads of one
-    process (a flow's task runner) from restoring each other's streams out of order.
-    """
-    buffer = io.StringIO()
-    with _STDOUT_LOCK, contextlib.redirect_stdout(buffer):
-        yield
-    if buffer.getvalue().strip():
-        log.debug("onnxruntime: %s", " | ".join(buffer.getvalue().strip().splitlines()))
 
 
 def _short(exc: BaseException, limit: int = 300) -> str:

@@ -28,8 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 import numpy as np
 from pydantic import Field, model_validator
 
-from edgeopt.backends.base import Backend, Recipe
-from edgeopt.backends.onnxruntime import _STDOUT_LOCK  # one lock for every stdout swap in the process
+from edgeopt.backends.base import STDOUT_LOCK, Backend, Recipe
 from edgeopt.errors import BackendUnavailable, CandidateFailed, ConfigError
 from edgeopt.records import Artifact
 
@@ -559,7 +558,7 @@ def _quiet_nncf() -> Iterator[None]:
     so concurrent builds (threads of one flow) never restore each other's streams out of order.
     """
     nncf_log, buffer = logging.getLogger("nncf"), io.StringIO()
-    with _STDOUT_LOCK:
+    with STDOUT_LOCK:
         handlers, propagate = nncf_log.handlers[:], nncf_log.propagate
         nncf_log.handlers, nncf_log.propagate = [_NncfToDebug()], False
         try:

@@ -156,6 +156,8 @@ def measure(
         size_bytes=artifact_size_bytes(artifact.path),
         duration_s=float(payload["duration_s"]),
         samples_path=str(samples_path),
+        sequence=str(payload.get("sequence") or "fixed"),
+        seq_len_mean=payload.get("seq_len_mean"),
         hardware=hardware,
     )
 

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeopt.bench.shapes import pad_outputs, split_runtime, trim
 from edgeopt.data import Dataset, load_dataset, synthetic_dataset
 from edgeopt.errors import BackendUnavailable, CandidateFailed, ConfigError, DataError, ModelError
 from edgeopt.records import Artifact, TensorSpec
@@ -175,6 +176,10 @@ def _measure(job: dict[str, Any]) -> dict[str, Any]:
     ds = _dataset(job, count=int(s["eval_samples"])).head(int(s["eval_samples"]))
     feeds = [{k: np.ascontiguousarray(v) for k, v in ds.sample(i * bs, batch_size=bs).items()}
              for i in range(max(1, math.ceil(ds.count / bs)))]
+    runtime, sequence = split_runtime(artifact.runtime)
+    if sequence:  # each input at its real (or bucketed) length
+        feeds = [trim(f, sequence)[0] for f in feeds]
+    lengths = [f["attention_mask"].shape[1] for f in feeds if getattr(f.get("attention_mask"), "ndim", 0) == 2]
     data_id = ds.sha256
     del ds
     gc.collect()
@@ -183,7 +188,7 @@ def _measure(job: dict[str, Any]) -> dict[str, Any]:
 
     _stage["now"] = "load"
     t0 = time.perf_counter_ns()
-    session = backend.load(path=artifact.path, runtime=artifact.runtime)
+    session = backend.load(path=artifact.path, runtime=runtime)
     load_time_ms = (time.perf_counter_ns() - t0) / 1e6
     _stage["now"] = "run"
     session = _inject_fault(session, s.get("memory_limit_mb"))
@@ -245,6 +250,8 @@ def _measure(job: dict[str, Any]) -> dict[str, Any]:
         "tool_versions": backend.tool_versions(),
         "timed_start_unix": timed_start_unix,
         "timed_end_unix": timed_end_unix,
+        "sequence": sequence["mode"] if sequence else "fixed",
+        "seq_len_mean": float(np.mean(lengths)) if lengths else None,
     }
 
 
@@ -258,7 +265,8 @@ def _infer(job: dict[str, Any]) -> dict[str, Any]:
     if max_samples:
         ds = ds.head(int(max_samples))
     _stage["now"] = "load"
-    session = backend.load(path=artifact.path, runtime=artifact.runtime)
+    runtime, sequence = split_runtime(artifact.runtime)
+    session = backend.load(path=artifact.path, runtime=runtime)
     _stage["now"] = "run"
     session = _inject_fault(session, None)
     names = list(getattr(session, "output_names", None) or []) or None
@@ -267,7 +275,12 @@ def _infer(job: dict[str, Any]) -> dict[str, Any]:
     chunks: list[list[np.ndarray]] = []
     for start in range(0, count, bs):
         valid = min(bs, count - start)
-        outs = session.run(ds.sample(start, batch_size=bs))  # the last batch wraps around; trimmed below
+        feed = ds.sample(start, batch_size=bs)  # the last batch wraps around; cut back below
+        if sequence:
+            feed, full, used = trim(feed, sequence)
+            outs = pad_outputs(session.run(feed), full=full, used=used)
+        else:
+            outs = session.run(feed)
         outs = [o[:valid] if np.ndim(o) > 0 and o.shape[0] == bs else o for o in outs]
         chunks.append(outs)
     arrays = {}
@@ -301,7 +314,8 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
 
 def _failure(exc: BaseException) -> dict[str, Any]:
     """The result payload for an exception: its class, a one-line message, and a reason if known."""
-    reasons = {BackendUnavailable: "unavailable", ModelError: "build-error", MemoryError: "oom"}
+    reasons = {BackendUnavailable: "unavailable", ModelError: "build-error", MemoryError: "oom",
+               DataError: "missing-data"}
     payload: dict[str, Any] = {"ok": False, "error": type(exc).__name__}
     if isinstance(exc, CandidateFailed):
         payload["reason"] = exc.reason
