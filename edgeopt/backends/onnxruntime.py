@@ -59,6 +59,7 @@ _SCOPED_FIELDS: tuple[tuple[tuple[str, ...], Any, str], ...] = (
      lambda r: r.precision == "int8", "precision='int8'"),
     (("nodes_to_exclude", "op_types_to_exclude"),
      lambda r: r.precision != "fp32", "precision='fp16' or 'int8'"),
+    (("op_types_to_quantize", "quantize_activation_matmuls"), lambda r: r.precision == "int8", "precision='int8'"),
     (("num_heads", "hidden_size"), lambda r: r.transformer_fusion != "none", "transformer_fusion='bert'"),
 )
 
@@ -89,6 +90,12 @@ class OrtRecipe(Recipe):
     weight_type: Literal["int8", "uint8"] = Field(default="int8", description="INT8 weight type")
     nodes_to_exclude: tuple[str, ...] = Field(default=(), description="node names kept in float (fp16/int8)")
     op_types_to_exclude: tuple[str, ...] = Field(default=(), description="op types kept in float (fp16/int8)")
+    op_types_to_quantize: tuple[str, ...] = Field(
+        default=(), description="int8: only these op types are quantized (e.g. [MatMul]); empty: every op type "
+        "the quantizer supports")
+    quantize_activation_matmuls: bool = Field(
+        default=True, description="int8: False keeps MatMuls of two activations (attention's Q·Kᵀ and "
+        "scores·V) in float")
     transformer_fusion: Literal["none", "bert"] = Field(
         default="none",
         description="'bert': ONNX Runtime's transformer optimizer fuses attention, layer norms and GELU into "

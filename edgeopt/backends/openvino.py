@@ -514,16 +514,29 @@ def _stable_names(model: Any) -> None:
 
 
 def _fidelity_fn(model: Any, items: list[dict[str, np.ndarray]], metric: str) -> Any:
-    """An NNCF validation_fn over ``(index, feeds)`` items: first output vs the FP32 model's, per sample."""
+    """An NNCF validation_fn over ``(index, feeds)`` items: first output vs the FP32 model's, per sample.
+
+    With an ``attention_mask`` input, token outputs are mean-pooled over the real tokens first (the
+    sentence embeddings the encoder gates compare): padding positions say nothing about quality.
+    """
     import openvino as ov
 
+    from edgeopt.evaluate.embedding import mean_pool
+
+    def vector(out: Any, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        arr = np.asarray(out, dtype=np.float64)
+        mask = feeds.get("attention_mask")
+        if mask is not None and arr.ndim == 3 and tuple(mask.shape) == arr.shape[:2]:
+            arr = mean_pool(arr, mask)
+        return arr.ravel()
+
     reference = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    expected = [np.asarray(reference(feeds)[0], dtype=np.float64).ravel() for feeds in items]
+    expected = [vector(reference(feeds)[0], feeds) for feeds in items]
 
     def validate(compiled: Any, data: Any) -> tuple[float, list[float]]:
         scores = []
         for index, feeds in data:
-            got, want = np.asarray(compiled(feeds)[0], dtype=np.float64).ravel(), expected[index]
+            got, want = vector(compiled(feeds)[0], feeds), expected[index]
             if metric == "top1_agreement":
                 scores.append(float(got.argmax() == want.argmax()))
             else:

@@ -210,7 +210,7 @@ def _build(recipe: OptimumIntelRecipe, *, src: str, tmp: Path, out: Path, calibr
             step = "loading the export"
             cls = getattr(optimum.intel, _MODEL_CLASSES[recipe.task])
             extra = {"use_cache": False} if recipe.task == "text-generation" else {}
-            exported = cls.from_pretrained(tmp / "export", compile=False, local_files_only=True, **extra)
+            exported = cls.from_pretrained(str(tmp / "export"), compile=False, local_files_only=True, **extra)
             if len(exported.ov_models) != 1:
                 raise CandidateFailed("build-error", f"{candidate}: optimum-intel exported "
                                       f"{len(exported.ov_models)} models ({', '.join(exported.ov_models)}); "

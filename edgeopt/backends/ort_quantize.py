@@ -40,7 +40,7 @@ def pre_process(*, src: str, out: Path, candidate: str, notes: list[str]) -> str
         quant_pre_process(src, str(out))
     except Exception as exc:  # noqa: BLE001 - pre-processing is an improvement, not a requirement
         _remove_shape_inference_dump()
-        log.warning("%s: quantization pre-processing failed, quantizing the raw model: %s",
+        log.info("%s: quantization pre-processing failed, quantizing the raw model: %s",
                     candidate, _short(exc))
         notes.append(f"pre-processing skipped: {_short(exc, 120)}")
         return src
@@ -65,7 +65,27 @@ def _remove_shape_inference_dump() -> None:
 
 
 def _op_types(registry: dict[str, Any], recipe: OrtRecipe) -> list[str] | None:
+    """The op types to quantize: ``op_types_to_quantize`` if given, else the registry's minus the
+    excluded ones; None (the quantizer's default) when the recipe names neither."""
+    if recipe.op_types_to_quantize:
+        return sorted(set(recipe.op_types_to_quantize) - set(recipe.op_types_to_exclude))
     return sorted(set(registry) - set(recipe.op_types_to_exclude)) if recipe.op_types_to_exclude else None
+
+
+def _excluded_nodes(src: str, recipe: OrtRecipe, notes: list[str]) -> list[str] | None:
+    """``nodes_to_exclude``, plus every MatMul of two activations when the recipe keeps those in float
+    (attention's Q·Kᵀ and scores·V: quantizing them per tensor costs transformers most accuracy)."""
+    nodes = list(recipe.nodes_to_exclude)
+    if not recipe.quantize_activation_matmuls:
+        import onnx
+
+        graph = onnx.load(src, load_external_data=False).graph
+        constants = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant"
+                                                             for o in n.output}
+        both = [n.name for n in graph.node if n.op_type == "MatMul" and not set(n.input) & constants]
+        nodes += [n for n in both if n not in nodes]
+        notes.append(f"kept in float: {len(both)} MatMul(s) of two activations")
+    return nodes or None
 
 
 #: fused contrib operators (e.g. ``Attention``) have no ONNX shape inference: their outputs are float
@@ -80,12 +100,13 @@ def quantize_dynamic(*, src: str, out: Path, recipe: OrtRecipe) -> list[str]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.registry import IntegerOpsRegistry
 
+    notes = [f"dynamic int8: uint8 activations, {recipe.weight_type} weights"
+             + (", per-channel" if recipe.per_channel else "")]
     quantize_dynamic(src, str(out), per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
                      weight_type=_quant_type(QuantType, recipe.weight_type),
                      op_types_to_quantize=_op_types(IntegerOpsRegistry, recipe),
-                     nodes_to_exclude=list(recipe.nodes_to_exclude) or None, extra_options=_QUANT_OPTIONS)
-    return [f"dynamic int8: uint8 activations, {recipe.weight_type} weights"
-            + (", per-channel" if recipe.per_channel else "")]
+                     nodes_to_exclude=_excluded_nodes(src, recipe, notes), extra_options=_QUANT_OPTIONS)
+    return notes
 
 
 def quantize_static(*, src: str, out: Path, recipe: OrtRecipe, candidate: str,
@@ -123,7 +144,7 @@ def quantize_static(*, src: str, out: Path, recipe: OrtRecipe, candidate: str,
                         per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
                         activation_type=_quant_type(QuantType, recipe.activation_type),
                         weight_type=_quant_type(QuantType, recipe.weight_type),
-                        nodes_to_exclude=list(recipe.nodes_to_exclude) or None, calibrate_method=method,
+                        nodes_to_exclude=_excluded_nodes(src, recipe, notes), calibrate_method=method,
                         calibration_providers=["CPUExecutionProvider"], extra_options=_QUANT_OPTIONS,
                         **({"calibration_cache_path": str(cache)} if cache else {}))
     return notes

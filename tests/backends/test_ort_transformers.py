@@ -96,3 +96,26 @@ def test_fusion_recipe_validation() -> None:
     with pytest.raises(ValidationError, match="transformer_fusion"):
         OrtRecipe(transformer_fusion="gpt2")
     assert OrtRecipe(transformer_fusion="bert").runtime_options()["graph_optimization"] == "all"
+
+
+def test_static_int8_keeping_attention_and_norms_in_float(tiny_bert, tmp_path) -> None:
+    _, default = _build(tiny_bert, tmp_path / "d", precision="int8", quantization="static", calibration_samples=16)
+    _, kept = _build(tiny_bert, tmp_path / "k", precision="int8", quantization="static", calibration_samples=16,
+                     op_types_to_quantize=("MatMul",), quantize_activation_matmuls=False)
+    assert "kept in float: 4 MatMul(s) of two activations" in kept.notes  # 2 layers x (Q·Kᵀ, scores·V)
+    source = onnx.load(str(tiny_bert["model"])).graph
+    constants = {t.name for t in source.initializer} | {o for n in source.node if n.op_type == "Constant"
+                                                          for o in n.output}
+    attention = {n.name for n in source.node if n.op_type == "MatMul" and not set(n.input) & constants}
+    assert len(attention) == 4
+
+    def fed_by_dq(path: str) -> dict[str, bool]:
+        graph = onnx.load(path).graph
+        dq = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+        return {n.name: bool(set(n.input) & dq) for n in graph.node if n.op_type == "MatMul"}
+
+    in_default, in_kept = fed_by_dq(default.path), fed_by_dq(kept.path)
+    assert all(in_default[n] for n in attention)  # the default quantizes attention's MatMuls ...
+    assert not any(in_kept[n] for n in attention)  # ... this recipe keeps them in float
+    assert all(q for n, q in in_kept.items() if n not in attention)  # the weight MatMuls are INT8
+    assert _ops(kept.path)["QuantizeLinear"] < _ops(default.path)["QuantizeLinear"]
