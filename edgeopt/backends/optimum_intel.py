@@ -273,9 +273,14 @@ def _quantize(exported: Any, recipe: OptimumIntelRecipe, nncf: Any, calibration:
 class _ToDebug(logging.Handler):
     """Forwards a toolchain's records to this module's logger, its INFO chatter as DEBUG."""
 
+    #: warnings that say nothing to a user of a local export (it looks the folder up as a hub id)
+    BENIGN = ("Could not infer whether the model was already converted",)
+
     def emit(self, record: logging.LogRecord) -> None:
-        level = record.levelno if record.levelno > logging.INFO else logging.DEBUG
-        log.log(level, "%s: %s", record.name.split(".")[0], record.getMessage())
+        message = record.getMessage()
+        benign = record.levelno <= logging.INFO or message.startswith(self.BENIGN)
+        log.log(logging.DEBUG if benign else record.levelno, "%s: %s", record.name.split(".")[0],
+                " | ".join(message.splitlines()))
 
 
 @contextlib.contextmanager

@@ -119,3 +119,15 @@ def test_static_int8_keeping_attention_and_norms_in_float(tiny_bert, tmp_path) -
     assert not any(in_kept[n] for n in attention)  # ... this recipe keeps them in float
     assert all(q for n, q in in_kept.items() if n not in attention)  # the weight MatMuls are INT8
     assert _ops(kept.path)["QuantizeLinear"] < _ops(default.path)["QuantizeLinear"]
+
+
+def test_nncf_accuracy_control_on_an_encoder_compares_sentence_embeddings(tiny_bert, tmp_path) -> None:
+    pytest.importorskip("nncf")
+    from edgeopt.backends.openvino import OpenVinoBackend, OpenVinoRecipe
+
+    a = intake.assess(str(tiny_bert["model"]))
+    cal = load_dataset(str(tiny_bert["calibration"]), signature=a.inputs, role="calibration")
+    art = OpenVinoBackend().optimize(model=a.model, assessment=a, candidate="ov-acc", out_dir=tmp_path / "b",
+                                     calibration=cal, recipe=OpenVinoRecipe(precision="int8", max_accuracy_drop=0.01))
+    note = next(n for n in art.notes if n.startswith("accuracy control: cosine"))
+    assert float(note.split("samples ")[1].split()[0]) >= 0.99 - 1e-9  # mean-pooled cosine kept within the budget
