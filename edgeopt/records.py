@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
+    "SCHEMA_VERSION",
     "Artifact",
     "Assessment",
     "BenchmarkResult",
@@ -31,6 +32,10 @@ __all__ = [
 ModelKind = Literal["cnn", "encoder", "llm", "other"]
 ModelFormat = Literal["onnx", "hf", "gguf"]
 
+
+#: bumped whenever a record gains, loses or changes a field: results cached by an older edgeopt
+#: (pickled records of the old shape) are then not reused
+SCHEMA_VERSION = 2
 
 class Record(BaseModel):
     """Base of every record: immutable, unknown fields rejected."""

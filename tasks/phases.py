@@ -22,6 +22,7 @@ from edgeopt.data import file_sha256
 from edgeopt.hardware import fingerprint
 from edgeopt.profiles import Profile, load_profile
 from edgeopt.records import (
+    SCHEMA_VERSION,
     Artifact,
     Assessment,
     BenchmarkResult,
@@ -65,21 +66,21 @@ def _data_sha(path: str | None) -> str | None:
 def _build_key(_ctx: Any, p: dict[str, Any]) -> str:
     folder = workflow.build_dir(p["spec"], assessment=p["assessment"], calibration=p["calibration"],
                                 work_dir=Path(p["work_dir"]))
-    return f"build-{folder.name}"
+    return f"build-s{SCHEMA_VERSION}-{folder.name}"
 
 
 def _bench_key(_ctx: Any, p: dict[str, Any]) -> str:
     artifact, profile = p["artifact"], p["profile"]
     key = workflow.digest(artifact.sha256, artifact.runtime, profile.benchmark, p["hardware"], _data_sha(p["evaluation"]),
                           p["repeat"])
-    return f"bench-{artifact.candidate}-{key}"
+    return f"bench-s{SCHEMA_VERSION}-{artifact.candidate}-{key}"
 
 
 def _outputs_key(_ctx: Any, p: dict[str, Any]) -> str:
     artifact, profile = p["artifact"], p["profile"]
     key = workflow.digest(artifact.sha256, artifact.runtime, profile.benchmark.batch_size,
                           profile.benchmark.max_eval_samples, _data_sha(p["evaluation"]))
-    return f"outputs-{artifact.candidate}-{key}"
+    return f"outputs-s{SCHEMA_VERSION}-{artifact.candidate}-{key}"
 
 
 # A cached record is only as good as the files it points at: when they are gone, the flow asks for

@@ -102,10 +102,12 @@ def quantize_dynamic(*, src: str, out: Path, recipe: OrtRecipe) -> list[str]:
 
     notes = [f"dynamic int8: uint8 activations, {recipe.weight_type} weights"
              + (", per-channel" if recipe.per_channel else "")]
-    quantize_dynamic(src, str(out), per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
-                     weight_type=_quant_type(QuantType, recipe.weight_type),
-                     op_types_to_quantize=_op_types(IntegerOpsRegistry, recipe),
-                     nodes_to_exclude=_excluded_nodes(src, recipe, notes), extra_options=_QUANT_OPTIONS)
+    excluded = _excluded_nodes(src, recipe, notes)
+    with _stdout_to_log():
+        quantize_dynamic(src, str(out), per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
+                         weight_type=_quant_type(QuantType, recipe.weight_type),
+                         op_types_to_quantize=_op_types(IntegerOpsRegistry, recipe),
+                         nodes_to_exclude=excluded, extra_options=_QUANT_OPTIONS)
     return notes
 
 

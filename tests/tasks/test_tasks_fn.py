@@ -62,6 +62,10 @@ def test_cache_keys_follow_their_inputs(setup, tiny):
     assert key == phases._build_key(None, dict(p))
     other = profile.candidates[1].spec()
     assert phases._build_key(None, {**p, "spec": other}) != key
+    # a newer record schema never reuses results pickled by an older edgeopt
+    assert key.startswith(f"build-s{phases.SCHEMA_VERSION}-")
+    seq = spec.model_copy(update={"sequence": "dynamic"})
+    assert phases._build_key(None, {**p, "spec": seq}) != key  # the sequence choice travels with the artifact
 
 
 def test_tracking_nested_run_and_registration(setup, tmp_path):
