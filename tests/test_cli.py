@@ -134,7 +134,7 @@ def test_demo_on_the_reference_cnn(cli_env):
     assert r.returncode == 0, r.stderr
     from edgeopt.profiles import load_profile
 
-    names = ["baseline-fp32", *(c.name for c in load_profile("intel-cpu").candidates)]
+    names = ["baseline-fp32", *(c.name for c in load_profile("intel-cpu").candidate_specs(kind="cnn"))]
     for name in names:
         assert name in r.stdout
     import mlflow
