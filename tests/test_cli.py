@@ -157,6 +157,7 @@ def test_demo_on_the_reference_cnn(cli_env):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # about 7 minutes here: 16 builds and measurements of a 22M-parameter model
 def test_minilm_checkpoint_through_every_route(cli_env, tmp_path):
     """The encoder run, offline: all-MiniLM-L6-v2's checkpoint and sentences in text files, every
     candidate intel-cpu has for encoders, with intel-cpu's gates; only the measuring is shortened
