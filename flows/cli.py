@@ -186,7 +186,10 @@ def profiles_show(name: Annotated[str, typer.Argument(help="profile name or .yam
         p = load_profile(name)
     except EdgeOptError as exc:
         _fail(exc)
-    out.print(yaml.safe_dump(json.loads(p.model_dump_json()), sort_keys=False), highlight=False)
+    doc = json.loads(p.model_dump_json())
+    # a kind's overrides: only what it sets (the rest comes from `gates`)
+    doc["kind_gates"] = {k: {f: v for f, v in g.items() if v is not None} for k, g in doc["kind_gates"].items()}
+    out.print(yaml.safe_dump(doc, sort_keys=False), highlight=False)
 
 
 @zoo_app.command("build")
