@@ -30,13 +30,11 @@ from edgeopt.backends.openvino import (
     OpenVinoBackend,
     OpenVinoRecipe,
     OpenVinoSession,
-    _import_nncf,
-    _quiet_nncf,
     _short,
-    _stable_names,
     classify,
     finish_ir,
 )
+from edgeopt.backends.ov_nncf import import_nncf, quiet_nncf, stable_names
 from edgeopt.errors import BackendUnavailable, CandidateFailed, ConfigError
 from edgeopt.records import Artifact
 
@@ -63,7 +61,7 @@ _SCOPED_FIELDS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
     (("group_size", "ratio"), ("int4-weights",)),
     (("subset_size",), ("int8",)),
 )
-#: loggers forwarded to this module's logger while building (NNCF's: by _quiet_nncf)
+#: loggers forwarded to this module's logger while building (NNCF's: by quiet_nncf)
 _NOISY_LOGGERS = ("optimum", "torch")
 
 
@@ -191,7 +189,7 @@ def _build(recipe: OptimumIntelRecipe, *, src: str, tmp: Path, out: Path, calibr
            candidate: str) -> list[str]:
     """Export → (compress or quantize) → ``out/model.xml``; returns notes; classifies toolchain failures."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub: everything is local
-    nncf = _import_nncf() if recipe.precision != "fp32" else None  # before optimum.intel, which imports it
+    nncf = import_nncf() if recipe.precision != "fp32" else None  # before optimum.intel, which imports it
     import openvino as ov
     import optimum.intel
     import transformers
@@ -224,7 +222,7 @@ def _build(recipe: OptimumIntelRecipe, *, src: str, tmp: Path, out: Path, calibr
             (ov_model,) = exported.ov_models.values()
             # the default model name (Model<n>) and node names count exports process-wide: make them stable
             ov_model.set_friendly_name(arch)
-            _stable_names(ov_model)
+            stable_names(ov_model)
             out.mkdir()
             ov.save_model(ov_model, str(out / "model.xml"), compress_to_fp16=False)
         return [*notes, f"IR: {recipe.precision}"]
@@ -287,10 +285,10 @@ class _ToDebug(logging.Handler):
 def _quiet() -> Iterator[None]:
     """optimum, torch and NNCF log and draw progress bars on stdout / stderr: send all of it to our log.
 
-    ``_quiet_nncf`` holds the process-wide lock for stdout swaps; stderr is swapped inside it.
+    ``quiet_nncf`` holds the process-wide lock for stdout swaps; stderr is swapped inside it.
     """
     buffer = io.StringIO()
-    with _quiet_nncf(), contextlib.redirect_stderr(buffer):
+    with quiet_nncf(), contextlib.redirect_stderr(buffer):
         loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
         saved = [(lg.handlers[:], lg.propagate) for lg in loggers]
         for lg in loggers:
