@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from edgeopt.profiles import Gates
     from edgeopt.records import Artifact, Assessment, ModelRef
 
-__all__ = ["STDOUT_LOCK", "Backend", "Recipe", "Session"]
+__all__ = ["STDOUT_LOCK", "Backend", "Recipe", "Session", "short_message"]
 
 #: held by every ``contextlib.redirect_stdout`` of a toolchain's output: the swap is process-wide,
 #: and builds run in threads of one process (a flow's task runner)
@@ -114,3 +114,9 @@ class Backend(ABC):
     @abstractmethod
     def load(self, *, path: str, runtime: dict[str, Any]) -> Session:
         """Load an artifact for measurement (called inside the fresh measuring process)."""
+
+
+def short_message(exc: BaseException, limit: int = 300) -> str:
+    """A toolchain exception as one line of at most ``limit`` characters (for CandidateFailed messages)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 from pydantic import Field, model_validator
 
 from edgeopt.backends import ort_quantize
-from edgeopt.backends.base import Backend, Recipe
+from edgeopt.backends.base import Backend, Recipe, short_message
 from edgeopt.backends.ort_placement import placement
 from edgeopt.data import file_sha256
 from edgeopt.errors import CandidateFailed, ConfigError
@@ -218,7 +218,7 @@ class OnnxRuntimeBackend(Backend):
             except CandidateFailed:
                 raise
             except Exception as exc:
-                message = f"{candidate}: the built model does not load and run: {_short(exc)}"
+                message = f"{candidate}: the built model does not load and run: {short_message(exc)}"
                 raise CandidateFailed(classify(exc), message) from exc
             notes += where.describe()
             os.replace(built, final)
@@ -278,7 +278,7 @@ class OnnxRuntimeBackend(Backend):
             raise
         except Exception as exc:  # toolchain errors of every kind are classified here
             log.debug("%s: %s failed", candidate, step, exc_info=True)
-            raise CandidateFailed(classify(exc), f"{candidate}: {step} failed: {_short(exc)}") from exc
+            raise CandidateFailed(classify(exc), f"{candidate}: {step} failed: {short_message(exc)}") from exc
 
 
 def _session_options(runtime: dict[str, Any], *, who: str) -> tuple[Any, list[str]]:
@@ -338,8 +338,3 @@ def _to_fp16(*, src: str, out: Path, recipe: OrtRecipe) -> list[str]:
     if recipe.nodes_to_exclude or recipe.op_types_to_exclude:
         notes.append(f"kept in fp32: {', '.join(recipe.nodes_to_exclude + recipe.op_types_to_exclude)}")
     return notes
-
-
-def _short(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 import numpy as np
 from pydantic import Field, model_validator
 
-from edgeopt.backends.base import Backend, Recipe
+from edgeopt.backends.base import Backend, Recipe, short_message
 from edgeopt.errors import BackendUnavailable, CandidateFailed, ConfigError
 from edgeopt.records import Artifact
 
@@ -329,7 +329,7 @@ def check_ir(folder: Path, *, recipe: Any, candidate: str) -> ExecutionReport:
         raise
     except Exception as exc:
         raise CandidateFailed(classify(exc), f"{candidate}: the built IR does not compile or run on "
-                              f"{recipe.device}: {_short(exc)}") from exc
+                              f"{recipe.device}: {short_message(exc)}") from exc
 
 
 def finish_ir(*, built: Path, final: Path, recipe: Any, candidate: str, model: ModelRef, backend: str,
@@ -381,8 +381,3 @@ def _compile_config(runtime: dict[str, Any], *, core: Any, who: str) -> tuple[st
     if runtime.get("num_streams"):
         config["NUM_STREAMS"] = int(runtime["num_streams"])
     return device, config
-
-
-def _short(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."

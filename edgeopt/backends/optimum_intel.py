@@ -25,12 +25,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
 from pydantic import Field, field_validator, model_validator
 
-from edgeopt.backends.base import Backend, Recipe
+from edgeopt.backends.base import Backend, Recipe, short_message
 from edgeopt.backends.openvino import (
     OpenVinoBackend,
     OpenVinoRecipe,
     OpenVinoSession,
-    _short,
     classify,
     finish_ir,
 )
@@ -230,7 +229,7 @@ def _build(recipe: OptimumIntelRecipe, *, src: str, tmp: Path, out: Path, calibr
         raise
     except Exception as exc:  # toolchain errors of every kind are classified here
         log.debug("%s: %s failed", candidate, step, exc_info=True)
-        raise CandidateFailed(_classify(exc), f"{candidate}: optimum-intel {step} failed: {_short(exc)}") from exc
+        raise CandidateFailed(_classify(exc), f"{candidate}: optimum-intel {step} failed: {short_message(exc)}") from exc
 
 
 def _classify(exc: BaseException) -> str:

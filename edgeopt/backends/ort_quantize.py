@@ -14,7 +14,7 @@ from inspect import signature
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgeopt.backends.base import STDOUT_LOCK
+from edgeopt.backends.base import STDOUT_LOCK, short_message
 from edgeopt.errors import CandidateFailed
 
 if TYPE_CHECKING:
@@ -41,8 +41,8 @@ def pre_process(*, src: str, out: Path, candidate: str, notes: list[str]) -> str
     except Exception as exc:  # noqa: BLE001 - pre-processing is an improvement, not a requirement
         _remove_shape_inference_dump()
         log.info("%s: quantization pre-processing failed, quantizing the raw model: %s",
-                    candidate, _short(exc))
-        notes.append(f"pre-processing skipped: {_short(exc, 120)}")
+                    candidate, short_message(exc))
+        notes.append(f"pre-processing skipped: {short_message(exc, 120)}")
         return src
     return str(out)
 
@@ -226,8 +226,3 @@ def _stdout_to_log() -> Iterator[None]:
             root.removeFilter(quiet)
     if buffer.getvalue().strip():
         log.debug("onnxruntime: %s", " | ".join(buffer.getvalue().strip().splitlines()))
-
-
-def _short(exc: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."

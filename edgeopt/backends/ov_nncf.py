@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgeopt.backends.base import STDOUT_LOCK
-from edgeopt.backends.openvino import OpenVinoRecipe, _short, classify
+from edgeopt.backends.base import STDOUT_LOCK, short_message
+from edgeopt.backends.openvino import OpenVinoRecipe, classify
 from edgeopt.errors import BackendUnavailable, CandidateFailed, ConfigError
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ class Builder:
             raise
         except Exception as exc:  # toolchain errors of every kind are classified here
             log.debug("%s: %s failed", self.candidate, step, exc_info=True)
-            raise CandidateFailed(classify(exc), f"{self.candidate}: {step} failed: {_short(exc)}") from exc
+            raise CandidateFailed(classify(exc), f"{self.candidate}: {step} failed: {short_message(exc)}") from exc
 
     def _ignored_scope(self, nncf: Any, model: Any, notes: list[str]) -> Any:
         r = self.recipe
