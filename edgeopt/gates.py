@@ -1,18 +1,27 @@
 """Quality gates as data → verdicts with reasons.
 
-Relative gates (``Gates``) compare a candidate with the FP32 baseline measured in the same run on
-the same machine; absolute budgets (``Budgets``) become one gate each when set. Every verdict
-names its threshold, the measured value and the margin (positive = passed by that much)::
+Relative gates (``Gates``) compare a candidate with the baseline measured in the same run on the
+same machine, on the same inputs, sequence shapes and thread budget (its like-for-like baseline);
+absolute budgets (``Budgets``) become one gate each when set. Every verdict names its threshold,
+the measured value and the margin (positive = passed by that much)::
 
     accuracy        quality ratio (value / baseline's)          >= gates.accuracy_ratio_min
-    speedup         baseline latency / candidate's (p50 | p95)   >= gates.speedup_min
-    memory          1 - candidate model RSS / baseline's          >= gates.memory_reduction_min
+    speedup         baseline latency / candidate's (p50 | p95)   >= gates.speedup_min       (with CI)
+    memory          1 - candidate memory / baseline's             >= gates.memory_reduction_min (with CI)
+                    (steady-state model memory, or the peak during load and inference: gates.memory_basis)
     cosine          mean cosine similarity to the baseline        >= gates.cosine_min      (if set)
     latency_budget  latency_ms_p95                                <= budgets.latency_ms_p95 (if set)
     memory_budget   rss_peak_mb                                   <= budgets.rss_peak_mb    (if set)
     size_budget     size_bytes / 1e6                              <= budgets.size_mb        (if set)
 
-A candidate without an evaluation fails its accuracy (and cosine) gate: a gate never passes
+Speed-up and memory verdicts carry a confidence interval from the interleaved rounds
+(``edgeopt.intervals``): ``pass`` when the whole interval clears the threshold, ``fail`` when
+the whole interval misses it, ``uncertain`` when it straddles it (the flow re-measures those, then
+the verdict stands; only settled passes are selected). A verdict without an interval (no round
+samples, or a point-only figure) is settled by its point value.
+
+A candidate without an evaluation fails its accuracy (and cosine) gate, and a figure that could
+not be measured (NaN, or a memory figure that is not positive) fails its gate: a gate never passes
 silently. A threshold met exactly passes (within a relative 1e-9, for float rounding).
 """
 
@@ -22,16 +31,23 @@ import logging
 import math
 from typing import Literal
 
+import numpy as np
+
+from edgeopt.intervals import Interval, memory_reduction_interval, ratio_interval, split_rounds
 from edgeopt.profiles import Budgets, Gates
 from edgeopt.records import BenchmarkResult, CandidateOutcome, EvalResult, GateVerdict
 
 __all__ = [
+    "MemoryBasis",
     "Percentile",
     "evaluate_gates",
+    "memory_interval",
     "memory_reduction",
     "outcome_with_gates",
     "quality_ratio",
+    "rounds",
     "speedup",
+    "speedup_interval",
     "verdict",
 ]
 
@@ -43,56 +59,109 @@ Comparator = Literal[">=", "<="]
 _REL_TOLERANCE = 1e-9
 
 
-def verdict(*, gate: str, metric: str, comparator: Comparator, threshold: float, measured: float) -> GateVerdict:
+def _settled(ok: bool) -> str:
+    return "pass" if ok else "fail"
+
+
+def verdict(*, gate: str, metric: str, comparator: Comparator, threshold: float, measured: float,
+            interval: Interval | None = None) -> GateVerdict:
     """One verdict; ``margin`` is positive by how much it passed, negative by how much it failed.
 
-    A non-finite measurement fails.
+    With a finite ``interval`` the status follows the interval (see the module doc); without one
+    it follows ``measured``. A non-finite measurement fails.
     """
     margin = measured - threshold if comparator == ">=" else threshold - measured
-    passed = math.isfinite(measured) and margin >= -_REL_TOLERANCE * max(1.0, abs(threshold))
-    return GateVerdict(gate=gate, metric=metric, comparator=comparator, threshold=threshold,
-                       measured=measured, margin=margin, passed=passed)
+    tol = _REL_TOLERANCE * max(1.0, abs(threshold))
+    if not math.isfinite(measured):
+        status = "fail"
+    elif interval is not None and interval.finite:
+        worst, best = (interval.low, interval.high) if comparator == ">=" else (-interval.high, -interval.low)
+        bound = threshold if comparator == ">=" else -threshold
+        status = "pass" if worst >= bound - tol else ("fail" if best < bound - tol else "uncertain")
+    else:
+        status = _settled(margin >= -tol)
+    ci = {}
+    if interval is not None and interval.finite:
+        ci = {"ci_low": interval.low, "ci_high": interval.high, "confidence": interval.confidence}
+    return GateVerdict(gate=gate, metric=metric, comparator=comparator, threshold=threshold, measured=measured,
+                       margin=margin, passed=status == "pass", status=status, **ci)
+
+
+def _quantile(percentile: Percentile) -> float:
+    if percentile not in ("p50", "p95"):
+        raise ValueError(f"percentile must be 'p50' or 'p95', got {percentile!r}")
+    return 0.5 if percentile == "p50" else 0.95
 
 
 def _latency(bench: BenchmarkResult, percentile: Percentile) -> float:
-    if percentile == "p50":
-        return bench.latency_ms_p50
-    if percentile == "p95":
-        return bench.latency_ms_p95
-    raise ValueError(f"percentile must be 'p50' or 'p95', got {percentile!r}")
+    return bench.latency_ms_p50 if _quantile(percentile) == 0.5 else bench.latency_ms_p95
+
+
+def rounds(bench: BenchmarkResult) -> list[np.ndarray] | None:
+    """The latency samples of each interleaved round (None when the samples file is not there)."""
+    if not bench.samples_path:
+        return None
+    try:
+        samples = np.load(bench.samples_path, allow_pickle=False)
+    except OSError:
+        log.warning("%s: samples file %s cannot be read; its ratios have no interval", bench.candidate,
+                    bench.samples_path)
+        return None
+    return split_rounds(samples, bench.repeat_sample_counts)
+
+
+def speedup_interval(*, candidate_bench: BenchmarkResult, baseline_bench: BenchmarkResult,
+                     percentile: Percentile = "p50", confidence: float = 0.95) -> Interval:
+    """Baseline latency / candidate latency at ``percentile`` over the rounds they share, with its
+    paired bootstrap interval; the point alone (interval = point) when there are no round samples;
+    NaN if a latency is not positive."""
+    q = _quantile(percentile)
+    base_rounds, cand_rounds = rounds(baseline_bench), rounds(candidate_bench)
+    if base_rounds is not None and cand_rounds is not None:
+        return ratio_interval(baseline=base_rounds, candidate=cand_rounds, quantile=q, confidence=confidence)
+    cand, base = _latency(candidate_bench, percentile), _latency(baseline_bench, percentile)
+    if not (cand > 0 and base > 0 and math.isfinite(cand) and math.isfinite(base)):
+        log.warning("%s: no speed-up at %s (latency %s ms, baseline %s ms)",
+                    candidate_bench.candidate, percentile, cand, base)
+        return Interval.nan(confidence)
+    return Interval(base / cand, math.nan, math.nan, confidence, 0)
 
 
 def speedup(*, candidate_bench: BenchmarkResult, baseline_bench: BenchmarkResult,
             percentile: Percentile = "p50") -> float:
-    """Baseline latency / candidate latency at ``percentile``; NaN if either latency is not positive."""
-    cand = _latency(candidate_bench, percentile)
-    base = _latency(baseline_bench, percentile)
-    if not (cand > 0 and base > 0 and math.isfinite(cand) and math.isfinite(base)):
-        log.warning("%s: no speed-up at %s (latency %s ms, baseline %s ms)",
-                    candidate_bench.candidate, percentile, cand, base)
-        return math.nan
-    return base / cand
+    """Baseline latency / candidate latency at ``percentile`` (see ``speedup_interval``); NaN if not measurable."""
+    return speedup_interval(candidate_bench=candidate_bench, baseline_bench=baseline_bench,
+                            percentile=percentile).point
 
 
-def _memory_pair(candidate_bench: BenchmarkResult, baseline_bench: BenchmarkResult) -> tuple[float, float, str]:
-    """(candidate MB, baseline MB, what was compared): model RSS, or peak RSS if the baseline's is not positive."""
-    if baseline_bench.rss_model_mb > 0:
-        return candidate_bench.rss_model_mb, baseline_bench.rss_model_mb, "model RSS"
-    log.debug("baseline %s: model RSS is %.3g MB; comparing peak RSS instead",
-             baseline_bench.candidate, baseline_bench.rss_model_mb)
-    return candidate_bench.rss_peak_mb, baseline_bench.rss_peak_mb, "peak RSS"
+MemoryBasis = Literal["steady", "peak"]
 
 
-def memory_reduction(*, candidate_bench: BenchmarkResult, baseline_bench: BenchmarkResult) -> float:
-    """``1 - candidate / baseline`` model RSS (peak RSS if the baseline's model RSS is not positive).
+def _memory_rounds(bench: BenchmarkResult, basis: MemoryBasis) -> list[float]:
+    if basis == "peak":
+        return [bench.rss_peak_model_mb]
+    return list(bench.rss_steady_mb_repeats) or [bench.rss_steady_mb]
 
-    NaN when neither baseline figure is positive. Negative when the candidate uses more memory.
+
+def memory_interval(*, candidate_bench: BenchmarkResult, baseline_bench: BenchmarkResult,
+                    basis: MemoryBasis = "steady", confidence: float = 0.95) -> Interval:
+    """``1 - candidate / baseline`` memory on ``basis`` over paired rounds, with its interval.
+
+    NaN when either figure is not positive or not finite: an unmeasured memory never reads as
+    "100% less memory". Negative when the candidate uses more memory.
     """
-    cand, base, _ = _memory_pair(candidate_bench, baseline_bench)
-    if not base > 0:
-        log.warning("baseline %s: no positive RSS figure; memory reduction undefined", baseline_bench.candidate)
-        return math.nan
-    return 1.0 - cand / base
+    cand, base = _memory_rounds(candidate_bench, basis), _memory_rounds(baseline_bench, basis)
+    result = memory_reduction_interval(baseline=base, candidate=cand, confidence=confidence)
+    if not result.finite:
+        log.warning("%s: memory (%s) %s MB vs baseline %s MB: not measurable, the memory gate fails",
+                    candidate_bench.candidate, basis, cand, base)
+    return result
+
+
+def memory_reduction(*, candidate_bench: BenchmarkResult, baseline_bench: BenchmarkResult,
+                     basis: MemoryBasis = "steady") -> float:
+    """``1 - candidate / baseline`` memory on ``basis`` (see ``memory_interval``); NaN if not measurable."""
+    return memory_interval(candidate_bench=candidate_bench, baseline_bench=baseline_bench, basis=basis).point
 
 
 def quality_ratio(evaluation: EvalResult) -> float:
@@ -107,7 +176,7 @@ def _accuracy_verdict(evaluation: EvalResult | None, gates: Gates) -> GateVerdic
     if evaluation is None:
         v = verdict(gate="accuracy", metric="accuracy ratio (not evaluated)", comparator=">=",
                     threshold=gates.accuracy_ratio_min, measured=0.0)
-        return v.model_copy(update={"passed": False})
+        return v.model_copy(update={"passed": False, "status": "fail"})
     metric = f"{evaluation.metric} ratio" if evaluation.baseline > 0 else evaluation.metric
     return verdict(gate="accuracy", metric=metric, comparator=">=",
                    threshold=gates.accuracy_ratio_min, measured=quality_ratio(evaluation))
@@ -117,7 +186,7 @@ def _cosine_verdict(evaluation: EvalResult | None, threshold: float) -> GateVerd
     if evaluation is None:
         v = verdict(gate="cosine", metric="cosine mean (not evaluated)", comparator=">=",
                     threshold=threshold, measured=-1.0)
-        return v.model_copy(update={"passed": False})
+        return v.model_copy(update={"passed": False, "status": "fail"})
     return verdict(gate="cosine", metric="cosine mean", comparator=">=", threshold=threshold,
                    measured=evaluation.cosine_mean)
 
@@ -131,15 +200,18 @@ def evaluate_gates(
     budgets: Budgets,
 ) -> tuple[GateVerdict, ...]:
     """Verdicts of every gate of the profile, then one per budget set, in the order of the module doc."""
-    pct = gates.speedup_percentile
-    _, _, memory_basis = _memory_pair(benchmark, baseline_benchmark)
+    pct, basis = gates.speedup_percentile, gates.memory_basis
+    speed = speedup_interval(candidate_bench=benchmark, baseline_bench=baseline_benchmark, percentile=pct,
+                             confidence=gates.confidence)
+    memory = memory_interval(candidate_bench=benchmark, baseline_bench=baseline_benchmark, basis=basis,
+                             confidence=gates.confidence)
+    basis_name = "steady-state model memory" if basis == "steady" else "peak model memory"
     verdicts = [
         _accuracy_verdict(evaluation, gates),
-        verdict(gate="speedup", metric=f"speedup {pct}", comparator=">=", threshold=gates.speedup_min,
-                measured=speedup(candidate_bench=benchmark, baseline_bench=baseline_benchmark, percentile=pct)),
-        verdict(gate="memory", metric=f"memory reduction ({memory_basis})", comparator=">=",
-                threshold=gates.memory_reduction_min,
-                measured=memory_reduction(candidate_bench=benchmark, baseline_bench=baseline_benchmark)),
+        verdict(gate="speedup", metric=f"speedup {pct} vs {baseline_benchmark.candidate}", comparator=">=",
+                threshold=gates.speedup_min, measured=speed.point, interval=speed),
+        verdict(gate="memory", metric=f"memory reduction ({basis_name}) vs {baseline_benchmark.candidate}",
+                comparator=">=", threshold=gates.memory_reduction_min, measured=memory.point, interval=memory),
     ]
     if gates.cosine_min is not None:
         verdicts.append(_cosine_verdict(evaluation, gates.cosine_min))
@@ -160,7 +232,8 @@ def evaluate_gates(
 def outcome_with_gates(
     outcome: CandidateOutcome, *, baseline: CandidateOutcome, gates: Gates, budgets: Budgets
 ) -> CandidateOutcome:
-    """A copy of ``outcome`` with speed-ups, memory reduction and gate verdicts filled in.
+    """A copy of ``outcome`` with speed-ups, memory reduction and gate verdicts filled in, against
+    ``baseline`` (its like-for-like baseline, named in ``outcome.baseline``).
 
     A failed outcome (no benchmark, or a failure) is returned unchanged. The baseline must have a
     benchmark (``ValueError`` otherwise: without it nothing can be compared).
@@ -173,10 +246,17 @@ def outcome_with_gates(
             " candidates cannot be compared with it"
         )
     bench, base = outcome.benchmark, baseline.benchmark
+    verdicts = evaluate_gates(benchmark=bench, evaluation=outcome.evaluation, baseline_benchmark=base,
+                              gates=gates, budgets=budgets)
+    by_gate = {v.gate: v for v in verdicts}
+    speed_p50 = by_gate["speedup"].measured if gates.speedup_percentile == "p50" else speedup(
+        candidate_bench=bench, baseline_bench=base, percentile="p50")
+    speed_p95 = by_gate["speedup"].measured if gates.speedup_percentile == "p95" else speedup(
+        candidate_bench=bench, baseline_bench=base, percentile="p95")
     return outcome.model_copy(update={
-        "speedup_p50": speedup(candidate_bench=bench, baseline_bench=base, percentile="p50"),
-        "speedup_p95": speedup(candidate_bench=bench, baseline_bench=base, percentile="p95"),
-        "memory_reduction": memory_reduction(candidate_bench=bench, baseline_bench=base),
-        "verdicts": evaluate_gates(benchmark=bench, evaluation=outcome.evaluation, baseline_benchmark=base,
-                                   gates=gates, budgets=budgets),
+        "baseline": baseline.name,
+        "speedup_p50": speed_p50,
+        "speedup_p95": speed_p95,
+        "memory_reduction": by_gate["memory"].measured,
+        "verdicts": verdicts,
     })

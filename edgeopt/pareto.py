@@ -1,16 +1,18 @@
 """Pareto frontier of the measured candidates, and the recommendation among those that passed.
 
 Objectives: p95 latency (lower is better), quality = ``evaluation.value`` (higher; a candidate
-without an evaluation is worst), model RSS (lower), size on disk (lower). A candidate is dominated
+without an evaluation is worst), steady-state model memory (lower; unmeasured is worst), size on
+disk (lower). A candidate is dominated
 when another is no worse in every objective and strictly better in one; equal points do not
 dominate each other.
 
 The recommendation (``select``) scores each eligible candidate with the profile's weights::
 
     w_latency * ln(speedup_p95) + w_accuracy * ln(quality ratio)
-      + w_memory * ln(baseline model RSS / candidate's) + w_size * ln(baseline size / candidate's)
+      + w_memory * ln(baseline memory / candidate's) + w_size * ln(baseline size / candidate's)
 
-A candidate is eligible when it passed every gate, is not slower than the baseline at p50 (even
+(speed-up and memory against the candidate's like-for-like baseline). A candidate is eligible when
+every gate settled as a pass (an ``uncertain`` verdict is not a pass), it is not slower than the baseline at p50 (even
 if the profile's gates would allow it) and no other such candidate dominates it. The highest
 score wins; ties go to the lower p95 latency, then to the name.
 """
@@ -38,7 +40,8 @@ def _objectives(outcome: CandidateOutcome) -> tuple[float, float, float, float]:
     if bench is None:
         raise ValueError(f"{outcome.name} has no benchmark; it has no place on the frontier")
     quality = outcome.evaluation.value if outcome.evaluation is not None else -math.inf
-    return (bench.latency_ms_p95, -quality, bench.rss_model_mb, float(bench.size_bytes))
+    memory = bench.rss_steady_mb if math.isfinite(bench.rss_steady_mb) and bench.rss_steady_mb > 0 else math.inf
+    return (bench.latency_ms_p95, -quality, memory, float(bench.size_bytes))
 
 
 def dominates(a: CandidateOutcome, b: CandidateOutcome) -> bool:
@@ -96,6 +99,9 @@ def _describe_failure(v: GateVerdict) -> str:
     if "not evaluated" in v.metric:
         return f"{v.gate} not evaluated"
     m, t = _fmt_pair(v.measured, v.threshold)
+    if v.status == "uncertain":
+        return (f"{v.gate} {m} uncertain: its {v.confidence or 0.95:.0%} interval [{v.ci_low:.2f}, {v.ci_high:.2f}] "
+                f"straddles {t}")
     op, word = ("<", "short by") if v.comparator == ">=" else (">", "over by")
     return f"{v.gate} {m} {op} {t} ({word} {abs(v.margin):.2f})"
 

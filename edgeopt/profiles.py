@@ -59,6 +59,9 @@ class BenchmarkConfig(_Strict):
     eval_samples: int = Field(64, ge=1, description="data samples cycled through as benchmark inputs")
     seq_len: int = Field(128, ge=1, description="token sequence length text data is padded/truncated to")
     max_eval_samples: int = Field(1000, ge=1, description="samples used for accuracy/fidelity at most")
+    extra_repeats: int = Field(3, ge=0, description="rounds added, interleaved with their baseline, for "
+                               "candidates whose speed-up or memory verdict is uncertain (interval straddles "
+                               "the threshold) before the verdict is final")
 
 
 class Budgets(_Strict):
@@ -77,6 +80,11 @@ class Gates(_Strict):
     speedup_percentile: Literal["p50", "p95"] = Field("p50", description="latency percentile for speed-up")
     memory_reduction_min: float = Field(0.5, ge=0, lt=1, description="1 - candidate/baseline model RSS at least")
     cosine_min: float | None = Field(None, ge=-1, le=1, description="mean cosine similarity to the baseline at least")
+    memory_basis: Literal["steady", "peak"] = Field(
+        "steady", description="memory the memory gate compares: 'steady' (resident memory of the loaded, "
+        "warmed-up model) or 'peak' (high-water mark during load and inference)")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="confidence level of the speed-up and memory "
+                              "intervals; a gate passes only when its whole interval clears the threshold")
 
 
 class GateOverrides(_Strict):
@@ -87,6 +95,8 @@ class GateOverrides(_Strict):
     speedup_percentile: Literal["p50", "p95"] | None = Field(None, description="as Gates.speedup_percentile")
     memory_reduction_min: float | None = Field(None, ge=0, lt=1, description="as Gates.memory_reduction_min")
     cosine_min: float | None = Field(None, ge=-1, le=1, description="as Gates.cosine_min")
+    memory_basis: Literal["steady", "peak"] | None = Field(None, description="as Gates.memory_basis")
+    confidence: float | None = Field(None, gt=0.5, lt=1, description="as Gates.confidence")
 
 
 class Objective(_Strict):

@@ -7,6 +7,7 @@ Units are in field names (``latency_ms_p95``, ``rss_peak_mb``, ``size_bytes``).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -20,6 +21,7 @@ __all__ = [
     "CandidateSpec",
     "EvalResult",
     "Failure",
+    "GateStatus",
     "GateVerdict",
     "HardwareFingerprint",
     "ModelKind",
@@ -35,7 +37,7 @@ ModelFormat = Literal["onnx", "hf", "gguf"]
 
 #: bumped whenever a record gains, loses or changes a field: results cached by an older edgeopt
 #: (pickled records of the old shape) are then not reused
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 class Record(BaseModel):
     """Base of every record: immutable, unknown fields rejected."""
@@ -142,8 +144,20 @@ class BenchmarkResult(Record):
     latency_ms_min: float
     latency_ms_max: float
     throughput_per_s: float
-    rss_peak_mb: float = Field(description="peak resident memory of the measuring process")
-    rss_model_mb: float = Field(description="peak RSS minus RSS after importing the runtime: the model's share")
+    rss_peak_mb: float = Field(description="peak resident memory of the whole measuring process (MB), imports "
+                               "and data included")
+    rss_steady_mb: float = Field(description="steady-state memory of the loaded, warmed-up model (MB): anonymous "
+                                 "RSS after the timed runs (allocator trimmed) minus anonymous RSS at the reference "
+                                 "point (runtime imported, its libraries loaded and warmed on a tiny model, data "
+                                 "built); NaN when it cannot be measured")
+    rss_steady_file_mb: float = Field(default=math.nan, description="file-backed RSS the model added at steady "
+                                      "state (MB): memory-mapped weights; reported, not gated")
+    rss_peak_model_mb: float = Field(description="peak RSS during load and inference above the reference point "
+                                     "(MB): the high-water mark reset at that point minus the RSS there; NaN when "
+                                     "the peak cannot be reset (see memory_source)")
+    memory_source: str = Field(default="", description="where the memory figures come from, e.g. "
+                               "'RssAnon; VmHWM reset at reference' (Linux) or 'USS; ru_maxrss, not reset'")
+    rss_steady_mb_repeats: tuple[float, ...] = Field(default=(), description="rss_steady_mb of each repeat")
     load_time_ms: float
     size_bytes: int
     duration_s: float
@@ -151,10 +165,19 @@ class BenchmarkResult(Record):
     repeats: int = Field(default=1, description="fresh-process measurements pooled into this result")
     latency_ms_p50_repeats: tuple[float, ...] = Field(default=(), description="p50 of each repeat, in order")
     latency_p50_spread_pct: float = Field(default=0.0, description="(max - min) / median of the repeats' p50, %")
+    repeat_sample_counts: tuple[int, ...] = Field(default=(), description="timed runs of each repeat, in order "
+                                                  "(the pooled samples file holds them one repeat after another)")
     sequence: str = Field(default="fixed", description="text inputs ran 'fixed' (padded as given), 'dynamic' "
                           "(each at its real length) or 'bucketed'")
     seq_len_mean: float | None = Field(default=None, description="mean token length the inputs ran at "
                                        "(text models)")
+    inter_op_threads: int | None = Field(default=None, description="threads across operators it ran with")
+    audit_path: str | None = Field(default=None, description=".npz of outputs captured inside the timed loop "
+                                   "('index' = sample rows, 'output_<i>' = outputs), compared with the "
+                                   "evaluation run's outputs for the same inputs (audit)")
+    audit_repeat_ratio: float | None = Field(default=None, description="median latency on repeated identical "
+                                             "inputs / median latency of the same inputs in the timed loop; far "
+                                             "below 1 means results are cached (audit)")
     hardware: HardwareFingerprint
 
 
@@ -171,6 +194,9 @@ class EvalResult(Record):
     max_abs_error: float
 
 
+GateStatus = Literal["pass", "fail", "uncertain"]
+
+
 class GateVerdict(Record):
     gate: str
     metric: str
@@ -178,11 +204,18 @@ class GateVerdict(Record):
     threshold: float
     measured: float
     margin: float = Field(description="measured - threshold for '>=', threshold - measured for '<='")
-    passed: bool
+    passed: bool = Field(description="settled pass: the whole confidence interval (if any) clears the threshold")
+    status: GateStatus = Field(default="fail", description="'pass' (interval clears the threshold), 'fail' "
+                               "(interval misses it entirely) or 'uncertain' (the interval straddles it)")
+    ci_low: float | None = Field(default=None, description="lower bound of the measured value's confidence interval")
+    ci_high: float | None = Field(default=None, description="upper bound of the measured value's confidence interval")
+    confidence: float | None = Field(default=None, description="confidence level of [ci_low, ci_high], e.g. 0.95")
 
     def describe(self) -> str:
-        word = "pass" if self.passed else "FAIL"
-        return f"{self.gate}: {self.measured:.4g} {self.comparator} {self.threshold:.4g} ({word}, margin {self.margin:+.4g})"
+        word = {"pass": "pass", "fail": "FAIL", "uncertain": "UNCERTAIN"}[self.status]
+        ci = f" [{self.ci_low:.4g}, {self.ci_high:.4g}]" if self.ci_low is not None and self.ci_high is not None else ""
+        return (f"{self.gate}: {self.measured:.4g}{ci} {self.comparator} {self.threshold:.4g} "
+                f"({word}, margin {self.margin:+.4g})")
 
 
 class CandidateOutcome(Record):
@@ -191,9 +224,12 @@ class CandidateOutcome(Record):
     benchmark: BenchmarkResult | None = None
     evaluation: EvalResult | None = None
     failure: Failure | None = None
+    baseline: str | None = Field(default=None, description="the baseline measurement this candidate's ratios "
+                                 "use: same inputs, sequence shapes and thread budget, measured interleaved with it")
     speedup_p50: float | None = None
     speedup_p95: float | None = None
-    memory_reduction: float | None = Field(default=None, description="1 - rss_model_mb / baseline's")
+    memory_reduction: float | None = Field(default=None, description="1 - memory / the baseline's, on the "
+                                           "profile's memory basis (steady state by default)")
     verdicts: tuple[GateVerdict, ...] = ()
 
     @property
@@ -206,7 +242,14 @@ class CandidateOutcome(Record):
 
     @property
     def passed(self) -> bool:
+        """Every gate settled as a pass (an uncertain gate is not a pass)."""
         return self.ok and not self.spec.baseline and bool(self.verdicts) and all(v.passed for v in self.verdicts)
+
+    @property
+    def uncertain(self) -> bool:
+        """No gate failed outright, and at least one is uncertain (its interval straddles the threshold)."""
+        return (self.ok and not self.spec.baseline and any(v.status == "uncertain" for v in self.verdicts)
+                and not any(v.status == "fail" for v in self.verdicts))
 
 
 class Selection(Record):

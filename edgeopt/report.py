@@ -6,10 +6,13 @@ from collections.abc import Sequence
 
 from edgeopt.records import BenchmarkResult, CandidateOutcome, Selection
 
-__all__ = ["COLUMNS", "markdown", "rows", "verdict"]
+__all__ = ["CLI_COLUMNS", "COLUMNS", "markdown", "rows", "verdict"]
 
-COLUMNS = ("candidate", "runs as", "tokens", "p50 ms", "p95 ms", "p50 spread", "speed-up p50", "speed-up p95", "model RSS MB", "peak RSS MB",
-           "size MB", "accuracy", "fidelity", "verdict")
+COLUMNS = ("candidate", "runs as", "tokens", "vs", "p50 ms", "p95 ms", "p50 spread", "speed-up p50", "speed-up p95",
+           "speed-up CI", "steady MB", "peak MB", "memory -%", "size MB", "accuracy", "fidelity", "verdict")
+#: the columns the command line shows (the Markdown report and MLflow have them all)
+CLI_COLUMNS = ("candidate", "runs as", "tokens", "vs", "p50 ms", "speed-up p50", "speed-up CI", "steady MB",
+               "peak MB", "memory -%", "size MB", "accuracy", "verdict")
 
 
 def verdict(o: CandidateOutcome, selection: Selection | None = None) -> str:
@@ -19,10 +22,26 @@ def verdict(o: CandidateOutcome, selection: Selection | None = None) -> str:
         return "baseline"
     if selection is not None and selection.selected == o.name:
         return "SELECTED"
-    failed = [v.gate for v in o.verdicts if not v.passed]
-    if not failed:
+    if not o.verdicts:
+        return "not gated"
+    failed = [v.gate for v in o.verdicts if v.status == "fail"]
+    uncertain = [v.gate for v in o.verdicts if v.status == "uncertain"]
+    if not failed and not uncertain:
         return "pass"
-    return "fail: " + ", ".join(failed)
+    parts = (["fail: " + ", ".join(failed)] if failed else []) + (["uncertain: " + ", ".join(uncertain)]
+                                                                   if uncertain else [])
+    return "; ".join(parts)
+
+
+def _ci(o: CandidateOutcome, gate: str) -> str:
+    v = next((v for v in o.verdicts if v.gate == gate), None)
+    if v is None or v.ci_low is None or v.ci_high is None:
+        return "-"
+    return f"{v.ci_low:.2f}-{v.ci_high:.2f}x"
+
+
+def _mem(value: float | None) -> str:
+    return "NaN" if value is not None and value != value else _f(value, ".1f")
 
 
 def _f(value: float | None, fmt: str) -> str:
@@ -51,13 +70,17 @@ def rows(outcomes: Sequence[CandidateOutcome], selection: Selection | None = Non
             "candidate": o.name,
             "runs as": o.artifact.precision if o.artifact else "-",
             "tokens": _tokens(b),
+            "vs": "" if o.spec.baseline else (o.baseline or "-"),
             "p50 ms": _f(b and b.latency_ms_p50, ".3f"),
             "p95 ms": _f(b and b.latency_ms_p95, ".3f"),
             "p50 spread": f"{b.latency_p50_spread_pct:.1f}% ({b.repeats}x)" if b else "-",
             "speed-up p50": "1.00x" if (o.spec.baseline and b) else _f(o.speedup_p50, ".2f") + ("x" if o.speedup_p50 else ""),
             "speed-up p95": "1.00x" if (o.spec.baseline and b) else _f(o.speedup_p95, ".2f") + ("x" if o.speedup_p95 else ""),
-            "model RSS MB": _f(b and b.rss_model_mb, ".1f"),
-            "peak RSS MB": _f(b and b.rss_peak_mb, ".1f"),
+            "speed-up CI": _ci(o, "speedup"),
+            "steady MB": _mem(b.rss_steady_mb) if b else "-",
+            "peak MB": _mem(b.rss_peak_model_mb) if b else "-",
+            "memory -%": "-" if o.memory_reduction is None else ("NaN" if o.memory_reduction != o.memory_reduction
+                                                                 else f"{o.memory_reduction * 100:.0f}%"),
             "size MB": _f(b.size_bytes / 1e6 if b else (o.artifact.size_bytes / 1e6 if o.artifact else None), ".2f"),
             "accuracy": accuracy,
             "fidelity": fidelity,
@@ -67,7 +90,10 @@ def rows(outcomes: Sequence[CandidateOutcome], selection: Selection | None = Non
 
 
 def markdown(outcomes: Sequence[CandidateOutcome], selection: Selection, *, title: str, links: dict[str, str]) -> str:
-    lines = [f"# {title}", "", f"**{selection.message}**", ""]
+    lines = [f"# {title}", "", f"**{selection.message}**", "",
+             "Speed-up CI: 95% paired bootstrap interval over the interleaved rounds; a gate passes only when "
+             "its whole interval clears the threshold. steady MB: resident memory of the loaded, warmed-up model; "
+             "peak MB: high-water mark during load and inference above the runtime's own memory.", ""]
     lines.append("| " + " | ".join(COLUMNS) + " |")
     lines.append("|" + "---|" * len(COLUMNS))
     for r in rows(outcomes, selection):
@@ -83,6 +109,12 @@ def markdown(outcomes: Sequence[CandidateOutcome], selection: Selection, *, titl
         lines += ["", "**Gate verdicts**", ""]
         for o in verdicts:
             lines.append(f"- {o.name}: " + "; ".join(v.describe() for v in o.verdicts))
+    baselines = [o for o in outcomes if o.spec.baseline and o.benchmark]
+    if len(baselines) > 1:
+        lines += ["", "**Baselines** (each candidate's ratios use the baseline in its `vs` column: same inputs, "
+                  "sequence shapes and threads, measured interleaved with it)", ""]
+        lines += [f"- {o.name}: sequence {o.benchmark.sequence}, {o.benchmark.threads} thread(s), "
+                  f"p50 {o.benchmark.latency_ms_p50:.3f} ms" for o in baselines]
     if selection.frontier:
         lines += ["", f"Pareto frontier (p95 latency, quality, model RSS, size): {', '.join(selection.frontier)}"]
     if links:

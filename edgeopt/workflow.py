@@ -6,17 +6,16 @@ the orchestration overhead. Every phase takes and returns records and paths.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
 
 from edgeopt import backends, bench, gates, intake, pareto
+from edgeopt.comparison import with_threads
 from edgeopt.data import Dataset, file_sha256, load_dataset
 from edgeopt.errors import BackendUnavailable, CandidateFailed, ConfigError, DataError, ModelError
 from edgeopt.evaluate import evaluator_for, load_outputs
+from edgeopt.keys import digest, hardware_identity, result_key, stamp_ok, write_stamp
 from edgeopt.profiles import Profile
 from edgeopt.records import (
     Artifact,
@@ -32,33 +31,32 @@ from edgeopt.records import (
 from edgeopt.text import is_text_data, prepare_text_data
 
 __all__ = [
+    "audit",
     "bench_dir",
+    "bench_key",
     "bench_settings",
     "build",
     "build_dir",
     "build_input",
+    "build_key",
     "check_data",
-    "digest",
+    "data_sha",
     "evaluate",
     "failed",
     "measure",
-    "outputs_path",
+    "outputs_dir",
+    "outputs_key",
     "plan",
     "pool",
     "prepare_data",
     "prepare_model",
+    "result_ok",
     "run_outputs",
     "select",
     "with_gates",
 ]
 
 log = logging.getLogger(__name__)
-
-
-def digest(*parts: Any) -> str:
-    """A stable short hash of JSON-able parts (cache keys, folder names)."""
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:24]
 
 
 def prepare_model(model: str, *, work_dir: Path) -> tuple[Assessment, Assessment]:
@@ -136,17 +134,31 @@ def plan(profile: Profile, *, only: tuple[str, ...] = (), source: Assessment,
     return specs, skipped
 
 
-def build_dir(spec: CandidateSpec, *, assessment: Assessment, calibration: str | None, work_dir: Path) -> Path:
-    """Content-addressed build folder: model sha, backend, recipe, calibration data and tool versions."""
+def data_sha(path: str | None) -> str | None:
+    """sha256 of a data file (None without one)."""
+    return file_sha256(path) if path and Path(path).is_file() else None
+
+
+def build_key(spec: CandidateSpec, *, assessment: Assessment, calibration: str | None,
+              hardware: HardwareFingerprint | None) -> str:
+    """Key of a build: model sha, backend, recipe, calibration data (if the recipe uses it), tool
+    versions, hardware (a build may choose formats by CPU), sequence choice."""
     backend = backends.get(spec.backend)
     needs_cal = backend.recipe_type.model_validate(spec.recipe).needs_calibration()
-    cal_sha = file_sha256(calibration) if (needs_cal and calibration and Path(calibration).is_file()) else None
-    key = digest(assessment.model.sha256, spec.backend, spec.recipe, cal_sha, backend.tool_versions(),
-                 *([spec.sequence_runtime()] if spec.sequence != "fixed" else []))
+    return result_key("build", model=assessment.model.sha256, backend=spec.backend, recipe=spec.recipe,
+                      calibration=data_sha(calibration) if needs_cal else None, tools=backend.tool_versions(),
+                      hardware=hardware_identity(hardware), sequence=spec.sequence_runtime())
+
+
+def build_dir(spec: CandidateSpec, *, assessment: Assessment, calibration: str | None, work_dir: Path,
+              hardware: HardwareFingerprint | None = None) -> Path:
+    """Content-addressed build folder, named by ``build_key``."""
+    key = build_key(spec, assessment=assessment, calibration=calibration, hardware=hardware)
     return work_dir / "builds" / f"{spec.name}-{key}"
 
 
-def build(spec: CandidateSpec, *, assessment: Assessment, calibration: str | None, work_dir: Path) -> Artifact:
+def build(spec: CandidateSpec, *, assessment: Assessment, calibration: str | None, work_dir: Path,
+          hardware: HardwareFingerprint | None = None) -> Artifact:
     """Build one candidate into a content-addressed folder under ``work_dir/builds``.
 
     Raises ``CandidateFailed`` with a classified reason (``unavailable``, ``missing-data``, ...).
@@ -165,7 +177,7 @@ def build(spec: CandidateSpec, *, assessment: Assessment, calibration: str | Non
             cal = load_dataset(calibration, signature=assessment.inputs, role="calibration")
         except DataError as exc:
             raise CandidateFailed("missing-data", f"{spec.name}: {exc}") from exc
-    out_dir = build_dir(spec, assessment=assessment, calibration=calibration if cal else None, work_dir=work_dir)
+    out_dir = build_dir(spec, assessment=assessment, calibration=calibration, work_dir=work_dir, hardware=hardware)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     try:
@@ -175,6 +187,7 @@ def build(spec: CandidateSpec, *, assessment: Assessment, calibration: str | Non
         raise CandidateFailed("unavailable", f"{spec.name}: {exc}") from exc
     if spec.sequence != "fixed":  # carried to the measuring process with the artifact
         artifact = artifact.model_copy(update={"runtime": artifact.runtime | spec.sequence_runtime()})
+    write_stamp(out_dir, out_dir.name.removeprefix(f"{spec.name}-"))
     log.info("built %s: %s (%d bytes)", spec.name, artifact.precision, artifact.size_bytes)
     return artifact
 
@@ -188,55 +201,94 @@ def bench_settings(profile: Profile) -> bench.BenchSettings:
     )
 
 
-def _with_threads(artifact: Artifact, profile: Profile) -> Artifact:
-    """Apply the profile's default thread count where the recipe left it open."""
-    runtime = dict(artifact.runtime)
-    if runtime.get("intra_op_threads") is None:
-        runtime["intra_op_threads"] = profile.hardware.threads
-    return artifact.model_copy(update={"runtime": runtime})
+def bench_key(artifact: Artifact, *, profile: Profile, evaluation: str | None, hardware: HardwareFingerprint,
+              group: str, repeat: int) -> str:
+    """Key of one measurement: the artifact as it runs (threads made explicit), the benchmark settings,
+    the evaluation data, tools, hardware, the round and the comparison group it was measured with."""
+    artifact = with_threads(artifact, threads=profile.hardware.threads)
+    return result_key("bench", artifact=artifact.sha256, runtime=artifact.runtime, settings=profile.benchmark,
+                      evaluation=data_sha(evaluation), tools=artifact.tool_versions,
+                      hardware=hardware_identity(hardware), group=group, repeat=repeat)
 
 
-def bench_dir(artifact: Artifact, *, profile: Profile, work_dir: Path, repeat: int = 0) -> Path:
-    artifact = _with_threads(artifact, profile)
-    key = digest(profile.benchmark, artifact.runtime)
-    return work_dir / "bench" / f"{artifact.candidate}-{artifact.sha256[:12]}-{key}" / f"repeat-{repeat}"
+def bench_dir(artifact: Artifact, *, profile: Profile, evaluation: str | None, hardware: HardwareFingerprint,
+              group: str, repeat: int, work_dir: Path) -> Path:
+    key = bench_key(artifact, profile=profile, evaluation=evaluation, hardware=hardware, group=group, repeat=repeat)
+    return work_dir / "bench" / f"{artifact.candidate}-{key}"
 
 
-def outputs_path(artifact: Artifact, *, profile: Profile, work_dir: Path) -> Path:
-    key = digest(artifact.sha256, profile.benchmark.batch_size, profile.benchmark.max_eval_samples)
-    return work_dir / "outputs" / f"{artifact.candidate}-{key}.npz"
+def outputs_key(artifact: Artifact, *, profile: Profile, evaluation: str | None,
+                hardware: HardwareFingerprint | None) -> str:
+    artifact = with_threads(artifact, threads=profile.hardware.threads)
+    return result_key("outputs", artifact=artifact.sha256, runtime=artifact.runtime,
+                      batch_size=profile.benchmark.batch_size, max_samples=profile.benchmark.max_eval_samples,
+                      evaluation=data_sha(evaluation), tools=artifact.tool_versions,
+                      hardware=hardware_identity(hardware))
+
+
+def outputs_dir(artifact: Artifact, *, profile: Profile, evaluation: str | None,
+                hardware: HardwareFingerprint | None, work_dir: Path) -> Path:
+    key = outputs_key(artifact, profile=profile, evaluation=evaluation, hardware=hardware)
+    return work_dir / "outputs" / f"{artifact.candidate}-{key}"
+
+
+def result_ok(folder: Path, *, name: str) -> bool:
+    """A finished result folder whose stamp matches its name's key and whose files their digests."""
+    return stamp_ok(folder, folder.name.removeprefix(f"{name}-"))
 
 
 def measure(artifact: Artifact, *, profile: Profile, assessment: Assessment, hardware: HardwareFingerprint,
-            evaluation: str | None, work_dir: Path, lock_path: Path | None = None, repeat: int = 0) -> BenchmarkResult:
-    """Benchmark one artifact in a fresh process (CandidateFailed on crash, oom, timeout...).
+            evaluation: str | None, work_dir: Path, group: str = "", lock_path: Path | None = None,
+            repeat: int = 0) -> BenchmarkResult:
+    """Benchmark one artifact in a fresh process (CandidateFailed on crash, oom, timeout, audit...).
 
-    ``repeat`` numbers the measurements of one artifact (``profile.benchmark.repeats`` of them,
-    interleaved across candidates by the caller so that each sees the same machine conditions).
+    ``repeat`` numbers the rounds (``profile.benchmark.repeats`` of them, plus extra rounds for
+    uncertain verdicts), interleaved across the members of a comparison ``group`` by the caller so
+    that each sees the same machine conditions.
     """
-    artifact = _with_threads(artifact, profile)
-    out_dir = bench_dir(artifact, profile=profile, work_dir=work_dir, repeat=repeat)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return bench.measure(artifact=artifact, settings=bench_settings(profile), signature=assessment.inputs,
-                         hardware=hardware, out_dir=out_dir, data_path=evaluation, lock_path=lock_path)
+    artifact = with_threads(artifact, threads=profile.hardware.threads)
+    out_dir = bench_dir(artifact, profile=profile, evaluation=evaluation, hardware=hardware, group=group,
+                        repeat=repeat, work_dir=work_dir)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    result = bench.measure(artifact=artifact, settings=bench_settings(profile), signature=assessment.inputs,
+                           hardware=hardware, out_dir=out_dir, data_path=evaluation, lock_path=lock_path)
+    write_stamp(out_dir, out_dir.name.removeprefix(f"{artifact.candidate}-"))
+    return result
 
 
 def pool(results: list[BenchmarkResult]) -> BenchmarkResult:
-    """One result from an artifact's repeated measurements (pooled samples, p50 spread)."""
-    first = Path(results[0].samples_path).parent.parent
-    return bench.combine(results, out_path=first / "pooled_latency_ms.npy")
+    """One result from an artifact's rounds (pooled samples in round order, p50 spread)."""
+    name = f"pooled-{digest([r.samples_path for r in results])}.npy"
+    return bench.combine(results, out_path=Path(results[0].samples_path).parent.parent / name)
 
 
 def run_outputs(artifact: Artifact, *, profile: Profile, assessment: Assessment, evaluation: str | None,
-                work_dir: Path) -> str:
+                work_dir: Path, hardware: HardwareFingerprint | None = None) -> str:
     """Run the artifact over the evaluation data (or synthetic inputs) in a fresh process; path of outputs."""
-    artifact = _with_threads(artifact, profile)
-    out = outputs_path(artifact, profile=profile, work_dir=work_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    path = bench.infer(artifact=artifact, signature=assessment.inputs, out_path=out, data_path=evaluation,
-                       batch_size=profile.benchmark.batch_size, max_samples=profile.benchmark.max_eval_samples,
-                       timeout_s=profile.benchmark.timeout_s)
+    artifact = with_threads(artifact, threads=profile.hardware.threads)
+    folder = outputs_dir(artifact, profile=profile, evaluation=evaluation, hardware=hardware, work_dir=work_dir)
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    path = bench.infer(artifact=artifact, signature=assessment.inputs, out_path=folder / "outputs.npz",
+                       data_path=evaluation, batch_size=profile.benchmark.batch_size,
+                       max_samples=profile.benchmark.max_eval_samples, timeout_s=profile.benchmark.timeout_s)
+    write_stamp(folder, folder.name.removeprefix(f"{artifact.candidate}-"), files=["outputs.npz"])
     return str(path)
+
+
+def audit(outcome: CandidateOutcome, *, outputs: str) -> CandidateOutcome:
+    """The outcome, or a failure with reason ``audit`` when the outputs its timed runs produced differ
+    from the evaluation run's for the same inputs (MLPerf TEST01)."""
+    if outcome.benchmark is None:
+        return outcome
+    try:
+        bench.check_outputs(benchmark=outcome.benchmark, outputs_path=outputs)
+    except CandidateFailed as exc:
+        return failed(outcome.spec, stage="benchmark", error=exc, artifact=outcome.artifact)
+    return outcome
 
 
 def evaluate(candidate: str, *, outputs: str, baseline_outputs: str, assessment: Assessment,
@@ -262,16 +314,22 @@ def failed(spec: CandidateSpec, *, stage: str, error: CandidateFailed, artifact:
                             failure=Failure(stage=stage, reason=error.reason, message=str(error)))
 
 
-def with_gates(outcomes: list[CandidateOutcome], *, profile: Profile, kind: str) -> list[CandidateOutcome]:
-    """Apply the profile's gates for this ``kind`` of model to every successful candidate against
-    the baseline outcome."""
-    baseline = next(o for o in outcomes if o.spec.baseline)
-    if not baseline.ok:
-        return outcomes
+def with_gates(outcomes: list[CandidateOutcome], *, profile: Profile, kind: str,
+               baselines: dict[str, str] | None = None) -> list[CandidateOutcome]:
+    """Apply the profile's gates for this ``kind`` of model to every successful candidate against its
+    like-for-like baseline (``baselines``: candidate name -> baseline variant name; default: the
+    first baseline outcome). A candidate whose baseline failed is left without verdicts."""
+    by_name = {o.name: o for o in outcomes}
+    first = next(o for o in outcomes if o.spec.baseline)
     kind_gates = profile.gates_for(kind)
-    return [o if o.spec.baseline else gates.outcome_with_gates(o, baseline=baseline, gates=kind_gates,
-                                                               budgets=profile.budgets)
-            for o in outcomes]
+    gated = []
+    for o in outcomes:
+        base = by_name.get((baselines or {}).get(o.name, first.name), first)
+        if o.spec.baseline or not base.ok:
+            gated.append(o)
+            continue
+        gated.append(gates.outcome_with_gates(o, baseline=base, gates=kind_gates, budgets=profile.budgets))
+    return gated
 
 
 def select(outcomes: list[CandidateOutcome], *, profile: Profile) -> Selection:

@@ -18,22 +18,23 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict
 
 from edgeopt import report, settings, workflow
+from edgeopt.comparison import comparison_groups
 from edgeopt.errors import CandidateFailed, ConfigError, EdgeOptError
 from edgeopt.profiles import host_mismatches
 from edgeopt.records import CandidateOutcome, Selection
+from flows._measuring import Measurements, measure_rounds
 from tasks import tracking
 from tasks.phases import (
-    bench_files_missing,
+    audit_task,
     benchmark_slot,
-    benchmark_task,
-    build_files_missing,
+    build_stale,
     build_task,
     check_data_task,
     evaluate_task,
     fingerprint_task,
     gate_task,
     load_profile_task,
-    outputs_files_missing,
+    outputs_stale,
     outputs_task,
     pool_task,
     prepare_data_task,
@@ -74,6 +75,7 @@ class OptimizeReport(BaseModel):
     flow_run_id: str | None = None
     flow_run_url: str | None = None
     cached: tuple[str, ...] = ()
+    remeasured: tuple[str, ...] = ()
 
 
 def _default_model_name(model: str, profile: str) -> str:
@@ -84,71 +86,74 @@ def _default_model_name(model: str, profile: str) -> str:
     return f"{stem}-{profile}"
 
 
-def _benchmark_rounds(specs, built, *, prof, assessment, hw, evaluation, work, refresh):
-    """Measure every built candidate ``repeats`` times, interleaved (round 1: all, round 2: all...),
-    so slow and fast periods of the machine fall on every candidate alike.
-
-    Returns ({name: [result per repeat]}, {name: failed outcome}, {name: all repeats cached?}).
-    """
-    results: dict[str, list] = {}
-    failures: dict[str, CandidateOutcome] = {}
-    cached: dict[str, bool] = {}
-    repeats = prof.benchmark.repeats
-    for r in range(repeats):
-        for s in specs:
-            art = built[s.name]
-            if isinstance(art, CandidateOutcome) or s.name in failures:
-                continue
-            _progress("benchmark", f"{s.name} ({r + 1}/{repeats})")
-            stale = refresh or bench_files_missing(art, prof, work, r)
-            state = benchmark_task.with_options(refresh_cache=stale or None)(
-                art, prof, assessment, hw, evaluation, work, r, return_state=True)
-            try:
-                results.setdefault(s.name, []).append(state.result())
-            except CandidateFailed as exc:
-                failures[s.name] = workflow.failed(s, stage="benchmark", error=exc, artifact=art)
-                if s.baseline:  # nothing can be compared with it: stop measuring
-                    return results, failures, cached
-                continue
-            cached[s.name] = cached.get(s.name, True) and state.name == "Cached"
-    return results, failures, cached
-
-
-def _measure_all(specs, built, *, prof, assessment, hw, evaluation, work, refresh):
-    """Benchmark (interleaved repeats), run outputs and evaluate every built candidate, in order."""
+def _outputs_and_eval(names, m: Measurements, *, specs, artifacts, prof, assessment, hw, evaluation, work,
+                      refresh, reference: str) -> list[CandidateOutcome]:
+    """Pool each member's rounds, run its outputs over the evaluation data, audit its timed outputs
+    against them, and evaluate it against the ``reference`` baseline's outputs (first in ``names``)."""
     outcomes: list[CandidateOutcome] = []
-    baseline_outputs: str | None = None
-    results, failures, cached = _benchmark_rounds(specs, built, prof=prof, assessment=assessment, hw=hw,
-                                                  evaluation=evaluation, work=work, refresh=refresh)
-    for s in specs:
-        art = built[s.name]
-        if isinstance(art, CandidateOutcome) or s.name in failures:
-            outcome = art if isinstance(art, CandidateOutcome) else failures[s.name]
-            if s.baseline:
-                raise EdgeOptError(f"the baseline {s.name} failed ({outcome.failure.reason}): "
-                                   f"{outcome.failure.message}; nothing is registered")
-            outcomes.append(outcome)
+    reference_outputs: str | None = None
+    for name in names:
+        spec, art = specs[name], artifacts.get(name)
+        if name in m.failures:
+            outcomes.append(m.failures[name])
             continue
-        outcome = CandidateOutcome(spec=s, artifact=art, benchmark=pool_task(s.name, results[s.name]))
-        _progress("evaluate", s.name)
-        stale = refresh or outputs_files_missing(art, prof, work)
+        outcome = CandidateOutcome(spec=spec, artifact=art, benchmark=pool_task(name, m.results[name]))
+        _progress("evaluate", name)
+        stale = refresh or outputs_stale(art, prof, evaluation, hw, work)
         try:
-            outputs = outputs_task.with_options(refresh_cache=stale or None)(art, prof, assessment, evaluation, work)
+            outputs = outputs_task.with_options(refresh_cache=stale or None)(art, prof, assessment, evaluation, work, hw)
         except CandidateFailed as exc:
-            if s.baseline:
-                raise EdgeOptError(f"the baseline {s.name} failed ({exc.reason}): {exc}; nothing is registered") from exc
-            outcomes.append(workflow.failed(s, stage="evaluate", error=exc, artifact=art))
+            outcomes.append(workflow.failed(spec, stage="evaluate", error=exc, artifact=art))
             continue
-        if s.baseline:
-            baseline_outputs = outputs
-        try:
-            ev = evaluate_task(s.name, outputs, baseline_outputs, assessment, evaluation,
-                               prof.benchmark.max_eval_samples)
-            outcome = outcome.model_copy(update={"evaluation": ev})
-        except CandidateFailed as exc:
-            outcome = workflow.failed(s, stage="evaluate", error=exc, artifact=art)
+        if name == reference:
+            reference_outputs = outputs
+        outcome = audit_task(outcome, outputs)
+        if outcome.ok:
+            try:
+                ev = evaluate_task(name, outputs, reference_outputs, assessment, evaluation,
+                                   prof.benchmark.max_eval_samples)
+                outcome = outcome.model_copy(update={"evaluation": ev})
+            except CandidateFailed as exc:
+                outcome = workflow.failed(spec, stage="evaluate", error=exc, artifact=art)
         outcomes.append(outcome)
-    return outcomes, cached
+    return outcomes
+
+
+def _measure_all(groups, specs, artifacts, *, prof, assessment, hw, evaluation, work, refresh):
+    """Measure every group (interleaved rounds), evaluate, gate; re-measure uncertain verdicts.
+
+    Returns (gated outcomes: baselines first, Measurements).
+    """
+    kw = {"specs": specs, "artifacts": artifacts, "prof": prof, "assessment": assessment, "hw": hw, "evaluation": evaluation,
+              "work": work, "refresh": refresh}
+    m = measure_rounds(groups, range(prof.benchmark.repeats), m=Measurements(), progress=_progress, **kw)
+    reference = groups[0].baseline.name
+    if reference in m.failures:
+        f = m.failures[reference].failure
+        raise EdgeOptError(f"the baseline {reference} failed ({f.reason}): {f.message}; nothing is registered")
+    names = [g.baseline.name for g in groups] + [n for g in groups for n in g.members]
+    order = {n: i for i, n in enumerate(specs)}
+    names = names[:len(groups)] + sorted(names[len(groups):], key=order.__getitem__)
+    outcomes = _outputs_and_eval(names, m, reference=reference, **kw)
+    if not next(o for o in outcomes if o.name == reference).ok:
+        f = next(o for o in outcomes if o.name == reference).failure
+        raise EdgeOptError(f"the baseline {reference} failed ({f.reason}): {f.message}; nothing is registered")
+    baselines = {n: g.baseline.name for g in groups for n in g.members}
+    outcomes = gate_task(outcomes, prof, assessment.kind, baselines)
+    uncertain = {o.name for o in outcomes if o.uncertain}
+    extra = prof.benchmark.extra_repeats
+    if uncertain and extra:
+        get_run_logger().info("uncertain verdicts (%s): %d more round(s) with their baselines",
+                              ", ".join(sorted(uncertain)), extra)
+        again = uncertain | {baselines[n] for n in uncertain}
+        start = prof.benchmark.repeats
+        measure_rounds([g for g in groups if again & set(g.names)], range(start, start + extra), m=m, only=again,
+                       progress=_progress, **kw)
+        pooled = {n: pool_task(n, m.results[n]) for n in again if n not in m.failures}
+        outcomes = [o.model_copy(update={"benchmark": pooled[o.name]}) if o.name in pooled and o.ok
+                    else (m.failures[o.name] if o.name in m.failures and o.name in again else o) for o in outcomes]
+        outcomes = gate_task(outcomes, prof, assessment.kind, baselines)
+    return outcomes, m
 
 
 @flow(name="optimize", flow_run_name="optimize-{profile}", task_runner=ThreadPoolTaskRunner(max_workers=2))
@@ -208,13 +213,12 @@ def optimize_flow(
         assessment=source, profile_name=prof.name, profile_doc=prof.model_dump(mode="json"), hardware=hw,
         tags={"prefect.flow_run_id": str(flow_run.id or "")})
     status = "FAILED"
-    selection: Selection | None = None
     try:
         futures = {}
         for s in specs:
-            stale = refresh or build_files_missing(s, inputs[s.name], calibration, work)
+            stale = refresh or build_stale(s, inputs[s.name], calibration, work, hw)
             futures[s.name] = build_task.with_options(refresh_cache=stale or None).submit(
-                s, inputs[s.name], calibration, work)
+                s, inputs[s.name], calibration, work, hw)
         # Every build finishes before the first measurement: a build running beside a benchmark
         # would slow it down (one benchmark at a time per machine, and nothing else either).
         built: dict[str, object] = {}
@@ -225,44 +229,59 @@ def optimize_flow(
             except CandidateFailed as exc:
                 logger.warning("%s", exc)
                 built[s.name] = workflow.failed(s, stage="build", error=exc)
-        for s in specs:
-            art = built[s.name]
-            if s.baseline and isinstance(art, CandidateOutcome):
-                raise EdgeOptError(f"the baseline {s.name} could not be built ({art.failure.reason}): "
-                                   f"{art.failure.message}; nothing is registered")
+        base_spec = specs[0]
+        if isinstance(built[base_spec.name], CandidateOutcome):
+            f = built[base_spec.name].failure
+            raise EdgeOptError(f"the baseline {base_spec.name} could not be built ({f.reason}): {f.message}; "
+                               "nothing is registered")
+        ready = {s.name: (s, built[s.name]) for s in planned if not isinstance(built[s.name], CandidateOutcome)}
+        groups = comparison_groups(base_spec, built[base_spec.name], ready, threads=prof.hardware.threads)
+        for g in groups[1:]:
+            logger.info("baseline %s: %s, for %s", g.baseline.name, g.setting.describe(), ", ".join(g.members))
+        all_specs = {g.baseline.name: g.baseline for g in groups} | {s.name: s for s in planned}
+        artifacts = {g.baseline.name: g.artifact for g in groups} | {n: a for n, (_, a) in ready.items()}
         with benchmark_slot():
-            outcomes, cached = _measure_all(specs, built, prof=prof, assessment=assessment, hw=hw,
-                                            evaluation=evaluation, work=work, refresh=refresh)
+            measured, m = _measure_all(groups, all_specs, artifacts, prof=prof, assessment=assessment, hw=hw,
+                                       evaluation=evaluation, work=work, refresh=refresh)
+        failed_builds = [built[s.name] for s in planned if isinstance(built[s.name], CandidateOutcome)]
+        order = {n: i for i, n in enumerate([g.baseline.name for g in groups] + [s.name for s in planned])}
+        outcomes = sorted([*measured, *failed_builds], key=lambda o: order[o.name])
 
         _progress("select", prof.name)
-        outcomes = gate_task(outcomes, prof, assessment.kind)
         selection = select_task(outcomes, prof)
+        reused = tuple(o.name for o in outcomes if m.reused(o.name))
         logs = [tracking.log_candidate.submit(data_dir=str(base), experiment_id=exp_id, parent_run_id=run_id,
-                                              outcome=o, cached=cached.get(o.name, False)) for o in outcomes]
+                                              outcome=o, cached=o.name in reused) for o in outcomes]
         child_ids = {o.name: f.result() for o, f in zip(outcomes, logs, strict=True)}
-        version = None
-        if selection.selected:
-            _progress("register", selection.selected)
-            chosen = next(o for o in outcomes if o.name == selection.selected)
-            version = tracking.register_selected(data_dir=str(base), model_name=name,
-                                                 run_id=child_ids[chosen.name], outcome=chosen, selection=selection)
         url = tracking.run_url(experiment_id=exp_id, run_id=run_id, data_dir=str(base))
+        chosen = next((o for o in outcomes if o.name == selection.selected), None)
         links = {"MLflow run": url}
-        if version:
-            links["Registered model"] = f"{name} version {version} (alias '{tracking.CANDIDATE_ALIAS}')"
+        if chosen is not None:
+            links["Registered model"] = f"{name}, alias '{tracking.CANDIDATE_ALIAS}'"
         md = report.markdown(outcomes, selection, title=f"edgeopt optimize: {name} on {prof.name}", links=links)
+        tracking.record_selection(data_dir=str(base), run_id=run_id, selection=selection, report_md=md)
         create_markdown_artifact(markdown=md, key=f"optimize-{prof.name}".lower(),
                                  description=f"Candidates for {name} on {prof.name}")
         create_link_artifact(link=url, link_text="MLflow run", key="mlflow-run")
+        # Registration is the last step: nothing is registered or aliased unless everything else succeeded.
+        version = None
+        if chosen is not None:
+            _progress("register", chosen.name)
+            version = tracking.register_selected(data_dir=str(base), model_name=name, run_id=child_ids[chosen.name],
+                                                 outcome=chosen, selection=selection)
         status = "FINISHED"
         return OptimizeReport(
             profile=prof.name, model_name=name, outcomes=tuple(outcomes), selection=selection,
             experiment_id=exp_id, mlflow_run_id=run_id, mlflow_run_url=url,
             tracking_uri=settings.mlflow_tracking_uri(base), registered_version=version,
-            cached=tuple(n for n, hit in cached.items() if hit),
+            cached=reused, remeasured=tuple(o.name for o in outcomes if o.benchmark and o.name not in reused),
             flow_run_id=str(flow_run.id) if flow_run.id else None,
             flow_run_url=flow_run.ui_url if flow_run.ui_url and not flow_run.ui_url.startswith("None") else None,
         )
     finally:
-        tracking.end_parent_run(data_dir=str(base), run_id=run_id, selection=selection, status=status,
-                                report_md=md if status == "FINISHED" else None)
+        try:
+            tracking.end_parent_run(data_dir=str(base), run_id=run_id, status=status)
+        except Exception as exc:  # never mask the error that is already on its way out
+            if status == "FINISHED":
+                raise
+            logger.warning("could not mark the MLflow run %s failed: %s", run_id, exc)

@@ -1,8 +1,9 @@
 """Prefect tasks for each phase of the optimize workflow: thin wrappers over ``edgeopt.workflow``.
 
-Builds, benchmarks and output runs are cached on what determines them (model sha, recipe, data
-sha, tool versions, hardware) so a re-run with nothing changed rebuilds and re-measures nothing.
-A cache entry whose files have gone is ignored. Candidate failures (``CandidateFailed``) are not
+Builds, benchmarks and output runs are cached on what determines them (``edgeopt.keys``: model
+sha, recipe, data shas, tool versions, hardware, schema; for a benchmark also its comparison group
+and round) so a re-run with nothing changed rebuilds and re-measures nothing. A cache entry whose
+folder's stamp no longer matches (files gone or changed) is recomputed. Candidate failures (``CandidateFailed``) are not
 retried: they are deterministic; the flow records them and goes on.
 """
 
@@ -18,11 +19,9 @@ from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
 from edgeopt import intake, workflow
-from edgeopt.data import file_sha256
 from edgeopt.hardware import fingerprint
 from edgeopt.profiles import Profile, load_profile
 from edgeopt.records import (
-    SCHEMA_VERSION,
     Artifact,
     Assessment,
     BenchmarkResult,
@@ -59,46 +58,47 @@ def benchmark_slot() -> Iterator[None]:
         yield
 
 
-def _data_sha(path: str | None) -> str | None:
-    return file_sha256(path) if path and Path(path).is_file() else None
-
-
+# Cache keys and folder names come from the same functions (edgeopt.keys via workflow.*_key): a
+# cached record is used only when its folder's stamp still matches (the flow checks ``*_stale``
+# first and refreshes the task otherwise).
 def _build_key(_ctx: Any, p: dict[str, Any]) -> str:
-    folder = workflow.build_dir(p["spec"], assessment=p["assessment"], calibration=p["calibration"],
-                                work_dir=Path(p["work_dir"]))
-    return f"build-s{SCHEMA_VERSION}-{folder.name}"
+    key = workflow.build_key(p["spec"], assessment=p["assessment"], calibration=p["calibration"],
+                             hardware=p["hardware"])
+    return f"build-{p['spec'].name}-{key}"
 
 
 def _bench_key(_ctx: Any, p: dict[str, Any]) -> str:
-    artifact, profile = p["artifact"], p["profile"]
-    key = workflow.digest(artifact.sha256, artifact.runtime, profile.benchmark, p["hardware"], _data_sha(p["evaluation"]),
-                          p["repeat"])
-    return f"bench-s{SCHEMA_VERSION}-{artifact.candidate}-{key}"
+    key = workflow.bench_key(p["artifact"], profile=p["profile"], evaluation=p["evaluation"], hardware=p["hardware"],
+                             group=p["group"], repeat=p["repeat"])
+    return f"bench-{p['artifact'].candidate}-{key}"
 
 
 def _outputs_key(_ctx: Any, p: dict[str, Any]) -> str:
-    artifact, profile = p["artifact"], p["profile"]
-    key = workflow.digest(artifact.sha256, artifact.runtime, profile.benchmark.batch_size,
-                          profile.benchmark.max_eval_samples, _data_sha(p["evaluation"]))
-    return f"outputs-s{SCHEMA_VERSION}-{artifact.candidate}-{key}"
+    key = workflow.outputs_key(p["artifact"], profile=p["profile"], evaluation=p["evaluation"], hardware=p["hardware"])
+    return f"outputs-{p['artifact'].candidate}-{key}"
 
 
-# A cached record is only as good as the files it points at: when they are gone, the flow asks for
-# a refresh, which re-runs the task and overwrites the record under the same key.
-def build_files_missing(spec: CandidateSpec, assessment: Assessment, calibration: str | None, work_dir: str) -> bool:
-    folder = workflow.build_dir(spec, assessment=assessment, calibration=calibration, work_dir=Path(work_dir))
-    return not folder.is_dir() or not any(folder.iterdir())
+def build_stale(spec: CandidateSpec, assessment: Assessment, calibration: str | None, work_dir: str,
+                hardware: HardwareFingerprint) -> bool:
+    folder = workflow.build_dir(spec, assessment=assessment, calibration=calibration, work_dir=Path(work_dir),
+                                hardware=hardware)
+    return not workflow.result_ok(folder, name=spec.name)
 
 
-def bench_files_missing(artifact: Artifact, profile: Profile, work_dir: str, repeat: int) -> bool:
+def bench_stale(artifact: Artifact, profile: Profile, evaluation: str | None, hardware: HardwareFingerprint,
+                group: str, repeat: int, work_dir: str) -> bool:
     if not Path(artifact.path).exists():
         return True
-    folder = workflow.bench_dir(artifact, profile=profile, work_dir=Path(work_dir), repeat=repeat)
-    return not (folder / "latency_ms.npy").is_file()
+    folder = workflow.bench_dir(artifact, profile=profile, evaluation=evaluation, hardware=hardware, group=group,
+                                repeat=repeat, work_dir=Path(work_dir))
+    return not workflow.result_ok(folder, name=artifact.candidate)
 
 
-def outputs_files_missing(artifact: Artifact, profile: Profile, work_dir: str) -> bool:
-    return not workflow.outputs_path(artifact, profile=profile, work_dir=Path(work_dir)).is_file()
+def outputs_stale(artifact: Artifact, profile: Profile, evaluation: str | None, hardware: HardwareFingerprint,
+                  work_dir: str) -> bool:
+    folder = workflow.outputs_dir(artifact, profile=profile, evaluation=evaluation, hardware=hardware,
+                                  work_dir=Path(work_dir))
+    return not workflow.result_ok(folder, name=artifact.candidate)
 
 
 @task(name="load-profile", cache_policy=NO_CACHE)
@@ -133,17 +133,20 @@ def check_data_task(assessment: Assessment, calibration: str | None, evaluation:
 
 
 @task(name="build-candidate", task_run_name="build-{spec.name}", cache_key_fn=_build_key, persist_result=True)
-def build_task(spec: CandidateSpec, assessment: Assessment, calibration: str | None, work_dir: str) -> Artifact:
-    return workflow.build(spec, assessment=assessment, calibration=calibration, work_dir=Path(work_dir))
+def build_task(spec: CandidateSpec, assessment: Assessment, calibration: str | None, work_dir: str,
+               hardware: HardwareFingerprint) -> Artifact:
+    return workflow.build(spec, assessment=assessment, calibration=calibration, work_dir=Path(work_dir),
+                          hardware=hardware)
 
 
 @task(name="benchmark", task_run_name="benchmark-{artifact.candidate}-{repeat}",
       cache_key_fn=_bench_key, persist_result=True)
 def benchmark_task(artifact: Artifact, profile: Profile, assessment: Assessment, hardware: HardwareFingerprint,
-                   evaluation: str | None, work_dir: str, repeat: int = 0) -> BenchmarkResult:
+                   evaluation: str | None, work_dir: str, group: str, repeat: int = 0) -> BenchmarkResult:
     work = Path(work_dir)
     return workflow.measure(artifact, profile=profile, assessment=assessment, hardware=hardware,
-                            evaluation=evaluation, work_dir=work, lock_path=work / "bench.lock", repeat=repeat)
+                            evaluation=evaluation, work_dir=work, group=group, lock_path=work / "bench.lock",
+                            repeat=repeat)
 
 
 @task(name="pool-repeats", task_run_name="pool-{candidate}", cache_policy=NO_CACHE)
@@ -154,9 +157,9 @@ def pool_task(candidate: str, results: list[BenchmarkResult]) -> BenchmarkResult
 @task(name="run-outputs", task_run_name="outputs-{artifact.candidate}",
       cache_key_fn=_outputs_key, persist_result=True)
 def outputs_task(artifact: Artifact, profile: Profile, assessment: Assessment, evaluation: str | None,
-                 work_dir: str) -> str:
+                 work_dir: str, hardware: HardwareFingerprint) -> str:
     return workflow.run_outputs(artifact, profile=profile, assessment=assessment, evaluation=evaluation,
-                                work_dir=Path(work_dir))
+                                work_dir=Path(work_dir), hardware=hardware)
 
 
 @task(name="evaluate", task_run_name="evaluate-{candidate}", cache_policy=NO_CACHE)
@@ -166,9 +169,15 @@ def evaluate_task(candidate: str, outputs: str, baseline_outputs: str, assessmen
                              evaluation=evaluation, max_samples=max_samples)
 
 
+@task(name="audit", task_run_name="audit-{outcome.spec.name}", cache_policy=NO_CACHE)
+def audit_task(outcome: CandidateOutcome, outputs: str) -> CandidateOutcome:
+    return workflow.audit(outcome, outputs=outputs)
+
+
 @task(name="gate", cache_policy=NO_CACHE)
-def gate_task(outcomes: list[CandidateOutcome], profile: Profile, kind: str) -> list[CandidateOutcome]:
-    return workflow.with_gates(outcomes, profile=profile, kind=kind)
+def gate_task(outcomes: list[CandidateOutcome], profile: Profile, kind: str,
+              baselines: dict[str, str]) -> list[CandidateOutcome]:
+    return workflow.with_gates(outcomes, profile=profile, kind=kind, baselines=baselines)
 
 
 @task(name="select", cache_policy=NO_CACHE)

@@ -120,8 +120,11 @@ def _metrics(o: CandidateOutcome) -> dict[str, float]:
         b = o.benchmark
         for field in ("latency_ms_p50", "latency_ms_p90", "latency_ms_p95", "latency_ms_p99", "latency_ms_mean",
                       "latency_ms_std", "latency_ms_min", "latency_ms_max", "throughput_per_s", "rss_peak_mb",
-                      "rss_model_mb", "load_time_ms", "size_bytes", "duration_s"):
+                      "rss_steady_mb", "rss_steady_file_mb", "rss_peak_model_mb", "load_time_ms", "size_bytes",
+                      "duration_s"):
             m[field] = float(getattr(b, field))
+        if b.audit_repeat_ratio is not None:
+            m["audit_repeat_ratio"] = b.audit_repeat_ratio
         m["latency_samples"] = float(b.samples)
         m["latency_repeats"] = float(b.repeats)
         m["latency_p50_spread_pct"] = b.latency_p50_spread_pct
@@ -137,6 +140,9 @@ def _metrics(o: CandidateOutcome) -> dict[str, float]:
     for name in ("speedup_p50", "speedup_p95", "memory_reduction"):
         if getattr(o, name) is not None:
             m[name] = float(getattr(o, name))
+    for v in o.verdicts:  # the interval each ratio's verdict rests on
+        if v.ci_low is not None and v.ci_high is not None:
+            m[f"{v.gate}_ci_low"], m[f"{v.gate}_ci_high"] = v.ci_low, v.ci_high
     share = o.artifact.placement.get("target_share") if o.artifact else None
     if isinstance(share, int | float):
         m["placement_target_share"] = float(share)
@@ -163,6 +169,10 @@ def log_candidate(*, data_dir: str, experiment_id: str, parent_run_id: str, outc
     if outcome.benchmark:
         params["bench.batch_size"] = str(outcome.benchmark.batch_size)
         params["bench.threads"] = str(outcome.benchmark.threads)
+        params["bench.inter_op_threads"] = str(outcome.benchmark.inter_op_threads)
+        params["bench.memory_source"] = outcome.benchmark.memory_source or "unknown"
+    if outcome.baseline:
+        params["compared_with"] = outcome.baseline
     tags = {"edgeopt.candidate": spec.name, "edgeopt.cached": str(cached).lower()}
     if outcome.failure:
         tags.update({"edgeopt.status": "failed", "edgeopt.failure.stage": outcome.failure.stage,
@@ -171,9 +181,10 @@ def log_candidate(*, data_dir: str, experiment_id: str, parent_run_id: str, outc
     elif spec.baseline:
         tags["edgeopt.status"] = "baseline"
     else:
-        tags["edgeopt.status"] = "passed" if outcome.passed else "rejected"
+        tags["edgeopt.status"] = "passed" if outcome.passed else ("uncertain" if outcome.uncertain else "rejected")
     for v in outcome.verdicts:
         tags[f"gate.{v.gate}"] = v.describe()
+        tags[f"gate.{v.gate}.status"] = v.status
     if outcome.artifact and outcome.artifact.placement:
         tags["edgeopt.placement"] = "; ".join(n for n in outcome.artifact.notes
                                               if n.startswith(("placement:", "compiled for", "FALLBACK")))[:4000]
@@ -197,7 +208,11 @@ def log_candidate(*, data_dir: str, experiment_id: str, parent_run_id: str, outc
 @task(name="mlflow-register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=_transient)
 def register_selected(*, data_dir: str, model_name: str, run_id: str, outcome: CandidateOutcome,
                       selection: Selection) -> str:
-    """Register the selected candidate's model as a new version with alias ``candidate``."""
+    """Register the selected candidate's model as a new version with alias ``candidate``.
+
+    The optimize flow calls this last. A version created here whose alias then cannot be set is
+    deleted again, so a failure leaves no new version behind.
+    """
     from mlflow.exceptions import MlflowException
 
     cl = client(data_dir)
@@ -214,35 +229,41 @@ def register_selected(*, data_dir: str, model_name: str, run_id: str, outcome: C
     source = f"{cl.get_run(run_id).info.artifact_uri}/model"
     tags = {"edgeopt.candidate": outcome.spec.name, "edgeopt.backend": outcome.spec.backend,
             **{f"gate.{v.gate}": v.describe() for v in outcome.verdicts}}
+    if outcome.baseline:
+        tags["edgeopt.compared_with"] = outcome.baseline
     if outcome.artifact:
         tags["artifact.sha256"] = outcome.artifact.sha256
         tags["precision"] = outcome.artifact.precision
     mv = cl.create_model_version(model_name, source, run_id=run_id, tags=tags, description=selection.message)
-    cl.set_registered_model_alias(model_name, CANDIDATE_ALIAS, mv.version)
+    try:
+        cl.set_registered_model_alias(model_name, CANDIDATE_ALIAS, mv.version)
+    except Exception:
+        cl.delete_model_version(model_name, mv.version)
+        raise
     return str(mv.version)
 
 
-@task(name="mlflow-end-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=_transient)
-def end_parent_run(*, data_dir: str, run_id: str, selection: Selection | None, status: str = "FINISHED",
-                   summary: dict[str, Any] | None = None, report_md: str | None = None) -> None:
+@task(name="mlflow-record-selection", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
+      retry_condition_fn=_transient)
+def record_selection(*, data_dir: str, run_id: str, selection: Selection, report_md: str | None = None) -> None:
+    """The selection (tags + selection.json) and the Markdown report on the parent run."""
     from mlflow.entities import RunTag
 
     cl = client(data_dir)
-    tags = []
-    if selection is not None:
-        tags = [RunTag("edgeopt.selected", selection.selected or "none"),
-                RunTag("edgeopt.selection", selection.message[:4000])]
-        _log_json(cl, run_id, "selection.json", selection.model_dump(mode="json"))
-    if summary:
-        _log_json(cl, run_id, "summary.json", summary)
+    _log_json(cl, run_id, "selection.json", selection.model_dump(mode="json"))
     if report_md:
         with tempfile.TemporaryDirectory() as tmp:
             p = Path(tmp) / "report.md"
             p.write_text(report_md, encoding="utf-8")
             cl.log_artifact(run_id, str(p))
-    if tags:
-        cl.log_batch(run_id, tags=tags)
-    cl.set_terminated(run_id, status)
+    cl.log_batch(run_id, tags=[RunTag("edgeopt.selected", selection.selected or "none"),
+                               RunTag("edgeopt.selection", selection.message[:4000])])
+
+
+@task(name="mlflow-end-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=_transient)
+def end_parent_run(*, data_dir: str, run_id: str, status: str = "FINISHED") -> None:
+    """Mark the parent run FINISHED (or FAILED)."""
+    client(data_dir).set_terminated(run_id, status)
 
 
 def run_url(*, experiment_id: str, run_id: str, data_dir: str) -> str:

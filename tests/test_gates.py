@@ -30,7 +30,8 @@ def bench(name: str = "cand", *, p50: float = 10.0, p95: float | None = None, rs
     return BenchmarkResult(
         candidate=name, samples=200, batch_size=1, latency_ms_p50=p50, latency_ms_p90=p95, latency_ms_p95=p95,
         latency_ms_p99=p95, latency_ms_mean=p50, latency_ms_std=0.1, latency_ms_min=p50, latency_ms_max=p95,
-        throughput_per_s=1000.0 / p50 if p50 else 0.0, rss_peak_mb=rss_peak, rss_model_mb=rss_model, load_time_ms=5.0,
+        throughput_per_s=1000.0 / p50 if p50 else 0.0, rss_peak_mb=rss_peak, rss_steady_mb=rss_model,
+        rss_peak_model_mb=rss_model * 1.5, load_time_ms=5.0,
         size_bytes=size, duration_s=2.0, hardware=HW,
     )
 
@@ -78,13 +79,24 @@ def test_speedup_of_a_zero_latency_is_nan_and_fails_the_gate() -> None:
     assert not verdicts(c)["speedup"].passed
 
 
-def test_memory_reduction_uses_model_rss_else_peak() -> None:
+def test_memory_reduction_on_steady_state_or_peak() -> None:
     assert memory_reduction(candidate_bench=bench(rss_model=25.0), baseline_bench=BASE) == pytest.approx(0.75)
-    base_zero = bench("baseline", rss_model=0.0, rss_peak=400.0)
-    c = bench(rss_model=25.0, rss_peak=100.0)
-    assert memory_reduction(candidate_bench=c, baseline_bench=base_zero) == pytest.approx(0.75)
-    assert "peak RSS" in evaluate_gates(benchmark=c, evaluation=evaluation(), baseline_benchmark=base_zero,
-                                        gates=gates(), budgets=Budgets())[2].metric
+    c = bench(rss_model=25.0).model_copy(update={"rss_peak_model_mb": 120.0})
+    assert memory_reduction(candidate_bench=c, baseline_bench=BASE, basis="peak") == pytest.approx(1 - 120 / 150)
+    v = evaluate_gates(benchmark=c, evaluation=evaluation(), baseline_benchmark=BASE,
+                       gates=gates(memory_basis="peak"), budgets=Budgets())[2]
+    assert "peak model memory" in v.metric and not v.passed  # 20% less at peak, 75% less at steady state
+    assert verdicts(bench(rss_model=25.0))["memory"].passed
+
+
+@pytest.mark.parametrize("figure", [0.0, -3.0, math.nan])
+def test_an_unmeasured_memory_figure_fails_the_gate_never_reads_as_100_percent_less(figure: float) -> None:
+    c = bench(rss_model=figure)
+    assert math.isnan(memory_reduction(candidate_bench=c, baseline_bench=BASE))
+    v = verdicts(c)["memory"]
+    assert not v.passed and v.status == "fail"
+    base_zero = bench("baseline", rss_model=figure)
+    assert math.isnan(memory_reduction(candidate_bench=bench(rss_model=25.0), baseline_bench=base_zero))
 
 
 def test_memory_reduction_is_negative_when_the_candidate_uses_more() -> None:
@@ -127,7 +139,7 @@ def test_missing_evaluation_fails_accuracy_and_cosine() -> None:
 def test_speedup_boundary(p50: float, passed: bool) -> None:
     v = verdicts(bench(p50=p50, p95=20.0, rss_model=50.0))["speedup"]
     assert v.passed is passed
-    assert v.metric == "speedup p50" and v.threshold == 2.0
+    assert v.metric == "speedup p50 vs baseline" and v.threshold == 2.0
     assert v.measured == pytest.approx(20.0 / p50)
     assert v.margin == pytest.approx(20.0 / p50 - 2.0)
 
@@ -137,7 +149,7 @@ def test_speedup_percentile_choice() -> None:
     p50 = verdicts(c, g=gates(speedup_percentile="p50"))["speedup"]
     p95 = verdicts(c, g=gates(speedup_percentile="p95"))["speedup"]
     assert p50.passed and p50.measured == pytest.approx(2.0)
-    assert not p95.passed and p95.measured == pytest.approx(40.0 / 30.0) and p95.metric == "speedup p95"
+    assert not p95.passed and p95.measured == pytest.approx(40.0 / 30.0) and p95.metric == "speedup p95 vs baseline"
     assert p95.margin < 0
 
 
@@ -145,7 +157,7 @@ def test_speedup_percentile_choice() -> None:
 def test_memory_boundary(rss_model: float, passed: bool) -> None:
     v = verdicts(bench(p50=10.0, rss_model=rss_model))["memory"]
     assert v.passed is passed
-    assert v.metric == "memory reduction (model RSS)"
+    assert v.metric == "memory reduction (steady-state model memory) vs baseline"
     assert v.margin == pytest.approx(1 - rss_model / 100.0 - 0.5)
 
 

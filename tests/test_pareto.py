@@ -30,7 +30,8 @@ def bench(name: str, *, p50: float, p95: float | None = None, rss_model: float =
     return BenchmarkResult(
         candidate=name, samples=200, batch_size=1, latency_ms_p50=p50, latency_ms_p90=p95, latency_ms_p95=p95,
         latency_ms_p99=p95, latency_ms_mean=p50, latency_ms_std=0.1, latency_ms_min=p50, latency_ms_max=p95,
-        throughput_per_s=1000.0 / p50, rss_peak_mb=rss_model + 200.0, rss_model_mb=rss_model, load_time_ms=5.0,
+        throughput_per_s=1000.0 / p50, rss_peak_mb=rss_model + 200.0, rss_steady_mb=rss_model,
+        rss_peak_model_mb=rss_model * 1.5, load_time_ms=5.0,
         size_bytes=size, duration_s=2.0, hardware=HW,
     )
 
