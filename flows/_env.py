@@ -3,18 +3,39 @@
 Prefect's ephemeral API keeps its SQLite database under ``$EDGEOPT_HOME/prefect`` (unless
 ``PREFECT_API_URL`` or ``PREFECT_HOME`` is set) and MLflow uses ``$EDGEOPT_HOME/mlflow`` (unless
 ``MLFLOW_TRACKING_URI`` is set).
+
+``ensure_prefect_api()`` brings the API up (or checks the configured one) *before* a flow runs, so
+a start-up failure is one ``PrefectAPIUnavailable`` line and nothing (no flow run, no MLflow run)
+has been written yet.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from pathlib import Path
 
+from edgeopt.errors import EdgeOptError
 from edgeopt.settings import data_dir, prefect_home
+
+#: Exit code of ``edgeopt optimize`` when Prefect's API could not be started or reached (nothing ran;
+#: retrying may help). 2 is a user error, 3 is ``--strict`` with no passing candidate.
+EXIT_PREFECT_API = 4
+
+
+class PrefectAPIUnavailable(EdgeOptError):
+    """Prefect's API (embedded or at ``PREFECT_API_URL``) did not start or cannot be reached."""
+
+    exit_code = EXIT_PREFECT_API
 
 
 def configure_embedded_defaults(*, quiet: bool = True) -> None:
     base = data_dir()
     os.environ.setdefault("PREFECT_HOME", str(prefect_home(base)))
+    # Prefect creates only the last level of its home, with a warning on stderr when the parent
+    # (e.g. a new $EDGEOPT_HOME) does not exist yet.
+    with contextlib.suppress(OSError):
+        Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(mode=0o700, parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
@@ -28,3 +49,71 @@ def configure_embedded_defaults(*, quiet: bool = True) -> None:
         os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL", "CRITICAL")
         os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def ensure_prefect_api() -> None:
+    """Start Prefect's embedded API, or check the server at ``PREFECT_API_URL``, before a flow runs.
+
+    Prefect 3.8 starts the embedded API lazily, in the flow's first ``get_client()``, through
+    ``SubprocessASGIServer().start()``; it raises ``RuntimeError("Timed out while attempting to
+    connect to ephemeral Prefect API server. ...")`` after
+    ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS``, ``httpx.HTTPStatusError`` when the server
+    answers ``/health`` with an error, or ``RuntimeError("Unable to find an available port ...")``.
+    With ``PREFECT_API_URL`` set, the flow's client raises ``RuntimeError("Failed to reach API at
+    <url>")`` (from an ``httpx.ConnectError``). Doing the same here first means the flow then reuses
+    the running server (``SubprocessASGIServer`` is a per-process singleton) and a failure happens
+    before any flow run or MLflow run exists. Raises ``PrefectAPIUnavailable`` (the original
+    exception is its ``__cause__``).
+    """
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+    api_url = PREFECT_API_URL.value()
+    if api_url:
+        _check_api(str(api_url))
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    try:
+        server.start()
+    except Exception as exc:
+        timeout = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+        proc = server.server_process
+        code = proc.poll() if proc is not None else None
+        if code is not None:
+            what = f"did not start: its server process exited with code {code}"
+        elif isinstance(exc, RuntimeError) and str(exc).startswith("Timed out"):
+            what = f"did not start within {timeout} s (timed out; the machine may be busy)"
+        else:
+            what = f"did not start ({_first_line(exc)})"
+        # do not leave a half-started server behind until exit; the start-up failure is what to report
+        with contextlib.suppress(Exception):
+            server.stop()
+        raise PrefectAPIUnavailable(
+            f"Prefect's embedded API {what}; nothing was run. Retry, raise "
+            f"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (now {timeout}), or start a server "
+            "(`prefect server start`) and set PREFECT_API_URL") from exc
+
+
+def _check_api(url: str) -> None:
+    from prefect.client.orchestration import get_client
+
+    hint = ("; nothing was run. Start that server (`prefect server start`), fix PREFECT_API_URL, "
+            "or unset it to use the embedded API")
+    try:
+        with get_client(sync_client=True) as client:
+            problem = client.api_healthcheck()
+            if problem is None:
+                # the check the flow's client makes once per process; a mismatch is a RuntimeError
+                client.raise_for_api_version_mismatch_once()
+    except Exception as exc:
+        raise PrefectAPIUnavailable(f"the Prefect API at {url} (PREFECT_API_URL) is not usable: "
+                                    f"{_first_line(exc)}{hint}") from exc
+    if problem is not None:
+        raise PrefectAPIUnavailable(f"no Prefect API answers at {url} (PREFECT_API_URL): "
+                                    f"{_first_line(problem)}{hint}") from problem

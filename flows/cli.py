@@ -76,6 +76,7 @@ def optimize(
                 load_dataset(path, signature=a.inputs, role=role)
     except EdgeOptError as exc:
         _fail(exc)
+    from flows._env import PrefectAPIUnavailable, ensure_prefect_api
     from flows.optimize import add_progress_listener, optimize_flow
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
@@ -83,12 +84,24 @@ def optimize(
         bar = progress.add_task("starting Prefect (embedded API)...", total=None)
         remove = add_progress_listener(lambda stage, detail: progress.update(bar, description=f"{stage}: {detail}"))
         try:
+            # Start (or reach) Prefect's API first: a start-up failure is one line, exit 4, and
+            # nothing is written (the flow creates its MLflow run only once the API is up).
+            ensure_prefect_api()
             result = optimize_flow(model=str(model), profile=profile,
                                    calibration=str(calibration) if calibration else None,
                                    evaluation=str(eval_data) if eval_data else None,
                                    candidates=list(candidate) if candidate else None, model_name=model_name,
                                    refresh=refresh, allow_hardware_mismatch=allow_hardware_mismatch,
                                    seq_len=seq_len)
+        except PrefectAPIUnavailable as exc:
+            progress.stop()
+            if verbose:
+                import traceback
+
+                sys.stderr.write("".join(traceback.format_exception(exc)))
+            else:
+                exc = PrefectAPIUnavailable(f"{exc} (--verbose shows details)")
+            _fail(exc, PrefectAPIUnavailable.exit_code)
         except EdgeOptError as exc:
             progress.stop()
             _fail(exc)
@@ -230,8 +243,8 @@ def main() -> None:
     try:
         app()
     except EdgeOptError as exc:  # pragma: no cover - commands handle their own
-        err.print(f"error: {exc}")
-        sys.exit(2)
+        err.print(f"error: {exc}", highlight=False, soft_wrap=True)
+        sys.exit(getattr(exc, "exit_code", 2))
 
 
 if __name__ == "__main__":
