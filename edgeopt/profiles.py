@@ -78,7 +78,8 @@ class Gates(_Strict):
     accuracy_ratio_min: float = Field(0.95, gt=0, le=1.5, description="accuracy ≥ this × the baseline's")
     speedup_min: float = Field(2.0, ge=0, description="baseline latency / candidate latency at least")
     speedup_percentile: Literal["p50", "p95"] = Field("p50", description="latency percentile for speed-up")
-    memory_reduction_min: float = Field(0.5, ge=0, lt=1, description="1 - candidate/baseline model RSS at least")
+    memory_reduction_min: float = Field(0.5, ge=-1, lt=1, description="1 - candidate/baseline model memory at least "
+                                        "(negative: that much more memory is allowed)")
     cosine_min: float | None = Field(None, ge=-1, le=1, description="mean cosine similarity to the baseline at least")
     memory_basis: Literal["steady", "peak"] = Field(
         "steady", description="memory the memory gate compares: 'steady' (resident memory of the loaded, "
@@ -93,7 +94,7 @@ class GateOverrides(_Strict):
     accuracy_ratio_min: float | None = Field(None, gt=0, le=1.5, description="as Gates.accuracy_ratio_min")
     speedup_min: float | None = Field(None, ge=0, description="as Gates.speedup_min")
     speedup_percentile: Literal["p50", "p95"] | None = Field(None, description="as Gates.speedup_percentile")
-    memory_reduction_min: float | None = Field(None, ge=0, lt=1, description="as Gates.memory_reduction_min")
+    memory_reduction_min: float | None = Field(None, ge=-1, lt=1, description="as Gates.memory_reduction_min")
     cosine_min: float | None = Field(None, ge=-1, le=1, description="as Gates.cosine_min")
     memory_basis: Literal["steady", "peak"] | None = Field(None, description="as Gates.memory_basis")
     confidence: float | None = Field(None, gt=0.5, lt=1, description="as Gates.confidence")

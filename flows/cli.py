@@ -80,7 +80,7 @@ def optimize(
     from flows.optimize import add_progress_listener, optimize_flow
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
-                  transient=True) as progress:
+                  transient=True, disable=not err.is_interactive) as progress:
         bar = progress.add_task("starting Prefect (embedded API)...", total=None)
         remove = add_progress_listener(lambda stage, detail: progress.update(bar, description=f"{stage}: {detail}"))
         try:
@@ -118,8 +118,7 @@ def _print_report(result) -> None:
     from edgeopt import report
 
     table = Table(title=f"{result.model_name} on {result.profile}", show_lines=False)
-    cols = ("candidate", "runs as", "tokens", "p50 ms", "p95 ms", "p50 spread", "speed-up p50", "model RSS MB",
-            "size MB", "accuracy", "verdict")
+    cols = report.CLI_COLUMNS
     for c in cols:
         table.add_column(c, justify="left" if c in ("candidate", "verdict") else "right")
     for r in report.rows(result.outcomes, result.selection):
@@ -132,8 +131,10 @@ def _print_report(result) -> None:
         if o.failure:
             out.print(f"  {o.name} failed ({o.failure.reason}): {o.failure.message}", highlight=False)
     if result.cached:
-        out.print(f"reused cached measurements for {len(result.cached)} of {len(result.outcomes)} candidates "
-                  "(nothing changed); --refresh re-measures", highlight=False)
+        out.print(f"reused from an earlier run (with their baselines, measured together then): "
+                  f"{', '.join(result.cached)}; --refresh re-measures", highlight=False, soft_wrap=True)
+        if result.remeasured:
+            out.print(f"measured in this run: {', '.join(result.remeasured)}", highlight=False, soft_wrap=True)
     if result.registered_version:
         out.print(f"registered: {result.model_name} version {result.registered_version} (alias 'candidate')")
     out.print(f"MLflow run: {result.mlflow_run_url}  (store: {result.tracking_uri}; `make mlflow-ui` to browse)",
@@ -215,7 +216,7 @@ def zoo_build(
     from edgeopt.settings import data_dir
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
-                  transient=True) as progress:
+                  transient=True, disable=not err.is_interactive) as progress:
         for model_name in name or ["digits-resnet"]:
             bar = progress.add_task(f"{model_name}: building", total=None)
             try:

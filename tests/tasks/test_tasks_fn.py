@@ -24,16 +24,20 @@ def setup(tiny, tmp_path):
 def test_build_benchmark_outputs_evaluate(setup, tiny):
     profile, assessment, work = setup
     spec = profile.candidates[1].spec()  # ort-int8-dynamic
-    assert phases.build_files_missing(spec, assessment, None, work)
-    art = phases.build_task.fn(spec, assessment, None, work)
-    assert Path(art.path).is_file() and art.precision == "int8"
-    assert not phases.build_files_missing(spec, assessment, None, work)
     hw = phases.fingerprint_task.fn()
-    bench = phases.benchmark_task.fn(art, profile, assessment, hw, str(tiny["eval"]), work)
+    assert phases.build_stale(spec, assessment, None, work, hw)
+    art = phases.build_task.fn(spec, assessment, None, work, hw)
+    assert Path(art.path).is_file() and art.precision == "int8"
+    assert not phases.build_stale(spec, assessment, None, work, hw)
+    ev_path = str(tiny["eval"])
+    bench = phases.benchmark_task.fn(art, profile, assessment, hw, ev_path, work, "group-a", 0)
     assert bench.samples >= profile.benchmark.min_runs and bench.threads == profile.hardware.threads
-    assert not phases.bench_files_missing(art, profile, work, 0)
-    assert phases.bench_files_missing(art, profile, work, 1)
-    outs = phases.outputs_task.fn(art, profile, assessment, str(tiny["eval"]), work)
+    assert not phases.bench_stale(art, profile, ev_path, hw, "group-a", 0, work)
+    assert phases.bench_stale(art, profile, ev_path, hw, "group-a", 1, work)  # another round
+    assert phases.bench_stale(art, profile, ev_path, hw, "group-b", 0, work)  # measured with other members
+    assert phases.bench_stale(art, profile, None, hw, "group-a", 0, work)  # on other data
+    outs = phases.outputs_task.fn(art, profile, assessment, ev_path, work, hw)
+    assert not phases.outputs_stale(art, profile, ev_path, hw, work)
     ev = phases.evaluate_task.fn(spec.name, outs, outs, assessment, str(tiny["eval"]), 1000)
     assert ev.top1_agreement == 1.0 and ev.samples == 120 and ev.metric == "top1_accuracy"
 
@@ -41,7 +45,7 @@ def test_build_benchmark_outputs_evaluate(setup, tiny):
 def test_static_recipe_without_calibration_fails_with_reason(setup):
     profile, assessment, work = setup
     with pytest.raises(CandidateFailed) as info:
-        phases.build_task.fn(profile.candidates[2].spec(), assessment, None, work)
+        phases.build_task.fn(profile.candidates[2].spec(), assessment, None, work, None)
     assert info.value.reason == "missing-data"
 
 
@@ -57,15 +61,31 @@ def test_check_data_rejects_mismatch(setup, tmp_path):
 def test_cache_keys_follow_their_inputs(setup, tiny):
     profile, assessment, work = setup
     spec = profile.candidates[0].spec()
-    p = {"spec": spec, "assessment": assessment, "calibration": str(tiny["calibration"]), "work_dir": work}
+    hw = phases.fingerprint_task.fn()
+    p = {"spec": spec, "assessment": assessment, "calibration": str(tiny["calibration"]), "work_dir": work,
+         "hardware": hw}
     key = phases._build_key(None, p)
     assert key == phases._build_key(None, dict(p))
     other = profile.candidates[1].spec()
     assert phases._build_key(None, {**p, "spec": other}) != key
-    # a newer record schema never reuses results pickled by an older edgeopt
-    assert key.startswith(f"build-s{phases.SCHEMA_VERSION}-")
     seq = spec.model_copy(update={"sequence": "dynamic"})
     assert phases._build_key(None, {**p, "spec": seq}) != key  # the sequence choice travels with the artifact
+    other_cpu = hw.model_copy(update={"isa_flags": (*hw.isa_flags, "avx512-vnni")})
+    assert phases._build_key(None, {**p, "hardware": other_cpu}) != key  # formats can depend on the CPU
+    # the folder is named by the same key the cache uses
+    from edgeopt import workflow
+
+    folder = workflow.build_dir(spec, assessment=assessment, calibration=p["calibration"], work_dir=Path(work),
+                                hardware=hw)
+    assert key == f"build-{folder.name}"
+
+
+def test_a_newer_record_schema_changes_every_key(monkeypatch) -> None:
+    from edgeopt import keys
+
+    before = keys.result_key("bench", artifact="a")
+    monkeypatch.setattr(keys, "SCHEMA_VERSION", keys.SCHEMA_VERSION + 1)
+    assert keys.result_key("bench", artifact="a") != before
 
 
 def test_tracking_nested_run_and_registration(setup, tmp_path):
@@ -76,7 +96,7 @@ def test_tracking_nested_run_and_registration(setup, tmp_path):
         data_dir=data_dir, experiment="edgeopt/test", run_name="r", assessment=assessment, profile_name="p",
         profile_doc=profile.model_dump(mode="json"), hardware=hw, tags={})
     spec = profile.candidates[0].spec()
-    art = phases.build_task.fn(spec, assessment, None, work)
+    art = phases.build_task.fn(spec, assessment, None, work, hw)
     outcome = CandidateOutcome(spec=spec, artifact=art)
     child = tracking.log_candidate.fn(data_dir=data_dir, experiment_id=exp_id, parent_run_id=run_id, outcome=outcome)
     cl = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'store' / 'mlflow' / 'mlflow.db'}")

@@ -1,0 +1,150 @@
+"""Measurement integrity in the optimize flow: like-for-like baselines, one key for files and caches,
+comparison groups measured together, uncertain verdicts re-measured, registration last."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+from flows.optimize import optimize_flow
+from tests.conftest import write_profile
+
+pytestmark = [pytest.mark.flow, pytest.mark.usefixtures("prefect_harness")]
+
+DYNAMIC = {"name": "ort-int8-dynamic", "backend": "onnxruntime", "recipe": {"precision": "int8", "quantization": "dynamic"}}
+
+
+def _client(data_dir: Path) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{data_dir / 'mlflow' / 'mlflow.db'}")
+
+
+def _by_name(report) -> dict:
+    return {o.name: o for o in report.outcomes}
+
+
+def test_a_dynamic_sequence_candidate_is_gated_against_a_dynamic_sequence_baseline(tiny_bert, tmp_path):
+    """The candidate runs each sentence at its real length; so does the baseline it is compared with.
+    A two-thread recipe is compared with a two-thread baseline."""
+    profile = write_profile(tmp_path / "p.yaml", candidates=[
+        {**DYNAMIC, "name": "int8-seq-dynamic", "sequence": "dynamic"},
+        {**DYNAMIC, "name": "int8-2-threads", "recipe": {**DYNAMIC["recipe"], "intra_op_threads": 2}},
+        DYNAMIC,
+    ], benchmark={"repeats": 2, "extra_repeats": 0})
+    report = optimize_flow(model=str(tiny_bert["model"]), profile=str(profile), evaluation=str(tiny_bert["eval"]),
+                           data_dir=str(tmp_path / "data"))
+    o = _by_name(report)
+    assert [n for n in o if o[n].spec.baseline] == ["baseline-fp32", "baseline-fp32-seq-dynamic", "baseline-fp32-t2"]
+    fixed, dyn_base = o["baseline-fp32"].benchmark, o["baseline-fp32-seq-dynamic"].benchmark
+    cand = o["int8-seq-dynamic"]
+    assert cand.baseline == "baseline-fp32-seq-dynamic" and dyn_base.sequence == "dynamic"
+    assert dyn_base.seq_len_mean == pytest.approx(cand.benchmark.seq_len_mean) and dyn_base.seq_len_mean < 64
+    assert fixed.seq_len_mean == 64
+    # the ratio uses the dynamic baseline's own latency (same rounds), not the padded one's
+    assert cand.speedup_p50 == pytest.approx(dyn_base.latency_ms_p50 / cand.benchmark.latency_ms_p50, rel=1e-9)
+    assert f"vs {dyn_base.candidate}" in next(v for v in cand.verdicts if v.gate == "speedup").metric
+    two = o["int8-2-threads"]
+    assert two.baseline == "baseline-fp32-t2" and o["baseline-fp32-t2"].benchmark.threads == 2
+    assert two.benchmark.threads == 2
+    assert o["ort-int8-dynamic"].baseline == "baseline-fp32" and o["ort-int8-dynamic"].benchmark.threads == 1
+    # every baseline variant keeps the FP32 model's outputs
+    assert o["baseline-fp32-seq-dynamic"].evaluation.cosine_mean > 0.9999
+
+
+def _other_eval(tiny: dict, tmp_path: Path) -> Path:
+    data = np.load(tiny["eval"])
+    rng = np.random.default_rng(7)
+    path = tmp_path / "eval-b.npz"
+    np.savez(path, input=rng.standard_normal(data["input"].shape).astype(np.float32) * 3.0, labels=data["labels"])
+    return path
+
+
+def test_eval_a_then_b_then_a_reproduces_a(tiny, tmp_path):
+    profile = write_profile(tmp_path / "p.yaml", candidates=[DYNAMIC], benchmark={"extra_repeats": 0})
+    kw = {"model": str(tiny["model"]), "profile": str(profile), "data_dir": str(tmp_path / "data")}
+    first = optimize_flow(**kw, evaluation=str(tiny["eval"]))
+    second = optimize_flow(**kw, evaluation=str(_other_eval(tiny, tmp_path)))
+    third = optimize_flow(**kw, evaluation=str(tiny["eval"]))
+    a, b, c = (_by_name(r)["ort-int8-dynamic"] for r in (first, second, third))
+    assert b.evaluation != a.evaluation and b.benchmark.samples_path != a.benchmark.samples_path
+    assert c.evaluation == a.evaluation  # A's outputs, not B's left in a shared folder
+    assert c.benchmark == a.benchmark and set(third.cached) == {"baseline-fp32", "ort-int8-dynamic"}
+    # A's files were never overwritten by B's: the stamp still matches what they hold
+    from edgeopt.keys import stamp_ok
+
+    folder = Path(c.benchmark.samples_path).parent
+    assert stamp_ok(Path(a.benchmark.samples_path).parent, Path(a.benchmark.samples_path).parent.name.split("-")[-1])
+    assert folder.is_dir()
+
+
+def test_a_changed_result_file_is_not_reused(tiny, tmp_path):
+    profile = write_profile(tmp_path / "p.yaml", candidates=[DYNAMIC], benchmark={"extra_repeats": 0})
+    kw = {"model": str(tiny["model"]), "profile": str(profile), "evaluation": str(tiny["eval"]),
+          "data_dir": str(tmp_path / "data")}
+    first = optimize_flow(**kw)
+    samples = Path(_by_name(first)["ort-int8-dynamic"].benchmark.samples_path)
+    rounds = sorted(samples.parent.parent.glob("ort-int8-dynamic-*/latency_ms.npy"))
+    np.save(rounds[0], np.load(rounds[0]) * 0.01)  # a result file edited behind edgeopt's back
+    second = optimize_flow(**kw)
+    assert not second.cached and set(second.remeasured) == {"baseline-fp32", "ort-int8-dynamic"}
+
+
+def test_adding_a_candidate_re_measures_the_baseline_with_it(tiny, tmp_path):
+    fp32 = {"name": "ort-fp32-optimized", "backend": "onnxruntime", "recipe": {"graph_optimization": "all"}}
+    kw = {"model": str(tiny["model"]), "evaluation": str(tiny["eval"]), "data_dir": str(tmp_path / "data")}
+    first = optimize_flow(**kw, profile=str(write_profile(tmp_path / "a.yaml", candidates=[DYNAMIC],
+                                                          benchmark={"extra_repeats": 0})))
+    second = optimize_flow(**kw, profile=str(write_profile(tmp_path / "b.yaml", candidates=[DYNAMIC, fp32],
+                                                           benchmark={"extra_repeats": 0})))
+    assert first.cached == ()
+    assert second.cached == ()  # the group changed: every member measured again, together
+    assert set(second.remeasured) == {"baseline-fp32", "ort-int8-dynamic", "ort-fp32-optimized"}
+    assert _by_name(second)["baseline-fp32"].benchmark != _by_name(first)["baseline-fp32"].benchmark
+    # with --candidate, the comparison is that candidate and its baseline, measured again together
+    only = optimize_flow(**kw, profile=str(write_profile(tmp_path / "b.yaml", candidates=[DYNAMIC, fp32],
+                                                         benchmark={"extra_repeats": 0})), candidates=["ort-fp32-optimized"])
+    assert set(only.remeasured) == {"baseline-fp32", "ort-fp32-optimized"} and only.cached == ()
+
+
+def test_an_uncertain_verdict_is_re_measured_before_it_is_final(tiny, tmp_path):
+    """A candidate that is the baseline model itself, against a 1.0x speed-up threshold: its interval
+    straddles 1.0, so it gets the extra rounds (interleaved with its baseline) before the verdict."""
+    same = {"name": "same-as-baseline", "backend": "onnxruntime",
+            "recipe": {"precision": "fp32", "graph_optimization": "disabled"}}
+    profile = write_profile(tmp_path / "p.yaml", candidates=[same],
+                            gates={"speedup_min": 1.0, "confidence": 0.999, "memory_reduction_min": -0.5},
+                            benchmark={"repeats": 2, "extra_repeats": 2})
+    report = optimize_flow(model=str(tiny["model"]), profile=str(profile), evaluation=str(tiny["eval"]),
+                           data_dir=str(tmp_path / "data"))
+    o = _by_name(report)
+    assert o["same-as-baseline"].benchmark.repeats == 4 and o["baseline-fp32"].benchmark.repeats == 4
+    v = next(v for v in o["same-as-baseline"].verdicts if v.gate == "speedup")
+    assert v.ci_low is not None and v.ci_low <= v.measured <= v.ci_high
+    assert report.selection.selected != "same-as-baseline" or v.status == "pass"
+
+
+def _loose(tmp_path: Path) -> Path:
+    return write_profile(tmp_path / "loose.yaml",
+                         gates={"speedup_min": 1.0, "memory_reduction_min": 0.0, "accuracy_ratio_min": 0.8,
+                                "confidence": 0.6},
+                         candidates=[DYNAMIC], benchmark={"extra_repeats": 0})
+
+
+def test_a_failure_after_the_gates_registers_nothing_and_surfaces(mlp, tmp_path, monkeypatch):
+    import flows.optimize as flow_module
+
+    def broken(*_a, **_k):
+        raise RuntimeError("injected: report rendering failed")
+
+    def broken_end(*_a, **_k):
+        raise OSError("injected: the tracking store went away")
+
+    monkeypatch.setattr(flow_module.report, "markdown", broken)
+    monkeypatch.setattr(flow_module.tracking, "end_parent_run", broken_end)
+    with pytest.raises(RuntimeError, match="injected: report rendering failed"):
+        optimize_flow(model=str(mlp["model"]), profile=str(_loose(tmp_path)), evaluation=str(mlp["eval"]),
+                      data_dir=str(tmp_path / "data"), model_name="mlp-broken")
+    cl = _client(tmp_path / "data")
+    assert cl.search_registered_models() == [] and cl.search_model_versions("name = 'mlp-broken'") == []
