@@ -8,13 +8,15 @@ import platform
 import shutil
 import socket
 import subprocess
+from collections.abc import Collection
 from functools import cache
 
 import psutil
 
 from edgeopt.records import HardwareFingerprint
 
-__all__ = ["ISA_FLAGS", "TOOL_DISTRIBUTIONS", "distribution_versions", "fingerprint", "has_isa", "tool_versions"]
+__all__ = ["ISA_FLAGS", "TOOL_DISTRIBUTIONS", "VNNI_FLAGS", "cpu_features", "distribution_versions", "fingerprint",
+           "has_isa", "tool_versions", "u8s8_saturates"]
 
 #: ISA features worth recording, as /proc/cpuinfo spells them → our names.
 ISA_FLAGS = {
@@ -41,6 +43,9 @@ ISA_FLAGS = {
     "sve2": "sve2",
 }
 
+#: x86 features (our names) whose 8-bit dot product accumulates u8×s8 products straight into 32 bits
+VNNI_FLAGS = ("avx512-vnni", "avx-vnni", "amx", "amx-int8")
+
 #: Toolchains whose versions go with every figure (missing ones are left out).
 TOOL_DISTRIBUTIONS = (
     "edgeopt", "numpy", "onnx", "onnxruntime", "onnxruntime-gpu", "openvino", "nncf", "optimum-intel",
@@ -64,6 +69,8 @@ def _cpuinfo() -> tuple[str, set[str]]:
                     model = value.strip()
                 elif key in ("flags", "features") and not flags:
                     flags = set(value.split())
+                if model and flags:
+                    break  # one processor's lines say it; the file repeats them per logical CPU
     except OSError:
         pass
     if not model and platform.system() == "Darwin":
@@ -94,6 +101,25 @@ def has_isa(fp: HardwareFingerprint, feature: str) -> bool:
     return feature.lower() in fp.isa_flags
 
 
+@cache
+def cpu_features() -> tuple[str, tuple[str, ...]]:
+    """This machine's architecture and ISA flags (our names, as in ``fingerprint()``), without the rest
+    of the fingerprint (no GPU probe, no package versions): cheap enough for every build to ask."""
+    _, raw_flags = _cpuinfo()
+    return _arch(), tuple(sorted({ours for theirs, ours in ISA_FLAGS.items() if theirs in raw_flags}))
+
+
+def u8s8_saturates(*, arch: str, isa_flags: Collection[str]) -> bool:
+    """Whether this CPU's u8×s8 integer kernels can saturate: x86-64 without VNNI or AMX.
+
+    Without VNNI, x86 INT8 kernels multiply uint8 activations by int8 weights with ``VPMADDUBSW``, which
+    adds each pair of products into a 16-bit integer and clamps it (255·127·2 > 32767). VNNI
+    (``VPDPBUSD``) and AMX accumulate in 32 bits; ARM's dot products have no such step. ONNX Runtime and
+    NNCF both answer with 7-bit weights on such CPUs (``reduce_range``, ``overflow_fix``).
+    """
+    return arch == "x86_64" and not set(isa_flags) & set(VNNI_FLAGS)
+
+
 def distribution_versions(names: tuple[str, ...]) -> dict[str, str]:
     """Installed versions of the given distributions (missing ones are left out)."""
     versions = {}
@@ -113,12 +139,12 @@ def tool_versions() -> dict[str, str]:
 @cache
 def fingerprint() -> HardwareFingerprint:
     """The fingerprint of this machine (cached per process)."""
-    model, raw_flags = _cpuinfo()
-    flags = tuple(sorted({ours for theirs, ours in ISA_FLAGS.items() if theirs in raw_flags}))
+    model, _ = _cpuinfo()
+    arch, flags = cpu_features()
     return HardwareFingerprint(
         hostname=socket.gethostname(),
         os=f"{platform.system()} {platform.release()}",
-        arch=_arch(),
+        arch=arch,
         cpu_model=model,
         isa_flags=flags,
         cores_physical=psutil.cpu_count(logical=False) or os.cpu_count() or 1,

@@ -83,11 +83,17 @@ class OrtRecipe(Recipe):
     calibration_samples: int = Field(
         default=128, gt=0, description="how many calibration samples (the first N, batch 1) static INT8 runs")
     per_channel: bool = Field(default=True, description="INT8: one weight scale per output channel")
-    reduce_range: bool = Field(
-        default=False, description="INT8: 7-bit weights, for x86 CPUs without VNNI (saturation risk)")
+    reduce_range: bool | None = Field(
+        default=None,
+        description="INT8: 7-bit weights, so that the u8×s8 kernels of x86-64 CPUs without VNNI cannot saturate "
+        "(ONNX Runtime's advice for those CPUs; costs a bit of weight precision). None: chosen from the CPU "
+        "the build runs on — on for int8 weights on x86-64 without VNNI/AMX (dynamic INT8: only if no Conv is "
+        "quantized, its ConvInteger does not saturate), off elsewhere; the notes say which and why")
     activation_type: Literal["int8", "uint8"] = Field(
         default="uint8", description="static INT8 activation type (uint8 with int8 weights suits x86 VNNI)")
-    weight_type: Literal["int8", "uint8"] = Field(default="int8", description="INT8 weight type")
+    weight_type: Literal["int8", "uint8"] = Field(
+        default="int8", description="INT8 weight type; 'uint8' (U8U8) cannot saturate on x86-64 without VNNI "
+        "either and keeps 8-bit weights, but runs on slower kernels than int8 with reduce_range")
     nodes_to_exclude: tuple[str, ...] = Field(default=(), description="node names kept in float (fp16/int8)")
     op_types_to_exclude: tuple[str, ...] = Field(default=(), description="op types kept in float (fp16/int8)")
     op_types_to_quantize: tuple[str, ...] = Field(

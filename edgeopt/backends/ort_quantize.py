@@ -1,5 +1,7 @@
 """ONNX Runtime quantization for the ORT backend: pre-processing, dynamic and static (QDQ) INT8.
 
+``reduce_range`` (7-bit weights) is chosen from the CPU the build runs on when the recipe leaves it
+unset (``choose_reduce_range``): on x86-64 without VNNI, ONNX Runtime's u8×s8 kernels can saturate.
 ``onnxruntime.quantization`` prints calibration progress and logs its warnings on the root logger;
 both go to this module's debug log (``_stdout_to_log``).
 """
@@ -16,16 +18,17 @@ from typing import TYPE_CHECKING, Any
 
 from edgeopt.backends.base import STDOUT_LOCK, short_message
 from edgeopt.errors import CandidateFailed
+from edgeopt.hardware import VNNI_FLAGS, cpu_features, u8s8_saturates
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Collection, Iterator
 
     import numpy as np
 
     from edgeopt.backends.onnxruntime import OrtRecipe
     from edgeopt.data import Dataset
 
-__all__ = ["pre_process", "quantize_dynamic", "quantize_static"]
+__all__ = ["choose_reduce_range", "pre_process", "quantize_dynamic", "quantize_static"]
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +95,66 @@ def _excluded_nodes(src: str, recipe: OrtRecipe, notes: list[str]) -> list[str] 
 _QUANT_OPTIONS = {"DefaultTensorType": 1}  # onnx.TensorProto.FLOAT
 
 
+#: execution providers whose quantized ops run on this CPU's integer kernels (OpenVINO's: on its default CPU)
+_CPU_KERNEL_PROVIDERS = ("cpu", "openvino")
+#: ONNX Runtime's shorthand for a type in a format name (U8S8: uint8 activations, int8 weights)
+_FORMAT = {"uint8": "U8", "int8": "S8"}
+
+
 def _quant_type(quant_type: Any, name: str) -> Any:
     return quant_type.QInt8 if name == "int8" else quant_type.QUInt8
+
+
+def choose_reduce_range(*, recipe: OrtRecipe, arch: str, isa_flags: Collection[str],
+                        quantizes_conv: bool = False) -> tuple[bool, str]:
+    """``reduce_range`` for this build and the note that says why.
+
+    The recipe's value when it sets one. Otherwise on only where the model runs on this CPU's u8×s8
+    kernels (the CPU provider, or OpenVINO's, whose CPU kernels have the same issue), those can saturate
+    (``u8s8_saturates``: x86-64 without VNNI/AMX) and the weights are int8: U8U8 does not saturate. Static INT8 runs every quantized op on those kernels; dynamic INT8 runs MatMuls on them
+    but Convs as ``ConvInteger``, which computes exactly, so there 7-bit weights only cost accuracy:
+    with a Conv to quantize (``quantizes_conv``), dynamic stays at 8 bits.
+    """
+    on_cpu = recipe.execution_provider in _CPU_KERNEL_PROVIDERS
+    risk = on_cpu and u8s8_saturates(arch=arch, isa_flags=isa_flags) and recipe.weight_type == "int8"
+    activations = "uint8" if recipe.quantization == "dynamic" else recipe.activation_type
+    fmt = _FORMAT[activations] + _FORMAT[recipe.weight_type]
+    if recipe.reduce_range is not None:
+        state = "on (7-bit weights)" if recipe.reduce_range else "off"
+        warning = (f" — this CPU has no VNNI: {fmt} kernels may saturate (ONNX Runtime recommends reduce_range)"
+                   if risk and not recipe.reduce_range else "")
+        return recipe.reduce_range, f"reduce_range: {state}, set by the recipe{warning}"
+    if risk and recipe.quantization == "dynamic" and quantizes_conv:
+        return False, ("reduce_range: off — this CPU has no VNNI, but its ConvInteger does not saturate and "
+                       "7-bit weights would cost the Convs accuracy (MatMuls may saturate: set reduce_range to trade)")
+    if risk:
+        return True, (f"reduce_range: on (7-bit weights) — this CPU has no VNNI ({', '.join(VNNI_FLAGS)}); "
+                      f"ONNX Runtime recommends it to avoid {fmt} saturation")
+    if not on_cpu:
+        why = f"it runs on the {recipe.execution_provider} provider, not this CPU's int8 kernels"
+    elif arch != "x86_64":
+        why = f"{arch}: its int8 dot products do not saturate"
+    elif recipe.weight_type == "uint8":
+        why = f"{fmt} does not saturate"
+    else:
+        why = f"this CPU has {', '.join(f for f in VNNI_FLAGS if f in isa_flags)}: no {fmt} saturation"
+    return False, f"reduce_range: off — {why}"
+
+
+def _reduce_range(src: str, recipe: OrtRecipe, op_types: list[str] | None, notes: list[str]) -> bool:
+    """``choose_reduce_range`` for this machine's CPU; its note goes into ``notes``."""
+    arch, flags = cpu_features()
+    quantizes_conv = False
+    asked = recipe.reduce_range is None and recipe.quantization == "dynamic" and (op_types is None or "Conv" in op_types)
+    if asked and u8s8_saturates(arch=arch, isa_flags=flags):  # read the graph only when the answer matters
+        import onnx
+
+        graph = onnx.load(src, load_external_data=False).graph
+        quantizes_conv = any(n.op_type == "Conv" and n.name not in recipe.nodes_to_exclude for n in graph.node)
+    value, note = choose_reduce_range(recipe=recipe, arch=arch, isa_flags=flags, quantizes_conv=quantizes_conv)
+    log.debug("%s", note)
+    notes.append(note)
+    return value
 
 
 def quantize_dynamic(*, src: str, out: Path, recipe: OrtRecipe) -> list[str]:
@@ -103,10 +164,11 @@ def quantize_dynamic(*, src: str, out: Path, recipe: OrtRecipe) -> list[str]:
     notes = [f"dynamic int8: uint8 activations, {recipe.weight_type} weights"
              + (", per-channel" if recipe.per_channel else "")]
     excluded = _excluded_nodes(src, recipe, notes)
+    op_types = _op_types(IntegerOpsRegistry, recipe)
+    reduce_range = _reduce_range(src, recipe, op_types, notes)
     with _stdout_to_log():
-        quantize_dynamic(src, str(out), per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
-                         weight_type=_quant_type(QuantType, recipe.weight_type),
-                         op_types_to_quantize=_op_types(IntegerOpsRegistry, recipe),
+        quantize_dynamic(src, str(out), per_channel=recipe.per_channel, reduce_range=reduce_range,
+                         weight_type=_quant_type(QuantType, recipe.weight_type), op_types_to_quantize=op_types,
                          nodes_to_exclude=excluded, extra_options=_QUANT_OPTIONS)
     return notes
 
@@ -133,6 +195,7 @@ def quantize_static(*, src: str, out: Path, recipe: OrtRecipe, candidate: str,
     if count < recipe.calibration_samples:
         notes.append(f"calibration data has {count} samples, fewer than the "
                      f"{recipe.calibration_samples} asked")
+    reduce_range = _reduce_range(src, recipe, op_types, notes)
     cache: Path | None = None
     if recipe.calibration_method == "entropy":
         reader = _DatasetReader(calibration, needed, count)
@@ -143,7 +206,7 @@ def quantize_static(*, src: str, out: Path, recipe: OrtRecipe, candidate: str,
     with _stdout_to_log():
         quantize_static(src, str(out), _DatasetReader(calibration, needed, count),
                         quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types,
-                        per_channel=recipe.per_channel, reduce_range=recipe.reduce_range,
+                        per_channel=recipe.per_channel, reduce_range=reduce_range,
                         activation_type=_quant_type(QuantType, recipe.activation_type),
                         weight_type=_quant_type(QuantType, recipe.weight_type),
                         nodes_to_exclude=_excluded_nodes(src, recipe, notes), calibrate_method=method,
@@ -194,8 +257,6 @@ class _DatasetReader:
 
     def __len__(self) -> int:
         return self._count
-
-
 
 
 class _QuantizerToDebug(logging.Filter):

@@ -13,6 +13,7 @@ from edgeopt import intake
 from edgeopt.backends.onnxruntime import OnnxRuntimeBackend, OrtRecipe
 from edgeopt.data import load_dataset
 from edgeopt.errors import CandidateFailed
+from edgeopt.hardware import cpu_features, u8s8_saturates
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -63,6 +64,9 @@ def test_dynamic_int8_on_the_fused_graph(tiny_bert, feeds, tmp_path) -> None:
     _, art = _build(tiny_bert, tmp_path / "b", precision="int8", quantization="dynamic", transformer_fusion="bert")
     ops = _ops(art.path)
     assert ops["QAttention"] == 2 or (ops["Attention"] == 2 and ops["MatMulInteger"]), ops
+    # no Conv: every quantized op runs on u8×s8 GEMM kernels, so 7-bit weights wherever those saturate
+    saturates = u8s8_saturates(arch=cpu_features()[0], isa_flags=cpu_features()[1])
+    assert any(n.startswith("reduce_range: on" if saturates else "reduce_range: off") for n in art.notes)
     backend = OnnxRuntimeBackend()
     ref = _hidden(backend, str(tiny_bert["model"]), {}, feeds)
     out = _hidden(backend, art.path, art.runtime, feeds)
