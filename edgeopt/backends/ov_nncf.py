@@ -20,6 +20,7 @@ import numpy as np
 from edgeopt.backends.base import STDOUT_LOCK, short_message
 from edgeopt.backends.openvino import OpenVinoRecipe, classify
 from edgeopt.errors import BackendUnavailable, CandidateFailed, ConfigError
+from edgeopt.hardware import cpu_features, u8s8_saturates
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -104,12 +105,13 @@ class Builder:
             "preset": None if r.preset == "auto" else getattr(nncf.QuantizationPreset, r.preset.upper())}
         notes.append(f"NNCF INT8 PTQ: preset {r.preset}, model_type {model_type}, {subset} of "
                      f"{len(items)} calibration samples, fast_bias_correction {r.fast_bias_correction}")
+        advanced = self._overflow_fix(nncf, notes)
         if r.accuracy_control and r.max_accuracy_drop is None:
             raise ConfigError(f"{self.candidate}: accuracy_control needs max_accuracy_drop (the flow sets it "
                               "from the profile's gates; set it in the recipe when building directly)")
         if r.max_accuracy_drop is None:
             with quiet_nncf():
-                return nncf.quantize(model, nncf.Dataset(items), **kwargs)
+                return nncf.quantize(model, nncf.Dataset(items), advanced_parameters=advanced, **kwargs)
         metric = r.control_metric(self.assessment.kind)
         # NNCF validates subsets of the raw items, so each carries its index into the FP32 outputs
         indexed = list(enumerate(items))
@@ -117,7 +119,8 @@ class Builder:
         with quiet_nncf():
             quantized = nncf.quantize_with_accuracy_control(
                 model, nncf.Dataset(items), nncf.Dataset(indexed, lambda item: item[1]), validate,
-                max_drop=r.max_accuracy_drop, drop_type=nncf.DropType.ABSOLUTE, **kwargs)
+                max_drop=r.max_accuracy_drop, drop_type=nncf.DropType.ABSOLUTE,
+                advanced_quantization_parameters=advanced, **kwargs)
         import openvino as ov
 
         compiled = ov.Core().compile_model(quantized, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
@@ -125,6 +128,16 @@ class Builder:
         notes.append(f"accuracy control: {metric} vs FP32 outputs on {len(items)} calibration samples "
                      f"{achieved:.4f} (max absolute drop {r.max_accuracy_drop})")
         return quantized
+
+    def _overflow_fix(self, nncf: Any, notes: list[str]) -> Any:
+        """NNCF's overflow fix on every Conv/MatMul (7-bit weights) where the CPU's u8×s8 kernels saturate
+        (x86-64 without VNNI/AMX); None (NNCF's default: the first Conv only) elsewhere."""
+        arch, flags = cpu_features()
+        if self.recipe.device not in ("CPU", "AUTO") or not u8s8_saturates(arch=arch, isa_flags=flags):
+            return None
+        notes.append("NNCF overflow fix: enable (7-bit weights on every Conv/MatMul) — this CPU has no VNNI; "
+                     "its u8×s8 kernels saturate otherwise")
+        return nncf.AdvancedQuantizationParameters(overflow_fix=nncf.OverflowFix.ENABLE)
 
     def _compress(self, model: Any, notes: list[str]) -> Any:
         nncf = import_nncf()
