@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import tempfile
 import threading
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
     from edgeopt.profiles import Gates
     from edgeopt.records import Artifact, Assessment, ModelRef
 
-__all__ = ["STDOUT_LOCK", "Backend", "Recipe", "Session", "short_message"]
+__all__ = ["STDOUT_LOCK", "WARM_SIZE", "Backend", "Recipe", "Session", "short_message", "tiny_onnx_model"]
 
 #: held by every ``contextlib.redirect_stdout`` of a toolchain's output: the swap is process-wide,
 #: and builds run in threads of one process (a flow's task runner)
@@ -114,6 +115,43 @@ class Backend(ABC):
     @abstractmethod
     def load(self, *, path: str, runtime: dict[str, Any]) -> Session:
         """Load an artifact for measurement (called inside the fresh measuring process)."""
+
+    def warm(self, *, runtime: dict[str, Any]) -> None:
+        """Load the runtime's own libraries, thread pools and kernels before the memory reference point.
+
+        The measuring process calls this before it takes its reference reading, so that what any model
+        of this runtime needs (a device plugin, thread pools, kernel registries) is not counted as the
+        artifact's memory. The default loads a tiny ONNX model (MatMul 16x16 + Relu) with ``load`` and
+        the same ``runtime`` options, runs it once and releases it; backends whose ``load`` does not take
+        a ``.onnx`` file override it.
+        """
+        import numpy as np
+
+        with tempfile.TemporaryDirectory(prefix="edgeopt-warm-") as tmp:
+            path = Path(tmp) / "warm.onnx"
+            path.write_bytes(tiny_onnx_model())
+            session = self.load(path=str(path), runtime=runtime)
+            session.run({session.input_names[0]: np.ones((1, WARM_SIZE), dtype=np.float32)})
+            del session
+
+
+#: the tiny warm-up model's width: input x [batch, 16] float32 -> MatMul 16x16 -> Relu -> y
+WARM_SIZE = 16
+
+
+def tiny_onnx_model() -> bytes:
+    """The warm-up model as ONNX bytes (IR version 9, opset 17: what every supported runtime reads)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.eye(WARM_SIZE, dtype=np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])], "warm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", WARM_SIZE])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", WARM_SIZE])], [w])
+    # onnx >= 1.23 writes IR version 14 by default, which onnxruntime <= 1.31 refuses
+    model = helper.make_model(graph, ir_version=9, opset_imports=[helper.make_opsetid("", 17)])
+    return model.SerializeToString()
 
 
 def short_message(exc: BaseException, limit: int = 300) -> str:

@@ -318,6 +318,22 @@ class OpenVinoBackend(Backend):
         xml = Path(path) / "model.xml" if Path(path).is_dir() else Path(path)
         return OpenVinoSession(core.compile_model(str(xml), device, config), device=device)
 
+    def warm(self, *, runtime: dict[str, Any]) -> None:
+        """Compile and run a tiny IR (MatMul 16x16 + Relu) as ``load`` would: loads the device plugin and
+        the IR reader before the measuring process's memory reference point."""
+        import openvino as ov
+        from openvino import opset13 as ops
+
+        from edgeopt.backends.base import WARM_SIZE
+
+        x = ops.parameter([1, WARM_SIZE], np.float32, name="x")
+        y = ops.relu(ops.matmul(x, ops.constant(np.eye(WARM_SIZE, dtype=np.float32)), False, False))
+        with tempfile.TemporaryDirectory(prefix="edgeopt-warm-") as tmp:
+            ov.save_model(ov.Model([y], [x], "warm"), str(Path(tmp) / "model.xml"), compress_to_fp16=False)
+            session = self.load(path=tmp, runtime=runtime)
+            session.run({"x": np.ones((1, WARM_SIZE), dtype=np.float32)})
+            del session
+
 
 def check_ir(folder: Path, *, recipe: Any, candidate: str) -> ExecutionReport:
     """Compile the built IR as the benchmark will, run it once, read back how it executes."""

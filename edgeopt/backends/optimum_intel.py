@@ -176,6 +176,10 @@ class OptimumIntelBackend(Backend):
         """Compile ``path`` as the openvino backend does (the artifacts are the same kind of IR folder)."""
         return OpenVinoBackend().load(path=path, runtime=runtime)
 
+    def warm(self, *, runtime: dict[str, Any]) -> None:
+        """Warm the OpenVINO runtime as the openvino backend does (the same loader)."""
+        OpenVinoBackend().warm(runtime=runtime)
+
 
 def _found(module: str) -> bool:
     try:  # find_spec of 'a.b' imports 'a' and raises when 'a' is missing

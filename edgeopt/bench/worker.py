@@ -5,136 +5,81 @@ job file written by the parent, does one job (``measure`` or ``infer``), and wri
 (``job["result_path"]``): ``{"ok": true, ...}`` or ``{"ok": false, "reason"|"error", "message"}``.
 Its only output besides that file and the files it was asked for is logging on stderr.
 
-Memory: on Linux the peak is the process's own ``VmHWM`` (``/proc/self/status``), reset after the
-inputs are built (``/proc/self/clear_refs``). ``getrusage(RUSAGE_SELF).ru_maxrss`` is not used
-there because after fork+exec it carries the *parent's* peak (a 600 MB parent makes a 9 MB child
-report 600 MB); elsewhere it is the fallback.
+Memory (``edgeopt.bench.memory``): the reference point is taken once the runtime is imported, its own
+libraries, thread pools and kernels are loaded and warmed by loading and running a tiny model with the
+same runtime options (``Backend.warm``, then released), and the inputs are built; garbage is collected
+and the allocator trimmed (``malloc_trim``) first. ``rss_steady_mb`` is the anonymous RSS (``RssAnon``)
+after the timed runs (collected and trimmed again) minus the reference's: what the loaded, warmed-up
+model keeps. ``rss_steady_file_mb`` is the same for file-backed RSS (memory-mapped weights).
+``rss_peak_model_mb`` is the peak RSS from the reference on (``VmHWM`` reset there through
+``/proc/self/clear_refs``) minus the RSS there: load and inference transients included.
+``rss_peak_mb`` is the whole process's peak. Nothing is clamped; NaN where not measurable (other OSes:
+USS for the steady figure, no resettable peak). The payload also carries ``rss_model_mb_v1``, the
+figure of schema 2 (peak minus RSS after the data, load-time transients and the runtime's plugins
+included), for comparison in benchmark scripts only.
 
-Fault injection (tests only): ``EDGEOPT_BENCH_FAULT`` makes the worker misbehave right after
-loading the artifact, to test the parent's failure classification: ``segfault`` / ``abort`` kill
-it with SIGSEGV / SIGABRT; ``hang`` sleeps forever; ``oom`` allocates past the job's memory limit
-and waits 10 s for the watchdog (with no limit: allocates 2 GB), then raises ``MemoryError``;
-``nan`` makes the outputs NaN.
+Audit (as MLPerf's TEST01 / TEST04): the outputs of the first pass over up to ``AUDIT_CAPTURE`` full
+batches of the timed loop are kept (references, no copy inside the loop), padded back to the full
+sequence length as ``infer`` does, and written to ``audit.npz`` (``index`` = the data rows, then
+``output_<k>``), for ``edgeopt.bench.audit.check_outputs`` to compare with the evaluation run's. After
+the timed loop each of the first ``AUDIT_FEEDS`` distinct inputs runs ``AUDIT_REPEATS`` times back to
+back (the first discarded), within ``AUDIT_BUDGET`` of the timed loop's duration: ``audit_repeat_ratio``
+is the median over those inputs of (median latency repeated / median latency of the same input after
+another one: its latest runs in the timed loop, or, when the inputs' shapes change between runs, right
+after a same-shaped input; see ``edgeopt.bench.audit.repeat_ratio``). A runtime that caches results runs
+repeated identical inputs far faster. Synthetic inputs (no data file) are made in blocks
+(``SYNTHETIC_BLOCK``) so that ``measure`` and ``infer`` see the same rows whatever their sample counts.
+
+Fault injection (tests only, ``edgeopt.bench.faults``): ``EDGEOPT_BENCH_FAULT`` makes the worker
+misbehave right after loading the artifact (crash, hang, oom, NaN outputs, cached results, outputs that
+drift in the timed loop), to test the parent's failure classification and the audit.
 """
 
 from __future__ import annotations
 
 import faulthandler
 import gc
+import hashlib
 import importlib
 import json
 import logging
 import math
 import os
-import resource
-import signal
 import sys
 import time
+from array import array
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgeopt.bench import audit, faults, memory
+from edgeopt.bench.faults import FAULT_ENV, FAULTS
 from edgeopt.bench.shapes import pad_outputs, split_runtime, trim
 from edgeopt.data import Dataset, load_dataset, synthetic_dataset
 from edgeopt.errors import BackendUnavailable, CandidateFailed, ConfigError, DataError, ModelError
 from edgeopt.records import Artifact, TensorSpec
 
-__all__ = ["FAULT_ENV", "main"]
+__all__ = ["AUDIT_BUDGET", "AUDIT_CAPTURE", "AUDIT_FEEDS", "AUDIT_REPEATS", "FAULTS", "FAULT_ENV", "SYNTHETIC_BLOCK",
+           "main"]
 
 log = logging.getLogger(__name__)
 
-FAULT_ENV = "EDGEOPT_BENCH_FAULT"
-FAULTS = ("segfault", "abort", "hang", "oom", "nan")
-_LINUX = sys.platform.startswith("linux")
-#: what the worker is doing, reported with a failure ("imports", "data", "load", "run", "write")
+#: audit: timed-loop batches whose outputs are kept (the first pass over the distinct full batches)
+AUDIT_CAPTURE = 16
+#: audit: distinct inputs run repeatedly after the timed loop, and how many times each (first discarded)
+AUDIT_FEEDS = 8
+AUDIT_REPEATS = 6
+#: audit: repeated runs stop starting new inputs after this share of the timed loop's duration
+AUDIT_BUDGET = 0.25
+#: synthetic inputs are made in blocks of this many rows, block k from seed k: the rows do not depend
+#: on how many are asked for, so the benchmark's inputs are the first rows of the evaluation run's
+SYNTHETIC_BLOCK = 64
+#: what the worker is doing, reported with a failure ("imports", "data", "warm", "load", "run", "write")
 _stage = {"now": "start"}
 
 
-# ---------------------------------------------------------------------------------------- memory
-def _status_kib(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return float(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def rss_mb() -> float:
-    """Current resident memory of this process (MB)."""
-    kib = _status_kib("VmRSS") if _LINUX else None
-    if kib is not None:
-        return kib / 1024.0
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
-
-
-def peak_rss_mb() -> tuple[float, str]:
-    """Peak resident memory of this process (MB) and where the figure comes from."""
-    kib = _status_kib("VmHWM") if _LINUX else None
-    if kib is not None:
-        return kib / 1024.0, "VmHWM"
-    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024.0), "ru_maxrss"
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0), so data loading is not counted as the model's."""
-    if not _LINUX:
-        return False
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
 # ------------------------------------------------------------------------------------ the session
-class _NanSession:
-    """Fault injection: the wrapped session's float outputs replaced with NaN."""
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-        self.input_names = inner.input_names
-
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        outs = self._inner.run(feeds)
-        return [np.full_like(o, np.nan) if np.issubdtype(o.dtype, np.floating) else o for o in outs]
-
-
-def _inject_fault(session: Any, memory_limit_mb: float | None) -> Any:
-    fault = os.environ.get(FAULT_ENV, "")
-    if not fault:
-        return session
-    if fault not in FAULTS:
-        raise ConfigError(f"{FAULT_ENV}={fault!r} is not a known fault (allowed: {', '.join(FAULTS)})")
-    log.warning("fault injection: %s", fault)
-    if fault == "segfault":
-        os.kill(os.getpid(), signal.SIGSEGV)
-    elif fault == "abort":
-        os.abort()
-    elif fault == "hang":
-        while True:
-            time.sleep(3600)
-    elif fault == "oom":
-        cap_mb = memory_limit_mb + 64.0 if memory_limit_mb else 2048.0
-        hoard = []
-        while rss_mb() < cap_mb:
-            hoard.append(np.ones(32 * 2**20 // 8))  # 32 MB, pages touched
-            time.sleep(0.01)
-        if memory_limit_mb:  # above the limit: give the parent's watchdog time to kill this process
-            time.sleep(10.0)
-        raise MemoryError(f"fault injection: allocated {rss_mb():.0f} MB")
-    elif fault == "nan":
-        return _NanSession(session)
-    return session
-
-
 def _import_toolchain(artifact: Artifact) -> Any:
     """The artifact's backend, with its toolchain imported so that its memory counts as baseline."""
     from edgeopt import backends
@@ -150,7 +95,17 @@ def _dataset(job: dict[str, Any], *, count: int) -> Dataset:
     signature = tuple(TensorSpec.model_validate(s) for s in job["signature"])
     if job.get("data_path"):
         return load_dataset(job["data_path"], signature=signature, role="evaluation")
-    return synthetic_dataset(signature, count=count)
+    return _synthetic(signature, count=count)
+
+
+def _synthetic(signature: tuple[TensorSpec, ...], *, count: int) -> Dataset:
+    """``count`` synthetic rows, the same rows whatever ``count`` (``synthetic_dataset`` draws each input
+    after the previous one, so its rows change with the count when a model has several inputs)."""
+    blocks = [synthetic_dataset(signature, count=SYNTHETIC_BLOCK, seed=k)
+              for k in range(max(1, math.ceil(count / SYNTHETIC_BLOCK)))]
+    inputs = {name: np.concatenate([b.inputs[name] for b in blocks])[:count] for name in blocks[0].inputs}
+    digest = hashlib.sha256(repr(("blocks", SYNTHETIC_BLOCK, signature)).encode()).hexdigest()
+    return Dataset(None, f"synthetic-{digest[:16]}", inputs)
 
 
 def _check_finite(outputs: list[np.ndarray], candidate: str, names: list[str] | None = None) -> None:
@@ -169,29 +124,36 @@ def _measure(job: dict[str, Any]) -> dict[str, Any]:
     s = job["settings"]
     _stage["now"] = "imports"
     backend = _import_toolchain(artifact)
-    rss_after_imports = rss_mb()
+    rss_after_imports = memory.rss_mb()
 
     _stage["now"] = "data"
     bs = int(s["batch_size"])
     ds = _dataset(job, count=int(s["eval_samples"])).head(int(s["eval_samples"]))
+    count = ds.count
     feeds = [{k: np.ascontiguousarray(v) for k, v in ds.sample(i * bs, batch_size=bs).items()}
-             for i in range(max(1, math.ceil(ds.count / bs)))]
+             for i in range(max(1, math.ceil(count / bs)))]
     runtime, sequence = split_runtime(artifact.runtime)
+    spans: list[tuple[int, int]] = []  # (full, used) sequence length of each feed
     if sequence:  # each input at its real (or bucketed) length
-        feeds = [trim(f, sequence)[0] for f in feeds]
+        trimmed = [trim(f, sequence) for f in feeds]
+        feeds, spans = [t[0] for t in trimmed], [(t[1], t[2]) for t in trimmed]
     lengths = [f["attention_mask"].shape[1] for f in feeds if getattr(f.get("attention_mask"), "ndim", 0) == 2]
     data_id = ds.sha256
     del ds
-    gc.collect()
-    peak_reset = _reset_peak_rss()
-    rss_baseline = rss_mb()
+    memory.settle()
+    rss_after_data = memory.rss_mb()
+
+    _stage["now"] = "warm"
+    warmed = _warm(backend, runtime)
+    probe = memory.MemoryProbe()
+    probe.reference()
 
     _stage["now"] = "load"
     t0 = time.perf_counter_ns()
     session = backend.load(path=artifact.path, runtime=runtime)
     load_time_ms = (time.perf_counter_ns() - t0) / 1e6
     _stage["now"] = "run"
-    session = _inject_fault(session, s.get("memory_limit_mb"))
+    session = faults.inject(session, s.get("memory_limit_mb"))
     names = list(getattr(session, "output_names", None) or []) or None
     run = session.run
 
@@ -204,10 +166,15 @@ def _measure(job: dict[str, Any]) -> dict[str, Any]:
 
     min_runs, max_runs = int(s["min_runs"]), int(s["max_runs"])
     min_ns, max_ns = int(s["min_duration_s"] * 1e9), int(s["max_duration_s"] * 1e9)
-    lat_ns: list[int] = []
+    # audit: the first pass over the full batches (feed i holds rows i*bs .. i*bs+bs-1) is kept
+    capture = min(AUDIT_CAPTURE, count // bs)
+    captured: list[list[np.ndarray]] = []
+    keep = captured.append
+    lat_ns = array("q")  # raw int64: no int object per run stays behind in Python's allocator
     append, clock = lat_ns.append, time.perf_counter_ns
     gc.collect()
     gc.disable()
+    faults.timing["on"] = True
     timed_start_unix = time.time()
     start = clock()
     try:
@@ -218,33 +185,41 @@ def _measure(job: dict[str, Any]) -> dict[str, Any]:
             out = run(feed)
             t_b = clock()
             append(t_b - t_a)
+            if i < capture:
+                keep(out)
             i += 1
             elapsed = t_b - start
             if i >= max_runs or elapsed >= max_ns or (i >= min_runs and elapsed >= min_ns):
                 break
     finally:
+        faults.timing["on"] = False
         gc.enable()
     duration_s = (clock() - start) / 1e9
     timed_end_unix = time.time()
     _check_finite(out, artifact.candidate, names)
+    repeat = audit.repeat_ratio(run, feeds, lat_ns, inputs=AUDIT_FEEDS, repeats=AUDIT_REPEATS,
+                                budget_s=AUDIT_BUDGET * duration_s)
 
     _stage["now"] = "write"
-    samples = np.asarray(lat_ns, dtype=np.float64) / 1e6
+    samples = np.frombuffer(lat_ns, dtype=np.int64).astype(np.float64) / 1e6
     samples_path = Path(job["samples_path"])
     with open(samples_path, "wb") as fh:
         np.save(fh, samples)
-    peak, peak_source = peak_rss_mb()
+    audit_path = audit.write_capture(Path(job["audit_path"]), captured, batch_size=bs, spans=spans) \
+        if job.get("audit_path") else None
+    audit_batches, samples_n = min(capture, len(lat_ns)), int(samples.size)
+    del captured, out, feed, lat_ns, samples, append  # the harness's own data is not the model's memory
+    figures = probe.steady(rss_after_data=rss_after_data)  # the session is still loaded here
+    if not warmed:
+        figures["memory_source"] += "; runtime not warmed"
     return {
-        "samples": int(samples.size),
+        "samples": samples_n,
         "samples_path": str(samples_path),
         "load_time_ms": load_time_ms,
         "duration_s": duration_s,
         "rss_after_imports_mb": rss_after_imports,
-        "rss_baseline_mb": rss_baseline,
-        "rss_peak_mb": peak,
-        "rss_model_mb": max(0.0, peak - rss_baseline),
-        "peak_source": peak_source,
-        "peak_reset": peak_reset,
+        "rss_after_data_mb": rss_after_data,
+        **figures,
         "distinct_inputs": n,
         "data": data_id,
         "tool_versions": backend.tool_versions(),
@@ -252,7 +227,24 @@ def _measure(job: dict[str, Any]) -> dict[str, Any]:
         "timed_end_unix": timed_end_unix,
         "sequence": sequence["mode"] if sequence else "fixed",
         "seq_len_mean": float(np.mean(lengths)) if lengths else None,
+        "audit_path": audit_path,
+        "audit_batches": audit_batches,
+        "audit_repeat_ratio": repeat.ratio,
+        "audit_repeat_ratios": [[round(r, 4), kind] for r, kind in repeat.per_input],
     }
+
+
+def _warm(backend: Any, runtime: dict[str, Any]) -> bool:
+    """``backend.warm``; a failure is logged (the runtime's own memory then counts as the model's)."""
+    try:
+        backend.warm(runtime=runtime)
+    except (CandidateFailed, ConfigError, BackendUnavailable):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the tiny model is not the candidate: measure on, say so
+        log.warning("warming the %s runtime on a tiny model failed (%s: %s); its libraries load with the "
+                    "model and count as the model's memory", backend.name, type(exc).__name__, exc)
+        return False
+    return True
 
 
 def _infer(job: dict[str, Any]) -> dict[str, Any]:
@@ -268,7 +260,7 @@ def _infer(job: dict[str, Any]) -> dict[str, Any]:
     runtime, sequence = split_runtime(artifact.runtime)
     session = backend.load(path=artifact.path, runtime=runtime)
     _stage["now"] = "run"
-    session = _inject_fault(session, None)
+    session = faults.inject(session, None)
     names = list(getattr(session, "output_names", None) or []) or None
 
     bs, count = int(job["batch_size"]), ds.count

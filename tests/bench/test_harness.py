@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from pydantic import ValidationError
 
 from edgeopt.bench import BenchSettings, infer, measure, min_samples_for, relative_spread, summarize
-from edgeopt.bench.harness import _classify_exit
+from edgeopt.bench.supervise import classify_exit
 from edgeopt.bench.worker import FAULT_ENV
 from edgeopt.errors import CandidateFailed, ConfigError, DataError, ModelError
 from edgeopt.records import Artifact, HardwareFingerprint, TensorSpec
@@ -94,7 +94,12 @@ def test_measure_reports_a_consistent_summary(models, hardware, tmp_path):
     assert np.median(samples) == pytest.approx(r.latency_ms_p50)
     assert r.latency_ms_mean == pytest.approx(samples.mean())
     assert r.throughput_per_s == pytest.approx(r.samples / (samples.sum() / 1000.0))
-    assert r.rss_peak_mb > 0 and 0 <= r.rss_model_mb < r.rss_peak_mb
+    assert r.rss_peak_mb > 0 and r.rss_steady_mb < r.rss_peak_mb and r.rss_peak_model_mb < r.rss_peak_mb
+    assert r.memory_source == "RssAnon; VmHWM reset at reference"
+    assert r.rss_steady_mb_repeats == (r.rss_steady_mb,) and r.repeat_sample_counts == (r.samples,)
+    assert r.audit_path == str(tmp_path / "audit.npz") and r.audit_repeat_ratio is not None
+    payload = _result_json(tmp_path)
+    assert "rss_model_mb_v1" in payload and "rss_model_mb_v1" not in r.model_dump()
     assert r.load_time_ms > 0
     assert r.size_bytes == models["mlp"].stat().st_size
     assert _result_json(tmp_path)["distinct_inputs"] == FAST.eval_samples
@@ -200,7 +205,7 @@ def test_memory_error_in_the_worker_is_oom(models, tmp_path, monkeypatch):
     (0, "", "crash"),
 ])
 def test_exit_classification(rc, stderr, reason):
-    err = _classify_exit(rc, stderr, candidate="c", what="benchmark", where="")
+    err = classify_exit(rc, stderr, candidate="c", what="benchmark", where="")
     assert err.reason == reason
     if reason == "crash" and rc == 1:
         assert "ValueError: boom" in str(err)
