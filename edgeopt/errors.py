@@ -34,6 +34,7 @@ FAILURE_REASONS = (
     "unavailable",  # the toolchain is not installed on this machine
     "build-error",  # the toolchain failed to produce an artifact for another reason
     "accuracy",  # outputs are not finite or unusable
+    "audit",  # the timed runs' outputs differ from the evaluation run's, or their timings look cached
 )
 
 

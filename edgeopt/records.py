@@ -149,9 +149,10 @@ class BenchmarkResult(Record):
     rss_steady_mb: float = Field(description="steady-state memory of the loaded, warmed-up model (MB): anonymous "
                                  "RSS after the timed runs (allocator trimmed) minus anonymous RSS at the reference "
                                  "point (runtime imported, its libraries loaded and warmed on a tiny model, data "
-                                 "built); NaN when it cannot be measured")
+                                 "built), plus the pages of model files mapped since then that the timed runs "
+                                 "touched (weights used in place); NaN when it cannot be measured")
     rss_steady_file_mb: float = Field(default=math.nan, description="file-backed RSS the model added at steady "
-                                      "state (MB): memory-mapped weights; reported, not gated")
+                                      "state (MB): every mapped page still resident, used or not; reported, not gated")
     rss_peak_model_mb: float = Field(description="peak RSS during load and inference above the reference point "
                                      "(MB): the high-water mark reset at that point minus the RSS there; NaN when "
                                      "the peak cannot be reset (see memory_source)")
@@ -176,8 +177,9 @@ class BenchmarkResult(Record):
                                    "('index' = sample rows, 'output_<i>' = outputs), compared with the "
                                    "evaluation run's outputs for the same inputs (audit)")
     audit_repeat_ratio: float | None = Field(default=None, description="median latency on repeated identical "
-                                             "inputs / median latency of the same inputs in the timed loop; far "
-                                             "below 1 means results are cached (audit)")
+                                             "inputs / median latency of the same inputs run after another input "
+                                             "(with changing shapes, a same-shaped one); far below 1 means results "
+                                             "are cached (audit)")
     hardware: HardwareFingerprint
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from edgeopt.records import BenchmarkResult, CandidateOutcome, Selection
@@ -41,7 +42,7 @@ def _ci(o: CandidateOutcome, gate: str) -> str:
 
 
 def _mem(value: float | None) -> str:
-    return "NaN" if value is not None and value != value else _f(value, ".1f")
+    return "NaN" if value is not None and math.isnan(value) else _f(value, ".1f")
 
 
 def _f(value: float | None, fmt: str) -> str:
@@ -79,7 +80,7 @@ def rows(outcomes: Sequence[CandidateOutcome], selection: Selection | None = Non
             "speed-up CI": _ci(o, "speedup"),
             "steady MB": _mem(b.rss_steady_mb) if b else "-",
             "peak MB": _mem(b.rss_peak_model_mb) if b else "-",
-            "memory -%": "-" if o.memory_reduction is None else ("NaN" if o.memory_reduction != o.memory_reduction
+            "memory -%": "-" if o.memory_reduction is None else ("NaN" if math.isnan(o.memory_reduction)
                                                                  else f"{o.memory_reduction * 100:.0f}%"),
             "size MB": _f(b.size_bytes / 1e6 if b else (o.artifact.size_bytes / 1e6 if o.artifact else None), ".2f"),
             "accuracy": accuracy,
@@ -91,9 +92,9 @@ def rows(outcomes: Sequence[CandidateOutcome], selection: Selection | None = Non
 
 def markdown(outcomes: Sequence[CandidateOutcome], selection: Selection, *, title: str, links: dict[str, str]) -> str:
     lines = [f"# {title}", "", f"**{selection.message}**", "",
-             "Speed-up CI: 95% paired bootstrap interval over the interleaved rounds; a gate passes only when "
+             ("Speed-up CI: 95% paired bootstrap interval over the interleaved rounds; a gate passes only when "
              "its whole interval clears the threshold. steady MB: resident memory of the loaded, warmed-up model; "
-             "peak MB: high-water mark during load and inference above the runtime's own memory.", ""]
+             "peak MB: high-water mark during load and inference above the runtime's own memory."), ""]
     lines.append("| " + " | ".join(COLUMNS) + " |")
     lines.append("|" + "---|" * len(COLUMNS))
     for r in rows(outcomes, selection):
@@ -111,8 +112,8 @@ def markdown(outcomes: Sequence[CandidateOutcome], selection: Selection, *, titl
             lines.append(f"- {o.name}: " + "; ".join(v.describe() for v in o.verdicts))
     baselines = [o for o in outcomes if o.spec.baseline and o.benchmark]
     if len(baselines) > 1:
-        lines += ["", "**Baselines** (each candidate's ratios use the baseline in its `vs` column: same inputs, "
-                  "sequence shapes and threads, measured interleaved with it)", ""]
+        lines += ["", ("**Baselines** (each candidate's ratios use the baseline in its `vs` column: same inputs, "
+                  "sequence shapes and threads, measured interleaved with it)"), ""]
         lines += [f"- {o.name}: sequence {o.benchmark.sequence}, {o.benchmark.threads} thread(s), "
                   f"p50 {o.benchmark.latency_ms_p50:.3f} ms" for o in baselines]
     if selection.frontier:

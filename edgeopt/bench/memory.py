@@ -7,9 +7,13 @@ warmed on a tiny model, and the inputs are built; then it loads the artifact, ru
 
 On Linux (``/proc/self/status``):
 
-* steady memory = ``RssAnon`` at the steady reading minus ``RssAnon`` at the reference: the heap the
-  loaded model keeps (weights, arenas, compiled kernels), without memory-mapped files;
-* file-backed memory = the same difference of ``RssFile`` (memory-mapped weights), reported, not gated;
+* steady memory = ``RssAnon`` at the steady reading minus ``RssAnon`` at the reference (the heap the
+  loaded model keeps: weights, arenas, compiled kernels), plus the pages of files mapped since the
+  reference (model weights a runtime uses in place, e.g. OpenVINO's IR ``.bin``) that the timed runs
+  touched (``Referenced`` in ``/proc/self/smaps``, its bits cleared just before the timed loop through
+  ``/proc/self/clear_refs``). Weight pages read once while compiling and never again are not counted:
+  they are clean page cache the kernel reclaims; pages inference reads are memory the model needs;
+* file-backed memory = the difference of ``RssFile`` (every mapped file page still resident), reported;
 * model peak = ``VmHWM`` at the end minus ``VmRSS`` at the reference, ``VmHWM`` having been reset
   there (``/proc/self/clear_refs``, Linux >= 4.0): the peak of loading and running, transients included;
 * process peak = the larger of ``VmHWM`` just before that reset and at the end.
@@ -131,6 +135,32 @@ def delta_mb(after: float | None, before: float | None) -> float:
     return float(after - before)
 
 
+def _mapped_files() -> set[str]:
+    """Paths of the files mapped into this process now (empty where /proc is not there)."""
+    try:
+        with open("/proc/self/maps") as fh:
+            return {parts[5].strip() for parts in (ln.split(maxsplit=5) for ln in fh) if len(parts) == 6
+                    and parts[5].startswith("/")}
+    except OSError:
+        return set()
+
+
+def _referenced_mb(exclude: set[str]) -> float | None:
+    """MB of pages of mapped files not in ``exclude`` referenced since the bits were cleared."""
+    total_kib, path = 0.0, None
+    try:
+        with open("/proc/self/smaps") as fh:
+            for line in fh:
+                head = line.split(maxsplit=5)
+                if len(head) >= 5 and "-" in head[0] and not head[0].endswith(":"):
+                    path = head[5].strip() if len(head) == 6 else None
+                elif line.startswith("Referenced:") and path and path.startswith("/") and path not in exclude:
+                    total_kib += float(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return total_kib / 1024.0
+
+
 class MemoryProbe:
     """The reference reading and, later, the figures measured against it."""
 
@@ -138,6 +168,8 @@ class MemoryProbe:
         self._ref: Reading | None = None
         self._peak_before = math.nan
         self._reset = False
+        self._files_at_ref: set[str] = set()
+        self._marked = False
 
     def reference(self) -> None:
         """Settle, note the process peak so far, reset the peak, read the reference."""
@@ -145,11 +177,25 @@ class MemoryProbe:
         before = read()
         self._peak_before = before.peak if before.peak is not None else math.nan
         self._reset = reset_peak()
+        self._files_at_ref = _mapped_files()
         self._ref = read()
+
+    def mark_working_set(self) -> None:
+        """Clear the pages' referenced bits (Linux): ``steady`` then counts the model-file pages used after this."""
+        if not _LINUX:
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as fh:
+                fh.write("1")
+            self._marked = True
+        except OSError:
+            self._marked = False
 
     def source(self) -> str:
         """Where the figures come from, for ``BenchmarkResult.memory_source``."""
         steady = self._ref.kind if self._ref is not None else "RssAnon"
+        if self._marked:
+            steady += " + model-file pages the timed runs referenced"
         if self._reset:
             return f"{steady}; VmHWM reset at reference"
         return f"{steady}; {'VmHWM' if _LINUX else 'ru_maxrss'} not reset"
@@ -167,9 +213,13 @@ class MemoryProbe:
         if not self._reset:
             log.warning("the peak RSS could not be reset at the reference point (%s): rss_peak_model_mb is "
                         "NaN, rss_peak_mb includes imports and data", source)
+        anon = delta_mb(end.anon, ref.anon)
+        used_files = _referenced_mb(self._files_at_ref) if self._marked else 0.0
         return {
             "rss_peak_mb": peak,
-            "rss_steady_mb": delta_mb(end.anon, ref.anon),
+            "rss_steady_mb": anon + used_files if used_files is not None else math.nan,
+            "rss_steady_anon_mb": anon,
+            "rss_steady_mapped_mb": used_files,
             "rss_steady_file_mb": delta_mb(end.file, ref.file),
             "rss_peak_model_mb": model_peak,
             "memory_source": source,

@@ -9,8 +9,8 @@ Memory (``edgeopt.bench.memory``): the reference point is taken once the runtime
 libraries, thread pools and kernels are loaded and warmed by loading and running a tiny model with the
 same runtime options (``Backend.warm``, then released), and the inputs are built; garbage is collected
 and the allocator trimmed (``malloc_trim``) first. ``rss_steady_mb`` is the anonymous RSS (``RssAnon``)
-after the timed runs (collected and trimmed again) minus the reference's: what the loaded, warmed-up
-model keeps. ``rss_steady_file_mb`` is the same for file-backed RSS (memory-mapped weights).
+after the timed runs (collected and trimmed again) minus the reference's, plus the pages of model files
+mapped since the reference that the timed runs touched: what the loaded, warmed-up model keeps. ``rss_steady_file_mb`` is the same for file-backed RSS (memory-mapped weights).
 ``rss_peak_model_mb`` is the peak RSS from the reference on (``VmHWM`` reset there through
 ``/proc/self/clear_refs``) minus the RSS there: load and inference transients included.
 ``rss_peak_mb`` is the whole process's peak. Nothing is clamped; NaN where not measurable (other OSes:
@@ -172,6 +172,7 @@ def _measure(job: dict[str, Any]) -> dict[str, Any]:
     keep = captured.append
     lat_ns = array("q")  # raw int64: no int object per run stays behind in Python's allocator
     append, clock = lat_ns.append, time.perf_counter_ns
+    probe.mark_working_set()  # the model-file pages the timed runs touch count as steady memory
     gc.collect()
     gc.disable()
     faults.timing["on"] = True

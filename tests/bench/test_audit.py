@@ -14,7 +14,7 @@ from edgeopt.bench import AUDIT_REPEAT_RATIO_MIN, BenchSettings, check_outputs, 
 from edgeopt.bench.audit import repeat_ratio
 from edgeopt.bench.worker import FAULT_ENV
 from edgeopt.data import synthetic_dataset
-from edgeopt.errors import FAILURE_REASONS, CandidateFailed
+from edgeopt.errors import CandidateFailed
 from edgeopt.hardware import fingerprint
 from edgeopt.records import Artifact, BenchmarkResult, HardwareFingerprint, TensorSpec
 
@@ -25,10 +25,6 @@ TWO = (*SIG, TensorSpec(name="z", dtype="float32", shape=("batch", 8)))
 TEXT = tuple(TensorSpec(name=n, dtype="int64", shape=("batch", "sequence")) for n in ("input_ids", "attention_mask"))
 FAST = BenchSettings(warmup_runs=5, min_runs=200, min_duration_s=0.3, max_duration_s=10.0, timeout_s=60.0)
 DYNAMIC = {"sequence": {"mode": "dynamic", "buckets": []}}
-#: until edgeopt.errors lists the reason, CandidateFailed("audit", ...) raises ValueError: these tests then
-#: fail that way and only that way
-needs_audit_reason = pytest.mark.xfail("audit" not in FAILURE_REASONS, raises=ValueError, strict=True,
-                                       reason="edgeopt.errors.FAILURE_REASONS has no 'audit' reason yet")
 
 
 # ------------------------------------------------------------------------------------- fixtures
@@ -150,7 +146,6 @@ def test_a_dynamic_sequence_artifact_passes(models, hardware, tmp_path, text_dat
 
 
 # ------------------------------------------------------------------------------ injected faults
-@needs_audit_reason
 def test_cached_results_fail_the_repeat_audit(models, hardware, tmp_path, monkeypatch):
     monkeypatch.setenv(FAULT_ENV, "cached")
     with pytest.raises(CandidateFailed) as err:
@@ -160,7 +155,6 @@ def test_cached_results_fail_the_repeat_audit(models, hardware, tmp_path, monkey
     assert "cached" in str(err.value) and "faster" in str(err.value) and "\n" not in str(err.value)
 
 
-@needs_audit_reason
 def test_outputs_that_drift_in_the_timed_loop_fail_check_outputs(models, hardware, tmp_path, monkeypatch):
     monkeypatch.setenv(FAULT_ENV, "drift")  # the infer job runs with it too: no timed loop there
     r, outputs = _measure_and_infer(_artifact(models["mlp"], "drift"), SIG, hardware, tmp_path)
@@ -184,7 +178,6 @@ def _files(tmp_path: Path, timed: dict, evaluated: dict, *, batch_size: int = 1)
     return b, str(tmp_path / "outputs.npz")
 
 
-@needs_audit_reason
 def test_check_outputs_tolerance(tmp_path):
     ref = np.random.default_rng(3).standard_normal((20, 4)).astype(np.float32) * 10
     labels = np.arange(20)
@@ -202,7 +195,6 @@ def test_check_outputs_tolerance(tmp_path):
         check_outputs(benchmark=b, outputs_path=out)
 
 
-@needs_audit_reason
 def test_check_outputs_compares_only_rows_of_full_evaluation_batches(tmp_path):
     ref = np.ones((5, 3), np.float32)
     timed = np.ones((8, 3), np.float32)

@@ -95,7 +95,7 @@ def test_measure_reports_a_consistent_summary(models, hardware, tmp_path):
     assert r.latency_ms_mean == pytest.approx(samples.mean())
     assert r.throughput_per_s == pytest.approx(r.samples / (samples.sum() / 1000.0))
     assert r.rss_peak_mb > 0 and r.rss_steady_mb < r.rss_peak_mb and r.rss_peak_model_mb < r.rss_peak_mb
-    assert r.memory_source == "RssAnon; VmHWM reset at reference"
+    assert r.memory_source == "RssAnon + model-file pages the timed runs referenced; VmHWM reset at reference"
     assert r.rss_steady_mb_repeats == (r.rss_steady_mb,) and r.repeat_sample_counts == (r.samples,)
     assert r.audit_path == str(tmp_path / "audit.npz") and r.audit_repeat_ratio is not None
     payload = _result_json(tmp_path)

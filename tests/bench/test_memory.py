@@ -88,7 +88,7 @@ def test_a_resident_initializer_shows_in_the_steady_figure(measured):
         assert r.rss_peak_model_mb >= r.rss_steady_mb
         assert r.rss_peak_mb >= r.rss_peak_model_mb
         assert abs(r.rss_steady_file_mb) < 50.0  # the initializer is read into the heap, not mapped
-        assert r.memory_source == "RssAnon; VmHWM reset at reference"
+        assert r.memory_source == "RssAnon + model-file pages the timed runs referenced; VmHWM reset at reference"
         assert r.rss_steady_mb_repeats == (r.rss_steady_mb,)
 
 
@@ -114,3 +114,24 @@ def test_figures_are_not_clamped():
     assert figures["rss_steady_mb"] < -40.0  # freed after the reference: negative, as measured
     assert figures["memory_source"] == "RssAnon; VmHWM reset at reference"
     assert figures["rss_peak_model_mb"] > -1.0  # nothing grew: ~0 (the kernel's counters are approximate)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="page reference bits are read from /proc (Linux)")
+def test_mapped_weights_count_only_where_inference_reads_them(tmp_path):
+    """A runtime that uses weights in place from a mapped file (OpenVINO's IR .bin) needs those pages:
+    they count. Pages read once while loading and never again are reclaimable page cache: they do not."""
+    used, once = tmp_path / "used.bin", tmp_path / "once.bin"
+    for f in (used, once):
+        np.ones(64 * 2**20 // 8).tofile(f)  # 64 MB each
+    probe = MemoryProbe()
+    probe.reference()
+    a = np.memmap(used, dtype=np.float64, mode="r")
+    b = np.memmap(once, dtype=np.float64, mode="r")
+    assert float(b.sum()) > 0  # "compile time": both read
+    probe.mark_working_set()
+    assert float(a.sum()) > 0  # "inference": only the first read again
+    figures = probe.steady(rss_after_data=0.0)
+    assert figures["rss_steady_mapped_mb"] == pytest.approx(64.0, abs=4.0)
+    assert figures["rss_steady_mb"] == pytest.approx(figures["rss_steady_anon_mb"] + figures["rss_steady_mapped_mb"])
+    assert figures["rss_steady_file_mb"] > 120.0  # both still resident: reported, not gated
+    del a, b
