@@ -46,8 +46,8 @@ def measure_rounds(groups: list[Group], rounds: range, *, specs: dict[str, Candi
     """Measure ``rounds`` of every member of ``groups`` (or of those in ``only``), interleaved, into ``m``."""
     stale = {g.digest: refresh or any(bench_stale(artifacts[n], prof, evaluation, hw, g.digest, r, work)
                                       for n in _members(g, only, m) for r in rounds) for g in groups}
-    kw = {"specs": specs, "artifacts": artifacts, "prof": prof, "assessment": assessment, "hw": hw, "evaluation": evaluation,
-              "work": work, "m": m, "only": only, "progress": progress}
+    kw = {"specs": specs, "artifacts": artifacts, "prof": prof, "assessment": assessment, "hw": hw,
+          "evaluation": evaluation, "work": work, "m": m, "only": only, "progress": progress}
     before = {n: len(m.results.get(n, [])) for g in groups for n in g.names}
     hits = _run(groups, rounds, stale, **kw)
     # a group whose cache served some members but not others (a lost cache entry) is measured again, whole

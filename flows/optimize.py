@@ -124,8 +124,8 @@ def _measure_all(groups, specs, artifacts, *, prof, assessment, hw, evaluation, 
 
     Returns (gated outcomes: baselines first, Measurements).
     """
-    kw = {"specs": specs, "artifacts": artifacts, "prof": prof, "assessment": assessment, "hw": hw, "evaluation": evaluation,
-              "work": work, "refresh": refresh}
+    kw = {"specs": specs, "artifacts": artifacts, "prof": prof, "assessment": assessment, "hw": hw,
+          "evaluation": evaluation, "work": work, "refresh": refresh}
     m = measure_rounds(groups, range(prof.benchmark.repeats), m=Measurements(), progress=_progress, **kw)
     reference = groups[0].baseline.name
     if reference in m.failures:
