@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: demo test test-all bench bench-routes prefect-ui mlflow-ui lint clean
+.PHONY: demo test test-all bench bench-integrity prefect-ui mlflow-ui lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,9 +28,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_optimize.py
 
-## bench-routes: every optimization route on MiniLM and the CNN, 1 and 2 threads (benchmarks/README.md)
-bench-routes: $(STAMP)
-	$(BIN)/python benchmarks/bench_routes.py
+## bench-integrity: like-for-like ratios with intervals, steady/peak memory, verdicts of 3 re-measured demo runs
+bench-integrity: $(STAMP)
+	$(BIN)/python benchmarks/bench_integrity.py
 
 ## prefect-ui: the Prefect UI on the local store (http://127.0.0.1:4200)
 prefect-ui: $(STAMP)

@@ -3,7 +3,7 @@
 Each candidate is compared with the baseline variant of its setting (``edgeopt.comparison``): same
 inputs, sequence shapes and thread budget. Members of a group are measured together: round 1 of
 every member of every group, then round 2, ... so slow and fast periods of the machine fall on
-all alike. A group is reused from the cache only as a whole: when any member has to be measured
+all alike; odd rounds run in reverse order. A group is reused from the cache only as a whole: when any member has to be measured
 (new, changed, files gone, or cache entry lost), every member of its group is measured again,
 interleaved, so a ratio never pairs a fresh candidate with a baseline measured under other load.
 """
@@ -67,18 +67,23 @@ def _run(groups, rounds, stale, *, specs, artifacts, prof, assessment, hw, evalu
     hits: dict[str, list[bool]] = {}
     total = rounds.stop
     for r in rounds:
-        for g in groups:
-            for name in _members(g, only, m):
-                progress("benchmark", f"{name} ({r + 1}/{total})")
-                state = benchmark_task.with_options(refresh_cache=stale[g.digest] or None)(
-                    artifacts[name], prof, assessment, hw, evaluation, work, g.digest, r, return_state=True)
-                try:
-                    result = state.result()
-                except CandidateFailed as exc:
-                    m.failures[name] = workflow.failed(specs[name], stage="benchmark", error=exc,
-                                                       artifact=artifacts[name])
-                    continue
-                m.results.setdefault(name, []).append(result)
-                m.cached.setdefault(name, []).append(state.name == "Cached")
-                hits.setdefault(name, []).append(state.name == "Cached")
+        # odd rounds run in reverse order (A B C, C B A, ...): no member is always first or last in a
+        # round, so a position effect (a cold cache, a frequency ramp) becomes round-to-round noise the
+        # intervals see, not a bias in one member's favour
+        order = [(g, name) for g in groups for name in _members(g, only, m)]
+        for g, name in (reversed(order) if r % 2 else order):
+            if name in m.failures:
+                continue
+            progress("benchmark", f"{name} ({r + 1}/{total})")
+            state = benchmark_task.with_options(refresh_cache=stale[g.digest] or None)(
+                artifacts[name], prof, assessment, hw, evaluation, work, g.digest, r, return_state=True)
+            try:
+                result = state.result()
+            except CandidateFailed as exc:
+                m.failures[name] = workflow.failed(specs[name], stage="benchmark", error=exc,
+                                                   artifact=artifacts[name])
+                continue
+            m.results.setdefault(name, []).append(result)
+            m.cached.setdefault(name, []).append(state.name == "Cached")
+            hits.setdefault(name, []).append(state.name == "Cached")
     return hits

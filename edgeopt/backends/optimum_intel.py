@@ -121,12 +121,21 @@ class OptimumIntelRecipe(Recipe):
     def runtime_options(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in _RUNTIME_FIELDS}
 
+    def _saturates(self) -> bool:
+        """True where the CPU's u8×s8 kernels saturate (x86-64 without VNNI/AMX): NNCF's overflow fix is
+        then enabled on every layer (7-bit weights), as for the openvino backend's INT8."""
+        from edgeopt.hardware import cpu_features, u8s8_saturates
+
+        arch, flags = cpu_features()
+        return self.device in ("CPU", "AUTO") and u8s8_saturates(arch=arch, isa_flags=flags)
+
     def quantization_config(self, *, samples: int = 0) -> Any:
         """This recipe as optimum-intel's config (None for fp32); ``samples``: calibration samples given."""
         from optimum.intel import OVQuantizationConfig, OVWeightQuantizationConfig
 
         if self.precision == "int8":
-            return OVQuantizationConfig(sym=self.sym, num_samples=min(self.subset_size, samples) or None)
+            return OVQuantizationConfig(sym=self.sym, num_samples=min(self.subset_size, samples) or None,
+                                        overflow_fix="enable" if self._saturates() else "disable")
         if self.precision == "int8-weights":
             return OVWeightQuantizationConfig(bits=8, sym=self.sym)
         if self.precision == "int4-weights":
@@ -265,7 +274,8 @@ def _quantize(exported: Any, recipe: OptimumIntelRecipe, nncf: Any, calibration:
     if recipe.precision == "int8":
         return (f"optimum-intel static INT8 (OVQuantizationConfig: model_type {config.model_type}, preset "
                 f"{'performance' if config.sym else 'mixed'}, {config.num_samples} of {samples} calibration "
-                "samples, SmoothQuant NNCF default)")
+                f"samples, SmoothQuant NNCF default, overflow fix {config.overflow_fix}"
+                f"{': this CPU has no VNNI, its u8xs8 kernels saturate otherwise' if config.overflow_fix == 'enable' else ''})")
     group = f", group size {config.group_size}, ratio {config.ratio}" if config.bits == 4 else ""
     return (f"optimum-intel weight compression (OVWeightQuantizationConfig: int{config.bits}_"
             f"{'sym' if config.sym else 'asym'}{group})")

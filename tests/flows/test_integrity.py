@@ -109,17 +109,18 @@ def test_adding_a_candidate_re_measures_the_baseline_with_it(tiny, tmp_path):
 
 
 def test_an_uncertain_verdict_is_re_measured_before_it_is_final(tiny, tmp_path):
-    """A candidate that is the baseline model itself, against a 1.0x speed-up threshold: its interval
-    straddles 1.0, so it gets the extra rounds (interleaved with its baseline) before the verdict."""
+    """A candidate that is the baseline model itself, against a 1.0x speed-up threshold: its 99.9%
+    interval straddles 1.0 (rounds alternate their order, so neither side is favoured by its position),
+    so it gets the extra rounds, interleaved with its baseline, before the verdict."""
     same = {"name": "same-as-baseline", "backend": "onnxruntime",
             "recipe": {"precision": "fp32", "graph_optimization": "disabled"}}
     profile = write_profile(tmp_path / "p.yaml", candidates=[same],
                             gates={"speedup_min": 1.0, "confidence": 0.999, "memory_reduction_min": -0.5},
-                            benchmark={"repeats": 2, "extra_repeats": 2})
+                            benchmark={"repeats": 3, "extra_repeats": 2})
     report = optimize_flow(model=str(tiny["model"]), profile=str(profile), evaluation=str(tiny["eval"]),
                            data_dir=str(tmp_path / "data"))
     o = _by_name(report)
-    assert o["same-as-baseline"].benchmark.repeats == 4 and o["baseline-fp32"].benchmark.repeats == 4
+    assert o["same-as-baseline"].benchmark.repeats == 5 and o["baseline-fp32"].benchmark.repeats == 5
     v = next(v for v in o["same-as-baseline"].verdicts if v.gate == "speedup")
     assert v.ci_low is not None and v.ci_low <= v.measured <= v.ci_high
     assert report.selection.selected != "same-as-baseline" or v.status == "pass"
