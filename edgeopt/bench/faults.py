@@ -10,7 +10,12 @@ The worker calls ``inject`` right after loading the artifact (measure and infer 
 * ``cached``: outputs remembered for the last input (a one-entry cache keyed by the input bytes); any
   other input costs an extra 2 ms: fast only on repeated identical inputs (the repeat audit, TEST04);
 * ``drift``: float outputs scaled by 1.1 while the timed loop runs (``timing["on"]``), unchanged
-  otherwise: they differ from the evaluation run's (the output audit, TEST01).
+  otherwise: they differ from the evaluation run's (the output audit, TEST01);
+* ``alternating``: each run does the work once in the 1st, 3rd, 5th... measuring process and four
+  times in the 2nd, 4th... (counted in the file ``EDGEOPT_BENCH_FAULT_STATE``): rounds that disagree
+  by 4x, for a ratio whose interval straddles its threshold whatever the machine does.
+
+``EDGEOPT_BENCH_FAULT_CANDIDATE=<name>`` limits the fault to that candidate's processes.
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ __all__ = ["FAULTS", "FAULT_ENV", "inject", "timing"]
 log = logging.getLogger(__name__)
 
 FAULT_ENV = "EDGEOPT_BENCH_FAULT"
-FAULTS = ("segfault", "abort", "hang", "oom", "nan", "cached", "drift")
+FAULT_CANDIDATE_ENV = "EDGEOPT_BENCH_FAULT_CANDIDATE"
+FAULT_STATE_ENV = "EDGEOPT_BENCH_FAULT_STATE"
+FAULTS = ("segfault", "abort", "hang", "oom", "nan", "cached", "drift", "alternating")
 #: True while the worker's timed loop runs (the ``drift`` fault acts only then)
 timing = {"on": False}
 
@@ -88,11 +95,42 @@ class _DriftSession(_FaultSession):
         return [o * np.asarray(1.1, dtype=o.dtype) if np.issubdtype(o.dtype, np.floating) else o for o in outs]
 
 
-def inject(session: Any, memory_limit_mb: float | None) -> Any:
-    """The session, or a misbehaving stand-in when ``EDGEOPT_BENCH_FAULT`` names a fault."""
+class _SlowSession(_FaultSession):
+    """Every run does the work ``times`` times."""
+
+    def __init__(self, inner: Any, times: int) -> None:
+        super().__init__(inner)
+        self._times = times
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        for _ in range(self._times - 1):
+            self._inner.run(feeds)
+        return self._inner.run(feeds)
+
+
+def _alternating(session: Any) -> _SlowSession:
+    state = os.environ.get(FAULT_STATE_ENV)
+    if not state:
+        raise ConfigError(f"{FAULT_ENV}=alternating needs {FAULT_STATE_ENV}=<a file to count processes in>")
+    with open(state, "a+") as fh:  # one line per measuring process
+        fh.seek(0)
+        count = len(fh.read().splitlines())
+        fh.write("x\n")
+    return _SlowSession(session, 1 if count % 2 == 0 else 4)
+
+
+def inject(session: Any, memory_limit_mb: float | None, *, candidate: str | None = None,
+           timed: bool = False) -> Any:
+    """The session, or a misbehaving stand-in when ``EDGEOPT_BENCH_FAULT`` names a fault (and
+    ``EDGEOPT_BENCH_FAULT_CANDIDATE``, if set, names ``candidate``); ``timed``: a measuring job."""
     fault = os.environ.get(FAULT_ENV, "")
     if not fault:
         return session
+    only = os.environ.get(FAULT_CANDIDATE_ENV)
+    if only and candidate != only:
+        return session
+    if fault == "alternating":
+        return _alternating(session) if timed else session
     if fault not in FAULTS:
         raise ConfigError(f"{FAULT_ENV}={fault!r} is not a known fault (allowed: {', '.join(FAULTS)})")
     log.warning("fault injection: %s", fault)

@@ -153,7 +153,7 @@ def _measure(job: dict[str, Any]) -> dict[str, Any]:
     session = backend.load(path=artifact.path, runtime=runtime)
     load_time_ms = (time.perf_counter_ns() - t0) / 1e6
     _stage["now"] = "run"
-    session = faults.inject(session, s.get("memory_limit_mb"))
+    session = faults.inject(session, s.get("memory_limit_mb"), candidate=artifact.candidate, timed=True)
     names = list(getattr(session, "output_names", None) or []) or None
     run = session.run
 
@@ -261,7 +261,7 @@ def _infer(job: dict[str, Any]) -> dict[str, Any]:
     runtime, sequence = split_runtime(artifact.runtime)
     session = backend.load(path=artifact.path, runtime=runtime)
     _stage["now"] = "run"
-    session = faults.inject(session, None)
+    session = faults.inject(session, None, candidate=artifact.candidate)
     names = list(getattr(session, "output_names", None) or []) or None
 
     bs, count = int(job["batch_size"]), ds.count
