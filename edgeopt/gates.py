@@ -113,7 +113,7 @@ def rounds(bench: BenchmarkResult) -> list[np.ndarray] | None:
 def speedup_interval(*, candidate_bench: BenchmarkResult, baseline_bench: BenchmarkResult,
                      percentile: Percentile = "p50", confidence: float = 0.95) -> Interval:
     """Baseline latency / candidate latency at ``percentile`` over the rounds they share, with its
-    paired bootstrap interval; the point alone (interval = point) when there are no round samples;
+    interval over paired rounds (edgeopt.intervals); the point alone when there are no round samples;
     NaN if a latency is not positive."""
     q = _quantile(percentile)
     base_rounds, cand_rounds = rounds(baseline_bench), rounds(candidate_bench)

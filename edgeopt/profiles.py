@@ -59,9 +59,9 @@ class BenchmarkConfig(_Strict):
     eval_samples: int = Field(64, ge=1, description="data samples cycled through as benchmark inputs")
     seq_len: int = Field(128, ge=1, description="token sequence length text data is padded/truncated to")
     max_eval_samples: int = Field(1000, ge=1, description="samples used for accuracy/fidelity at most")
-    extra_repeats: int = Field(3, ge=0, description="rounds added, interleaved with their baseline, for "
-                               "candidates whose speed-up or memory verdict is uncertain (interval straddles "
-                               "the threshold) before the verdict is final")
+    extra_repeats: int = Field(3, ge=0, description="rounds added before the verdict is final when a "
+                               "candidate's speed-up or memory verdict is uncertain (its interval straddles the "
+                               "threshold): its whole comparison group, baseline included, is measured again")
 
 
 class Budgets(_Strict):

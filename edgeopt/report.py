@@ -92,13 +92,17 @@ def rows(outcomes: Sequence[CandidateOutcome], selection: Selection | None = Non
 
 def markdown(outcomes: Sequence[CandidateOutcome], selection: Selection, *, title: str, links: dict[str, str]) -> str:
     lines = [f"# {title}", "", f"**{selection.message}**", "",
-             ("Speed-up CI: 95% paired bootstrap interval over the interleaved rounds; a gate passes only when "
+             ("Speed-up CI: 95% interval over the interleaved rounds (Student's t over the paired per-round "
+              "ratios); a gate passes only when "
              "its whole interval clears the threshold. steady MB: resident memory of the loaded, warmed-up model; "
              "peak MB: high-water mark during load and inference above the runtime's own memory."), ""]
     lines.append("| " + " | ".join(COLUMNS) + " |")
     lines.append("|" + "---|" * len(COLUMNS))
     for r in rows(outcomes, selection):
         lines.append("| " + " | ".join(r[c] for c in COLUMNS) + " |")
+    sources = sorted({o.benchmark.memory_source for o in outcomes if o.benchmark and o.benchmark.memory_source})
+    if sources:
+        lines += ["", f"Memory figures: {'; '.join(sources)}."]
     if selection.nearest_misses:
         lines += ["", "**Nearest misses**", ""] + [f"- {m}" for m in selection.nearest_misses]
     failures = [o for o in outcomes if o.failure]

@@ -124,6 +124,9 @@ def _print_report(result) -> None:
     for r in report.rows(result.outcomes, result.selection):
         table.add_row(*(r[c] for c in cols))
     out.print(table)
+    sources = sorted({o.benchmark.memory_source for o in result.outcomes if o.benchmark and o.benchmark.memory_source})
+    if sources:
+        out.print(f"memory figures: {'; '.join(sources)}", highlight=False, soft_wrap=True)
     out.print(result.selection.message, highlight=False)
     for miss in result.selection.nearest_misses:
         out.print(f"  nearest miss: {miss}", highlight=False)

@@ -143,12 +143,14 @@ def _measure_all(groups, specs, artifacts, *, prof, assessment, hw, evaluation, 
     uncertain = {o.name for o in outcomes if o.uncertain}
     extra = prof.benchmark.extra_repeats
     if uncertain and extra:
-        get_run_logger().info("uncertain verdicts (%s): %d more round(s) with their baselines",
+        get_run_logger().info("uncertain verdicts (%s): %d more round(s) of their comparison groups",
                               ", ".join(sorted(uncertain)), extra)
-        again = uncertain | {baselines[n] for n in uncertain}
+        # the whole group of each uncertain candidate gets the rounds: every ratio in a group keeps
+        # using the same rounds of its baseline, and the baseline's figures are those rounds' figures
+        regroup = [g for g in groups if uncertain & set(g.members)]
+        again = {n for g in regroup for n in g.names if n not in m.failures}
         start = prof.benchmark.repeats
-        measure_rounds([g for g in groups if again & set(g.names)], range(start, start + extra), m=m, only=again,
-                       progress=_progress, **kw)
+        measure_rounds(regroup, range(start, start + extra), m=m, only=again, progress=_progress, **kw)
         pooled = {n: pool_task(n, m.results[n]) for n in again if n not in m.failures}
         outcomes = [o.model_copy(update={"benchmark": pooled[o.name]}) if o.name in pooled and o.ok
                     else (m.failures[o.name] if o.name in m.failures and o.name in again else o) for o in outcomes]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from edgeopt.gates import evaluate_gates, speedup_interval
-from edgeopt.intervals import memory_reduction_interval, ratio_interval, split_rounds
+from edgeopt.intervals import memory_reduction_interval, ratio_interval, split_rounds, t_interval
 from edgeopt.profiles import Budgets, Gates
 from tests.test_gates import BASE, bench, evaluation
 
@@ -57,6 +57,24 @@ def test_interval_reflects_between_round_noise_not_only_sample_noise() -> None:
     assert (wide.high - wide.low) > 3 * (narrow.high - narrow.low)
     per_round = [np.median(b) / np.median(c) for b, c in zip(BASELINE, STRADDLING, strict=True)]
     assert wide.low <= min(per_round) + 0.05 and wide.high >= max(per_round) - 0.05
+
+
+def test_t_interval_by_hand() -> None:
+    # mean 2, sd 1, three values: t(0.975, 2) = 4.3027, half-width 4.3027 / sqrt(3) = 2.4842
+    low, high = t_interval([1.0, 2.0, 3.0], confidence=0.95)
+    assert low == pytest.approx(2.0 - 2.4842, abs=1e-3) and high == pytest.approx(2.0 + 2.4842, abs=1e-3)
+    with pytest.raises(ValueError, match="two values"):
+        t_interval([1.0])
+
+
+def test_few_rounds_give_an_honestly_wide_interval() -> None:
+    """Three rounds say little about the spread between processes: the interval is wider than their
+    range (a bootstrap over three rounds would be about their range, and cover ~75%, not 95%)."""
+    iv = ratio_interval(baseline=BASELINE, candidate=STRADDLING)
+    per_round = [np.median(b) / np.median(c) for b, c in zip(BASELINE, STRADDLING, strict=True)]
+    assert iv.low < min(per_round) and iv.high > max(per_round)
+    one = ratio_interval(baseline=BASELINE[:1], candidate=STRADDLING[:1])  # one process: sampling noise only
+    assert one.rounds == 1 and one.high - one.low < iv.high - iv.low
 
 
 @pytest.mark.parametrize("bad", [[np.array([])], [np.array([1.0, math.nan])], [np.array([0.0, 1.0])]])

@@ -73,13 +73,6 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def hardware() -> HardwareFingerprint:
-    return HardwareFingerprint(hostname="test-host", os="linux", arch="x86_64", cpu_model="test-cpu",
-                               isa_flags=("avx2",), cores_physical=2, cores_logical=2, ram_mb=1024,
-                               python="3.11", tool_versions={"onnxruntime": ort.__version__})
-
-
-@pytest.fixture(scope="module")
 def text_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """12 token sequences of 3..16 real tokens, padded to 16."""
     rng = np.random.default_rng(2)

@@ -17,7 +17,7 @@ from edgeopt.bench import BenchSettings, infer, measure, min_samples_for, relati
 from edgeopt.bench.supervise import classify_exit
 from edgeopt.bench.worker import FAULT_ENV
 from edgeopt.errors import CandidateFailed, ConfigError, DataError, ModelError
-from edgeopt.records import Artifact, HardwareFingerprint, TensorSpec
+from edgeopt.records import Artifact, TensorSpec
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -59,13 +59,6 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "relu16": _save(d / "relu16.onnx", [helper.make_node("Relu", ["x"], ["y"])], [x16], [y16]),
         "garbage": garbage,
     }
-
-
-@pytest.fixture(scope="module")
-def hardware() -> HardwareFingerprint:
-    return HardwareFingerprint(hostname="test-host", os="linux", arch="x86_64", cpu_model="test-cpu",
-                               isa_flags=("avx2",), cores_physical=2, cores_logical=2, ram_mb=1024,
-                               python="3.11", tool_versions={"onnxruntime": ort.__version__})
 
 
 @pytest.fixture(scope="module")

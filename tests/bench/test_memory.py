@@ -50,13 +50,6 @@ def _artifact(path: Path, candidate: str) -> Artifact:
 
 
 @pytest.fixture(scope="module")
-def hardware() -> HardwareFingerprint:
-    return HardwareFingerprint(hostname="test-host", os="linux", arch="x86_64", cpu_model="test-cpu",
-                               isa_flags=("avx2",), cores_physical=2, cores_logical=2, ram_mb=1024,
-                               python="3.11", tool_versions={"onnxruntime": ort.__version__})
-
-
-@pytest.fixture(scope="module")
 def measured(tmp_path_factory: pytest.TempPathFactory, hardware: HardwareFingerprint) -> dict:
     """The small and the 200 MB model measured on synthetic inputs, the small one also on a 115 MB data file."""
     d = tmp_path_factory.mktemp("memory")
