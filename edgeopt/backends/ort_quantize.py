@@ -12,6 +12,7 @@ import contextlib
 import io
 import logging
 import os
+import threading
 from inspect import signature
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,14 +36,22 @@ log = logging.getLogger(__name__)
 _CALIBRATION = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 
 
+#: builds run in threads of one process, and a failed shape inference dumps into the shared working
+#: directory under a fixed name: one pre-processing at a time, so each clean-up removes its own dump
+_PRE_PROCESS_LOCK = threading.Lock()
+
+
 def pre_process(*, src: str, out: Path, candidate: str, notes: list[str]) -> str:
     """Shape inference and graph clean-up before quantization; the raw model if that fails."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     try:
-        quant_pre_process(src, str(out))
+        with _PRE_PROCESS_LOCK:
+            try:
+                quant_pre_process(src, str(out))
+            finally:
+                _remove_shape_inference_dump()
     except Exception as exc:  # noqa: BLE001 - pre-processing is an improvement, not a requirement
-        _remove_shape_inference_dump()
         log.info("%s: quantization pre-processing failed, quantizing the raw model: %s",
                     candidate, short_message(exc))
         notes.append(f"pre-processing skipped: {short_message(exc, 120)}")

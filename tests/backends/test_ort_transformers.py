@@ -135,3 +135,20 @@ def test_nncf_accuracy_control_on_an_encoder_compares_sentence_embeddings(tiny_b
                                      calibration=cal, recipe=OpenVinoRecipe(precision="int8", max_accuracy_drop=0.01))
     note = next(n for n in art.notes if n.startswith("accuracy control: cosine"))
     assert float(note.split("samples ")[1].split()[0]) >= 0.99 - 1e-9  # mean-pooled cosine kept within the budget
+
+
+def test_parallel_static_builds_leave_nothing_in_the_working_directory(tiny_bert, tmp_path, monkeypatch) -> None:
+    """ONNX Runtime's shape inference fails on the exported BERT and dumps a model and its external data
+    into the working directory; two builds in threads of one process (as the flow runs them) must
+    each leave nothing there."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        done = [pool.submit(_build, tiny_bert, tmp_path / f"out{i}", precision="int8", quantization="static")
+                for i in range(2)]
+        arts = [f.result()[1] for f in done]
+    assert all(Path(a.path).is_file() for a in arts)
+    assert sorted(p.name for p in cwd.iterdir()) == []
