@@ -14,7 +14,10 @@ The recommendation (``select``) scores each eligible candidate with the profile'
 (speed-up and memory against the candidate's like-for-like baseline). A candidate is eligible when
 every gate settled as a pass (an ``uncertain`` verdict is not a pass), it is not slower than the baseline at p50 (even
 if the profile's gates would allow it) and no other such candidate dominates it. The highest
-score wins; ties go to the lower p95 latency, then to the name.
+score wins; ties go to the lower p95 latency, then to the name. Candidates whose score lies within
+what the leader's and their own speed-up intervals allow (the latency term moved to the interval's
+edges) are tied with it, and the tie goes to the name: the measurements cannot tell them apart, so
+the recommendation does not change with the machine's noise.
 """
 
 from __future__ import annotations
@@ -84,6 +87,15 @@ def score(outcome: CandidateOutcome, *, baseline: CandidateOutcome | None, objec
         size_ratio = base_bench.size_bytes / bench.size_bytes
     size = _log(size_ratio, "size ratio", name)
     return objective.latency * lat + objective.accuracy * acc + objective.memory * mem + objective.size * size
+
+
+def _latency_noise(outcome: CandidateOutcome, objective: Objective, *, side: str) -> float:
+    """How far the latency term of the score can move within the speed-up verdict's interval (0 without one)."""
+    v = next((v for v in outcome.verdicts if v.gate == "speedup"), None)
+    if v is None or v.ci_low is None or v.ci_high is None or not (v.ci_low > 0 and v.measured > 0):
+        return 0.0
+    edge = v.ci_low if side == "low" else v.ci_high
+    return objective.latency * abs(math.log(v.measured) - math.log(edge))
 
 
 def _fmt_pair(measured: float, threshold: float) -> tuple[str, str]:
@@ -186,6 +198,15 @@ def select(outcomes: Sequence[CandidateOutcome], *, objective: Objective) -> Sel
                      o.name)
     scores = {o.name: score(o, baseline=baseline, objective=objective) for o in eligible}
     ranked = sorted(eligible, key=lambda o: (-round(scores[o.name], 12), _objectives(o)[0], o.name))
+    if ranked:  # candidates the measurements cannot tell from the leader: the tie goes to the name
+        lead = ranked[0]
+        spread = _latency_noise(lead, objective, side="low")
+        tied = [lead] + [o for o in ranked[1:] if spread + _latency_noise(o, objective, side="high") > 0
+                         and scores[o.name] + _latency_noise(o, objective, side="high") >= scores[lead.name] - spread]
+        if len(tied) > 1:
+            log.info("%s are tied within their speed-up intervals; the first by name is recommended",
+                     ", ".join(o.name for o in tied))
+            ranked = sorted(tied, key=lambda o: o.name) + [o for o in ranked if o not in tied]
 
     if ranked:
         winner = ranked[0]

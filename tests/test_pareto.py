@@ -215,3 +215,22 @@ def test_nearest_miss_lines_for_budgets_and_missing_evaluation() -> None:
 def test_close_numbers_get_enough_decimals_to_differ() -> None:
     almost = cand("almost", p50=20.0 / 1.9999)
     assert nearest_misses([almost]) == ("almost: speedup 1.9999 < 2.0000 (short by 0.00)",)
+
+
+def _with_ci(o: CandidateOutcome, low: float, high: float) -> CandidateOutcome:
+    verdicts = tuple(v.model_copy(update={"ci_low": low, "ci_high": high, "confidence": 0.95}) if v.gate == "speedup"
+                     else v for v in o.verdicts)
+    return o.model_copy(update={"verdicts": verdicts})
+
+
+def test_candidates_the_intervals_cannot_tell_apart_tie_to_the_name() -> None:
+    """Two equivalent builds (same size and accuracy, memory within 0.3%), one measured faster in this
+    run: their speed-up intervals overlap, so the recommendation does not follow the noise."""
+    b_fast = _with_ci(cand("b-int8", p50=6.0, p95=12.0), 2.9, 3.9)  # 3.33x
+    a_slow = _with_ci(cand("a-int8", p50=7.0, p95=14.0, rss_model=39.9), 2.5, 3.2)  # 2.86x
+    assert select([BASELINE, b_fast, a_slow], objective=Objective()).selected == "a-int8"
+    assert select([BASELINE, a_slow, b_fast], objective=Objective()).selected == "a-int8"
+    # intervals far apart: the faster one is better beyond the noise, and wins
+    clear = _with_ci(cand("b-int8", p50=4.0, p95=8.0), 4.8, 5.2)  # 5x
+    narrow = _with_ci(cand("a-int8", p50=7.0, p95=14.0, rss_model=39.9), 2.8, 2.9)
+    assert select([BASELINE, clear, narrow], objective=Objective()).selected == "b-int8"
