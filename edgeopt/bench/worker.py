@@ -24,9 +24,9 @@ sequence length as ``infer`` does, and written to ``audit.npz`` (``index`` = the
 ``output_<k>``), for ``edgeopt.bench.audit.check_outputs`` to compare with the evaluation run's. After
 the timed loop each of the first ``AUDIT_FEEDS`` distinct inputs runs ``AUDIT_REPEATS`` times back to
 back (the first discarded), within ``AUDIT_BUDGET`` of the timed loop's duration: ``audit_repeat_ratio``
-is the median over those inputs of (median latency repeated / median latency of the same input after
-another one: its latest runs in the timed loop, or, when the inputs' shapes change between runs, right
-after a same-shaped input; see ``edgeopt.bench.audit.repeat_ratio``). A runtime that caches results runs
+is the median over those inputs of (median latency repeated / median latency of the same input right
+after a same-shaped other input, measured interleaved with the repeats; see
+``edgeopt.bench.audit.repeat_ratio``). A runtime that caches results runs
 repeated identical inputs far faster. Synthetic inputs (no data file) are made in blocks
 (``SYNTHETIC_BLOCK``) so that ``measure`` and ``infer`` see the same rows whatever their sample counts.
 
@@ -198,7 +198,7 @@ def _measure(job: dict[str, Any]) -> dict[str, Any]:
     duration_s = (clock() - start) / 1e9
     timed_end_unix = time.time()
     _check_finite(out, artifact.candidate, names)
-    repeat = audit.repeat_ratio(run, feeds, lat_ns, inputs=AUDIT_FEEDS, repeats=AUDIT_REPEATS,
+    repeat = audit.repeat_ratio(run, feeds, inputs=AUDIT_FEEDS, repeats=AUDIT_REPEATS,
                                 budget_s=AUDIT_BUDGET * duration_s)
 
     _stage["now"] = "write"
