@@ -33,7 +33,6 @@ __all__ = ["Interval", "memory_reduction_interval", "ratio_interval", "split_rou
 DEFAULT_CONFIDENCE = 0.95
 DEFAULT_RESAMPLES = 1000
 _SEED = 20261129
-_CHUNK = 100  # bootstrap draws evaluated at once (memory: _CHUNK x pooled samples)
 
 
 @dataclass(frozen=True)
@@ -65,13 +64,9 @@ def split_rounds(samples: np.ndarray, counts: Sequence[int]) -> list[np.ndarray]
     return [part for part in np.split(arr, np.cumsum(counts)[:-1])]
 
 
-def _draw(rounds: list[np.ndarray], picks: np.ndarray, q: float, rng: np.random.Generator) -> np.ndarray:
-    """The ``q`` quantile of each bootstrap draw; ``picks`` is (draws, R) round indices."""
-    out = np.empty(picks.shape[0])
-    for i, row in enumerate(picks):
-        parts = [rounds[j][rng.integers(0, rounds[j].size, rounds[j].size)] for j in row]
-        out[i] = np.quantile(np.concatenate(parts), q)
-    return out
+def _bootstrap_quantile(samples: np.ndarray, q: float, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """The ``q`` quantile of ``resamples`` bootstrap draws of one round's samples."""
+    return np.array([np.quantile(samples[rng.integers(0, samples.size, samples.size)], q) for _ in range(resamples)])
 
 
 def ratio_interval(*, baseline: list[np.ndarray], candidate: list[np.ndarray], quantile: float = 0.5,
@@ -91,13 +86,9 @@ def ratio_interval(*, baseline: list[np.ndarray], candidate: list[np.ndarray], q
         per_round = [float(np.quantile(b, quantile) / np.quantile(c, quantile)) for b, c in zip(base, cand, strict=True)]
         low, high = np.exp(t_interval(np.log(per_round), confidence=confidence))
         return Interval(point, float(min(low, point)), float(max(high, point)), confidence, k)
-    rng = np.random.default_rng(_SEED)
-    ratios = []
-    for start in range(0, resamples, _CHUNK):
-        n = min(_CHUNK, resamples - start)
-        picks = np.zeros((n, 1), dtype=int)
-        ratios.append(_draw(base, picks, quantile, rng) / _draw(cand, picks, quantile, rng))
-    dist = np.concatenate(ratios)
+    rng = np.random.default_rng(_SEED)  # one round: the sampling noise of that process only
+    dist = (_bootstrap_quantile(base[0], quantile, resamples, rng)
+            / _bootstrap_quantile(cand[0], quantile, resamples, rng))
     alpha = (1.0 - confidence) / 2.0
     low, high = np.quantile(dist, [alpha, 1.0 - alpha])
     return Interval(point, float(min(low, point)), float(max(high, point)), confidence, k)
@@ -115,8 +106,7 @@ def t_interval(values: Sequence[float], *, confidence: float = DEFAULT_CONFIDENC
 
 
 def memory_reduction_interval(*, baseline: Sequence[float], candidate: Sequence[float],
-                              confidence: float = DEFAULT_CONFIDENCE,
-                              resamples: int = DEFAULT_RESAMPLES) -> Interval:
+                              confidence: float = DEFAULT_CONFIDENCE) -> Interval:
     """``1 - median(candidate) / median(baseline)`` over paired rounds, with the t interval of the
     rounds' own reductions.
 
