@@ -3,8 +3,8 @@
 Builds, benchmarks and output runs are cached on what determines them (``edgeopt.keys``: model
 sha, recipe, data shas, tool versions, hardware, schema; for a benchmark also its comparison group
 and round) so a re-run with nothing changed rebuilds and re-measures nothing. A cache entry whose
-folder's stamp no longer matches (files gone or changed) is recomputed. Candidate failures (``CandidateFailed``) are not
-retried: they are deterministic; the flow records them and goes on.
+folder's stamp no longer matches (files gone or changed) is recomputed. Candidate failures
+(``CandidateFailed``) are not retried: they are deterministic; the flow records them and goes on.
 """
 
 from __future__ import annotations
