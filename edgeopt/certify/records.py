@@ -34,6 +34,8 @@ class Subject(Record):
     recorded: dict[str, float] = Field(
         default_factory=dict, description="figures recorded when it was selected (speedup_p50, its ci_low / "
         "ci_high, latency_ms_p50, accuracy...), from its MLflow run")
+    recorded_hardware: dict[str, str] = Field(
+        default_factory=dict, description="the machine that measured the recorded figures: cpu, arch, isa")
 
 
 class CheckResult(Record):
