@@ -7,6 +7,8 @@ Every error a user can cause carries a one-line message that names the problem a
     ├── ModelError               the model file is missing, not of its format, corrupt or unsupported
     ├── DataError                calibration / evaluation data is missing, mismatched or not finite
     ├── BackendUnavailable       a toolchain's optional dependency is not installed (names the extra)
+    ├── RegistryError            a registered model, version or alias is missing, its files are gone or
+    │                            changed, or a lifecycle step's precondition does not hold (approve, rollback)
     └── CandidateFailed          building or measuring one candidate failed; carries a classified reason
 
 ``CandidateFailed.reason`` is one of ``FAILURE_REASONS``; a flow records it and goes on.
@@ -22,6 +24,7 @@ __all__ = [
     "DataError",
     "EdgeOptError",
     "ModelError",
+    "RegistryError",
 ]
 
 #: Classified reasons a candidate can fail with.
@@ -64,6 +67,10 @@ class BackendUnavailable(EdgeOptError):
         if detail:
             msg += f" ({detail})"
         super().__init__(msg)
+
+
+class RegistryError(EdgeOptError):
+    """A registered model, version or alias is missing or changed, or a lifecycle precondition fails."""
 
 
 class CandidateFailed(EdgeOptError):

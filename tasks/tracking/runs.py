@@ -1,4 +1,4 @@
-"""MLflow tracking: the only module that talks to MLflow.
+"""MLflow runs of the optimize flow (part of ``tasks.tracking``, the only code that talks to MLflow).
 
 One parent run per flow run; one nested run per candidate, attached through the explicit
 ``mlflow.parentRunId`` tag (the fluent API's active run is per thread, and tasks run in a pool);
