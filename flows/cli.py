@@ -1,4 +1,4 @@
-"""The ``edgeopt`` command line: optimize, assess, profiles, zoo.
+"""The ``edgeopt`` command line: optimize, assess, profiles, zoo; cross-validate, certify, approve, rollback, verify.
 
 It is the outermost layer (CLI → flows → tasks → edgeopt) and sets the embedded defaults
 (Prefect's ephemeral API and a local MLflow store under ``$EDGEOPT_HOME``) before Prefect loads.
@@ -240,6 +240,10 @@ def zoo_list() -> None:
 
     for model_name, desc in zoo.ZOO_MODELS.items():
         out.print(f"{model_name}: {desc}", highlight=False)
+
+
+# the lifecycle commands (cross-validate, certify, approve, rollback, verify) register themselves on `app`
+from flows import cli_lifecycle  # noqa: E402, F401
 
 
 def main() -> None:
