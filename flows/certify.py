@@ -30,7 +30,7 @@ from edgeopt.certify.records import Certification, CheckResult, CrossValidation
 from edgeopt.data import load_dataset
 from edgeopt.errors import DataError, EdgeOptError
 from edgeopt.hardware import fingerprint
-from edgeopt.profiles import load_profile
+from edgeopt.profiles import Profile
 from edgeopt.text import is_text_data
 from tasks import tracking
 from tasks.certification import (
@@ -127,7 +127,7 @@ def certify_flow(
     ev = load_dataset(evaluation, signature=subject.signature, role="evaluation")
     cal = load_dataset(calibration, signature=subject.signature, role="calibration") if calibration else None
     hw = fingerprint()
-    threads = load_profile(subject.profile).hardware.threads
+    threads = Profile.model_validate(subject.profile_doc).hardware.threads
     run_id = tracking.start_version_run(data_dir=str(base), model_name=model_name, version=subject.version,
                                         flow="certify", tags={"edgeopt.evaluation": Path(evaluation).name})
     status = "FAILED"
@@ -253,7 +253,7 @@ def cross_validate_flow(
                                        dest=str(work / "subject"))
     if evaluation:
         load_dataset(evaluation, signature=subject.signature, role="evaluation")
-    prof = load_profile(subject.profile)
+    prof = Profile.model_validate(subject.profile_doc)
     hw = fingerprint()
     run_id = tracking.start_version_run(data_dir=str(base), model_name=model_name, version=subject.version,
                                         flow="cross-validate", tags={})

@@ -243,7 +243,7 @@ def zoo_list() -> None:
 
 
 # the lifecycle commands (cross-validate, certify, approve, rollback, verify) register themselves on `app`
-from flows import cli_lifecycle  # noqa: E402, F401
+from flows import cli_lifecycle  # noqa: F401
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ import typer
 from rich.table import Table
 
 from edgeopt.errors import EdgeOptError
-from flows.cli import _fail, app, err, out
+from flows.cli import _fail, app, out
 
 Version = Annotated[str | None, typer.Option("--version", help="registered model version")]
 Alias = Annotated[str | None, typer.Option("--alias", help="or an alias of it (e.g. candidate, champion)")]

@@ -30,6 +30,8 @@ class Subject(Record):
     signature: tuple[TensorSpec, ...] = Field(description="the model's inputs")
     kind: ModelKind
     profile: str = Field(description="target profile it was optimized for")
+    profile_doc: dict[str, Any] = Field(default_factory=dict, description="that profile as it was then (validated "
+                                        "as ``edgeopt.profiles.Profile``): threads, benchmark settings, gates")
     gates: dict[str, Any] = Field(default_factory=dict, description="the profile's effective gates for its kind")
     recorded: dict[str, float] = Field(
         default_factory=dict, description="figures recorded when it was selected (speedup_p50, its ci_low / "

@@ -142,6 +142,7 @@ def resolve_subject(*, data_dir: str, model_name: str, dest: str, version: str |
     return Subject(
         model_name=model_name, version=str(mv.version), artifact=artifact, baseline=baseline,
         signature=assessment.inputs, kind=assessment.kind, profile=profile.name,
+        profile_doc=profile.model_dump(mode="json"),
         gates=profile.gates_for(assessment.kind).model_dump(mode="json"),
         recorded={k: float(v) for k, v in run.data.metrics.items()},
         recorded_hardware={"cpu": p.get("hardware.cpu", ""), "arch": p.get("hardware.arch", ""),
