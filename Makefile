@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: demo test test-all bench bench-integrity prefect-ui mlflow-ui lint clean
+.PHONY: demo test test-all browser bench bench-integrity prefect-ui mlflow-ui lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,8 +21,14 @@ demo: $(STAMP)
 		--calibration .edgeopt/zoo/digits-resnet/calibration.npz --eval .edgeopt/zoo/digits-resnet/eval.npz
 
 ## test: the test suite (slow tests included)
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
+
+## browser: headless Chromium for the certification report's browser test (Debian's package, when root)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; } || \
+		echo "chromium is not installed: the certification report's browser test will be skipped"
 
 ## bench: the performance report (benchmarks/README.md)
 bench: $(STAMP)
