@@ -8,10 +8,12 @@ the field names, NaN for a figure that could not be measured (never 0).
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import PurePath
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from edgeopt.records import Artifact, HardwareFingerprint, ModelKind, Record, TensorSpec
 
@@ -50,6 +52,21 @@ class CheckResult(Record):
     evidence: dict[str, Any] = Field(default_factory=dict, description="JSON-able figures and the settings used")
     files: tuple[str, ...] = Field(default=(), description="evidence files written (charts, series, suite results)")
     duration_s: float = Field(default=math.nan, description="wall time of the check")
+
+    @field_validator("evidence", mode="before")
+    @classmethod
+    def _plain(cls, v: Any) -> Any:
+        """Evidence as plain JSON values (numpy scalars and arrays, paths): it goes to MLflow and the report."""
+        def plain(x: Any) -> Any:
+            if hasattr(x, "tolist"):
+                return x.tolist()
+            if isinstance(x, PurePath):
+                return str(x)
+            if isinstance(x, (set, frozenset)):
+                return sorted(x, key=str)
+            raise TypeError(f"evidence value of type {type(x).__name__} is not JSON-able")
+
+        return json.loads(json.dumps(v, default=plain)) if isinstance(v, dict) else v
 
     @property
     def passed(self) -> bool:
