@@ -88,11 +88,17 @@ def provenance_task(subject: Subject, hardware: HardwareFingerprint, out_dir: st
 
 @task(name="cross-validate-matrix", **_OPTS)
 def cross_validate_task(subject: Subject, evaluation_path: str | None, out_dir: str, hardware: HardwareFingerprint,
-                        settings: BenchSettings, rounds: int, confidence: float, cosine_min: float) -> CrossValidation:
+                        settings: BenchSettings, rounds: int, confidence: float, cosine_min: float, threads: int,
+                        lock_path: str) -> CrossValidation:
     from edgeopt.certify import crossval
 
+    rh = subject.recorded_hardware
+    recorded = hardware.model_copy(update={"cpu_model": rh["cpu"], "arch": rh.get("arch", hardware.arch),
+                                           "isa_flags": tuple(f for f in rh.get("isa", "").split(",") if f)}
+                                   ) if rh.get("cpu") else None
     cv = crossval.cross_validate(subject=subject, evaluation_path=evaluation_path, out_dir=Path(out_dir),
                                  hardware=hardware, settings=settings, rounds=rounds, confidence=confidence,
-                                 cosine_min=cosine_min)
-    crossval.write(cv, Path(out_dir))
+                                 cosine_min=cosine_min, threads=threads, recorded_hardware=recorded,
+                                 lock_path=Path(lock_path))
+    crossval.write(cv, out_dir=Path(out_dir))
     return cv
