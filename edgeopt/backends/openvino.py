@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -226,18 +227,27 @@ def inspect_compiled(compiled: Any, *, target: str) -> ExecutionReport:
 
 
 class OpenVinoSession:
-    """An OpenVINO compiled model and one infer request behind the ``Session`` protocol."""
+    """An OpenVINO compiled model behind the ``Session`` protocol, one infer request per calling thread.
+
+    An infer request holds its inputs and outputs: two threads sharing one would read each other's
+    results (seen in the certification's stress check). Each thread gets its own, created on its
+    first call; the compiled model runs them concurrently.
+    """
 
     def __init__(self, compiled: Any, *, device: str) -> None:
         self._compiled = compiled
-        self._request = compiled.create_infer_request()
+        self._local = threading.local()
+        self._local.request = compiled.create_infer_request()  # the loading thread's, made now
         self.device = device
         self.input_names: list[str] = [i.get_any_name() for i in compiled.inputs]
         self.output_names: list[str] = [o.get_any_name() for o in compiled.outputs]
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self._compiled.create_infer_request()
         # inputs are read in place; outputs are copied (callers keep them across runs)
-        return list(self._request.infer(feeds, share_inputs=True, share_outputs=False).to_tuple())
+        return list(request.infer(feeds, share_inputs=True, share_outputs=False).to_tuple())
 
     def probe_feeds(self, *, seed: int = 0) -> dict[str, np.ndarray]:
         """Random inputs of the compiled model's shapes (dynamic dimensions set to 1)."""

@@ -172,6 +172,20 @@ def test_fp32_executes_in_f32_and_matches_onnxruntime(backend, cnn, tmp_path):
     assert again.sha256 == art.sha256, "the same recipe must give the same IR bytes"
 
 
+def test_concurrent_callers_each_get_their_own_results(backend, cnn, tmp_path):
+    """Threads sharing one session (the certification's stress check, a server) must not read each
+    other's outputs: one infer request per thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    art, session, _ = _build(backend, cnn, tmp_path / "a")
+    rows = [cnn.inputs[i:i + 1] for i in range(48)]
+    alone = [session.run({"input": r})[0] for r in rows]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        together = list(pool.map(lambda r: session.run({"input": r})[0], rows * 4))
+    for i, out in enumerate(together):
+        np.testing.assert_allclose(out, alone[i % len(rows)], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.skipif(not _bf16_cpu(), reason="this CPU has no bf16: 'auto' stays f32")
 def test_auto_precision_on_a_bf16_cpu_is_reported_as_bf16(backend, cnn, tmp_path):
     art, session, out = _build(backend, cnn, tmp_path, inference_precision="auto")
