@@ -35,15 +35,17 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from edgeopt.certify.records import CheckResult
 from edgeopt.data import Dataset
 from edgeopt.errors import BackendUnavailable
 from edgeopt.records import TensorSpec
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["CHECK", "check", "expectations", "sample_frame", "shift_frame"]
 
@@ -67,8 +69,19 @@ def _shape_regex(spec: TensorSpec) -> str:
     return r"^\[" + ",".join(dims) + r"\]$"
 
 
+def _pandas() -> Any:
+    """pandas, which comes with the ``certify`` extra (Great Expectations depends on it)."""
+    try:
+        import pandas
+    except ImportError as exc:
+        raise BackendUnavailable("great-expectations", "certify",
+                                 f"the data-quality check builds pandas tables: {exc}") from exc
+    return pandas
+
+
 def sample_frame(data: Dataset) -> pd.DataFrame:
     """One row per sample: the summary columns of every input of ``data`` (see the module doc)."""
+    pd = _pandas()
     columns: dict[str, pd.Series] = {}
     hashes: list[list[str]] = []
     for name, arr in data.inputs.items():
@@ -114,6 +127,7 @@ def _ks(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
 
 def shift_frame(calibration: pd.DataFrame, evaluation: pd.DataFrame, names: list[str]) -> pd.DataFrame:
     """One row per (input, per-sample statistic): the two-sample KS statistic ``ks_d`` and its ``p_value``."""
+    pd = _pandas()
     rows = []
     for name in names:
         for stat in ("mean", "std"):
