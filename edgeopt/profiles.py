@@ -59,9 +59,19 @@ class BenchmarkConfig(_Strict):
     eval_samples: int = Field(64, ge=1, description="data samples cycled through as benchmark inputs")
     seq_len: int = Field(128, ge=1, description="token sequence length text data is padded/truncated to")
     max_eval_samples: int = Field(1000, ge=1, description="samples used for accuracy/fidelity at most")
-    extra_repeats: int = Field(3, ge=0, description="rounds added before the verdict is final when a "
-                               "candidate's speed-up or memory verdict is uncertain (its interval straddles the "
-                               "threshold): its whole comparison group, baseline included, is measured again")
+    extra_repeats: int = Field(3, ge=0, description="rounds added at a time while a candidate's speed-up or "
+                               "memory verdict is uncertain (its interval straddles the threshold): the candidate "
+                               "and its baseline are measured again, interleaved, until the verdict settles or "
+                               "max_repeats is reached")
+    max_repeats: int = Field(12, ge=1, description="rounds per candidate at most, extra rounds included (the "
+                             "budget for settling uncertain verdicts)")
+
+    @model_validator(mode="after")
+    def _budget(self) -> BenchmarkConfig:
+        if self.max_repeats < self.repeats:
+            raise ValueError(f"max_repeats ({self.max_repeats}) is below repeats ({self.repeats}); "
+                             "it counts every round, the first ones included")
+        return self
 
 
 class Budgets(_Strict):

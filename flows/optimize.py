@@ -141,20 +141,23 @@ def _measure_all(groups, specs, artifacts, *, prof, assessment, hw, evaluation, 
     baselines = {n: g.baseline.name for g in groups for n in g.members}
     outcomes = gate_task(outcomes, prof, assessment.kind, baselines)
     uncertain = {o.name for o in outcomes if o.uncertain}
-    extra = prof.benchmark.extra_repeats
-    if uncertain and extra:
-        get_run_logger().info("uncertain verdicts (%s): %d more round(s) of their comparison groups",
-                              ", ".join(sorted(uncertain)), extra)
-        # the whole group of each uncertain candidate gets the rounds: every ratio in a group keeps
-        # using the same rounds of its baseline, and the baseline's figures are those rounds' figures
+    extra, done = prof.benchmark.extra_repeats, prof.benchmark.repeats
+    while uncertain and extra and done < prof.benchmark.max_repeats:
+        step = min(extra, prof.benchmark.max_repeats - done)
+        get_run_logger().info("uncertain verdicts (%s): rounds %d-%d, with their baselines",
+                              ", ".join(sorted(uncertain)), done + 1, done + step)
+        # an uncertain candidate and its baseline get the rounds, interleaved; settled members keep the
+        # rounds they have, and each ratio pairs a member's rounds with the baseline's of the same index
+        # (measured side by side), so a settled ratio never mixes in rounds its member was not part of
         regroup = [g for g in groups if uncertain & set(g.members)]
-        again = {n for g in regroup for n in g.names if n not in m.failures}
-        start = prof.benchmark.repeats
-        measure_rounds(regroup, range(start, start + extra), m=m, only=again, progress=_progress, **kw)
+        again = {n for g in regroup for n in (g.baseline.name, *(uncertain & set(g.members))) if n not in m.failures}
+        measure_rounds(regroup, range(done, done + step), m=m, only=again, progress=_progress, **kw)
+        done += step
         pooled = {n: pool_task(n, m.results[n]) for n in again if n not in m.failures}
         outcomes = [o.model_copy(update={"benchmark": pooled[o.name]}) if o.name in pooled and o.ok
                     else (m.failures[o.name] if o.name in m.failures and o.name in again else o) for o in outcomes]
         outcomes = gate_task(outcomes, prof, assessment.kind, baselines)
+        uncertain = {o.name for o in outcomes if o.uncertain}
     return outcomes, m
 
 
