@@ -20,8 +20,12 @@ demo: $(STAMP)
 	$(BIN)/edgeopt optimize .edgeopt/zoo/digits-resnet/model.onnx --profile intel-cpu \
 		--calibration .edgeopt/zoo/digits-resnet/calibration.npz --eval .edgeopt/zoo/digits-resnet/eval.npz
 
-## test: the test suite (slow tests included)
+## test: the test suite (slow tests included; `heavy` ones, which would push CI past its budget, left out)
 test: $(STAMP) browser
+	$(BIN)/python -m pytest -q -m "not heavy"
+
+## test-all: every test, the heavy ones too (MiniLM's checkpoint through every encoder route: ~8 min)
+test-all: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
 ## browser: headless Chromium for the certification report's browser test (Debian's package, when root)

@@ -157,6 +157,7 @@ def test_demo_on_the_reference_cnn(cli_env):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # `make test-all`: the encoder routes are covered piecewise on a tiny BERT in the default suite
 @pytest.mark.timeout(2400)  # about 8 minutes here: 16 builds, 19 measurements of a 22M-parameter model
 def test_minilm_checkpoint_through_every_route(cli_env, tmp_path):
     """The encoder run, offline: all-MiniLM-L6-v2's checkpoint and sentences in text files, every
