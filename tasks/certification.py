@@ -43,9 +43,13 @@ def robustness_task(subject: Subject, evaluation: Dataset, calibration: Dataset 
                     noise_level: float) -> CheckResult:
     from edgeopt.certify import robustness
 
+    # the floor under perturbation is the fidelity the profile accepts: cosine_min for encoders, else
+    # accuracy_ratio_min (agreement with the baseline on the same perturbed inputs)
+    floor = subject.gates.get("cosine_min") if subject.kind == "encoder" else None
+    floor = floor if floor is not None else subject.gates.get("accuracy_ratio_min", 0.95)
     return robustness.check(artifact=subject.artifact, baseline=subject.baseline, signature=subject.signature,
                             evaluation=evaluation, calibration=calibration, kind=subject.kind,
-                            out_dir=Path(out_dir), noise_level=noise_level)
+                            out_dir=Path(out_dir), noise_level=noise_level, agreement_min=min(1.0, float(floor)))
 
 
 @task(name="check-stress", **_OPTS)

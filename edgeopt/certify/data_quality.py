@@ -27,6 +27,7 @@ Each suite's validation result is written as JSON into ``out_dir``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -202,17 +203,24 @@ def _shift_specs(*, tests: int, alpha: float, d_min: float) -> list[Spec]:
 @contextmanager
 def _quiet() -> Iterator[None]:
     """Great Expectations' INFO chatter and its own deprecation warnings off; its warnings and errors stay."""
-    logger = logging.getLogger("great_expectations")
-    level = logger.level
-    if logger.getEffectiveLevel() < logging.WARNING:
-        logger.setLevel(logging.WARNING)
+    with warnings.catch_warnings(), contextlib.suppress(ImportError):  # missing: _validate says what to install
+        warnings.simplefilter("ignore")
+        import great_expectations  # noqa: F401 - its modules create their loggers at import (some set to INFO)
+
+    loggers = [logging.getLogger("great_expectations")] + [
+        logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("great_expectations.")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        if lg.level == logging.NOTSET or lg.level < logging.WARNING:
+            lg.setLevel(logging.WARNING)
     try:
         with warnings.catch_warnings():
             for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
                 warnings.filterwarnings("ignore", category=category, module=r"great_expectations(\.|$)")
             yield
     finally:
-        logger.setLevel(level)
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def _validate(suites: dict[str, tuple[pd.DataFrame, list[Spec]]]) -> tuple[dict[str, dict[str, Any]], str]:
