@@ -48,7 +48,7 @@ def main() -> int:
     report = next(line.split("report: ", 1)[1].strip() for line in r.stdout.splitlines() if line.startswith("report: "))
     doc = json.loads(Path(report).with_suffix(".json").read_text(encoding="utf-8"))
     checks = {c["check"]: {"status": c["status"], "duration_s": c["duration_s"]}
-              for c in doc["certification"]["checks"]}
+              for c in doc["checks"]}
     accounted = sum(c["duration_s"] or 0.0 for c in checks.values())
     hw = fingerprint()
     result = {"model_name": args.model_name, "alias": args.alias, "soak_s": args.soak_s,
