@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict
 from edgeopt import settings, workflow
 from edgeopt.certify.records import Certification, CheckResult, CrossValidation
 from edgeopt.data import load_dataset
-from edgeopt.errors import DataError, EdgeOptError
+from edgeopt.errors import ConfigError, DataError, EdgeOptError
 from edgeopt.hardware import fingerprint
 from edgeopt.profiles import Profile
 from edgeopt.text import is_text_data
@@ -118,6 +118,9 @@ def certify_flow(
     """
     logger = get_run_logger()
     base = _data_dir(data_dir)
+    if soak_s < 4 or stress_s < 1 or callers < 1:
+        raise ConfigError(f"soak_s must be >= 4 (a warm-up window and three to compare), stress_s >= 1 and callers "
+                          f">= 1; got soak_s={soak_s:g}, stress_s={stress_s:g}, callers={callers}")
     if evaluation is None:
         raise DataError("certification needs evaluation data: pass --eval DATA.npz (the model's inputs, "
                         "with 'labels' for accuracy)")

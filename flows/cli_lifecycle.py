@@ -83,7 +83,7 @@ def certify(
     alias: Alias = None,
     eval_data: Annotated[Path | None, typer.Option("--eval", help="evaluation data (.npz, 'labels' for accuracy)")] = None,
     calibration: Annotated[Path | None, typer.Option(help="calibration data (.npz): ranges and shift reference")] = None,
-    soak_s: Annotated[float, typer.Option(min=1.0, help="sustained-run duration, seconds")] = 60.0,
+    soak_s: Annotated[float, typer.Option(min=4.0, help="sustained-run duration, seconds (>= 4)")] = 60.0,
     stress_s: Annotated[float, typer.Option(min=1.0, help="concurrent-callers duration, seconds")] = 10.0,
     callers: Annotated[int, typer.Option(min=1, help="concurrent callers in the stress run")] = 4,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Prefect's logs")] = False,
@@ -163,13 +163,16 @@ def verify(
 ) -> None:
     """Check the signature and every digest of a certified artifact; refuse a changed byte."""
     from edgeopt.certify import provenance
+    from edgeopt.errors import RegistryError
 
     try:
         if Path(target).exists():
             summary = provenance.verify(Path(target), public_key=public_key)
         else:
             summary = _verify_registered(target, public_key)
-    except EdgeOptError as exc:
+    except RegistryError as exc:  # nothing to verify: bad input
+        _fail(exc)
+    except EdgeOptError as exc:  # verified, and refused
         _fail(exc, 3)
     files = summary.get("files")
     out.print(f"verified: {target} — signature valid, {len(files) if isinstance(files, list | dict) else files} "
@@ -177,6 +180,7 @@ def verify(
 
 
 def _verify_registered(target: str, public_key: Path | None) -> dict:
+    from edgeopt.errors import RegistryError
     from flows._env import configure_embedded_defaults
 
     if ":" in target:
@@ -185,7 +189,7 @@ def _verify_registered(target: str, public_key: Path | None) -> dict:
         name, alias = target.rsplit("@", 1)
         version = None
     else:
-        raise EdgeOptError(f"{target!r} is neither a folder nor NAME:VERSION / NAME@ALIAS")
+        raise RegistryError(f"{target!r} is neither a folder nor NAME:VERSION / NAME@ALIAS")
     configure_embedded_defaults()
     from edgeopt.certify import provenance
     from tasks import tracking
