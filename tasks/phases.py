@@ -10,7 +10,10 @@ folder's stamp no longer matches (files gone or changed) is recomputed. Candidat
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import socket
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,15 +37,31 @@ from edgeopt.records import (
 
 #: Prefect global concurrency limit (1 slot) that keeps measurements on one host one at a time.
 BENCH_LIMIT = f"edgeopt-benchmark-{socket.gethostname()}"
+#: lease of that slot on a Prefect server, renewed while held: a killed holder's slot goes back to the
+#: pool this long after its last renewal (the server's lease reaper)
+SLOT_LEASE_S = 60.0
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
 def benchmark_slot() -> Iterator[None]:
-    """Hold this host's benchmark slot for a whole measuring phase (created on first use).
+    """Hold this host's benchmark slot for a whole measuring phase.
 
-    One acquisition per flow run, not per task: a per-task tag limit costs about a second of
-    lease traffic per measurement. The harness also holds a file lock per measurement.
+    With a Prefect server (``PREFECT_API_URL``): the global concurrency limit ``BENCH_LIMIT`` (created
+    on first use), one slot, leased. One acquisition per flow run, not per task: a per-task tag limit
+    costs about a second of lease traffic per measurement. With the embedded API every process runs
+    its own short-lived server whose leases die with it, so the slot of a killed run would never be
+    given back and every later run would wait for ever: there, a host-wide file lock, which the
+    kernel releases when its holder dies, does the same job. The harness also holds a file lock per
+    measurement.
     """
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        with _host_lock():
+            yield
+        return
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.concurrency.sync import concurrency
@@ -54,13 +73,27 @@ def benchmark_slot() -> Iterator[None]:
         except ObjectNotFound:
             with contextlib.suppress(Exception):  # another flow may have created it meanwhile
                 client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=BENCH_LIMIT, limit=1))
-    with concurrency(BENCH_LIMIT, occupy=1, strict=True):
+    with concurrency(BENCH_LIMIT, occupy=1, strict=True, lease_duration=SLOT_LEASE_S):
         yield
 
 
-# Cache keys and folder names come from the same functions (edgeopt.keys via workflow.*_key): a
-# cached record is used only when its folder's stamp still matches (the flow checks ``*_stale``
-# first and refreshes the task otherwise).
+@contextlib.contextmanager
+def _host_lock() -> Iterator[None]:
+    import fcntl
+
+    path = Path(tempfile.gettempdir()) / f"edgeopt-benchmark-{os.getuid()}.lock"
+    with open(path, "a+b") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("another edgeopt run is measuring on this host; waiting for it (lock %s)", path)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _build_key(_ctx: Any, p: dict[str, Any]) -> str:
     key = workflow.build_key(p["spec"], assessment=p["assessment"], calibration=p["calibration"],
                              hardware=p["hardware"])
