@@ -94,6 +94,9 @@ def _local_artifact(cl, run_id: str, dest: Path, *, what: str, expected_sha: str
         art = Artifact.model_validate(json.loads(meta.read_text(encoding="utf-8")))
         meta.unlink()
         name = Path(art.path).name
+        if not (folder / name).is_file() and not any(folder.iterdir()):
+            raise RegistryError(f"the files of {what} are gone from the artifact store (its run's model/ folder "
+                                "holds only artifact.json); re-run `edgeopt optimize` to register it again")
         target = dest / name
         dest.mkdir(parents=True, exist_ok=True)
         if (folder / name).is_file():  # a single model file
