@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, ConfigDict
 
 from edgeopt import settings, workflow
@@ -271,13 +271,9 @@ def cross_validate_flow(
 
         rows = crossval.matrix_rows(cv)
         if rows:
-            cols = list(rows[0])
-            md = "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols),
-                            *("| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows)])
-            create_markdown_artifact(markdown=f"## {model_name} version {subject.version}: {cv.verdict}\n\n{md}\n\n"
-                                     f"{cv.summary}", key=f"cross-validate-{_safe(model_name)}".lower()
-                                     .replace("_", "-").replace(".", "-"),
-                                     description=f"Runtime x device matrix of {model_name} v{subject.version}")
+            create_table_artifact(table=rows, key=f"cross-validate-{_safe(model_name)}".lower().replace("_", "-")
+                                  .replace(".", "-"), description=f"{model_name} version {subject.version}: "
+                                  f"{cv.verdict}. {cv.summary}"[:4000])
         status = "FINISHED"
         return CrossValidateReport(matrices=(cv,), mlflow_run_id=run_id)
     finally:
