@@ -194,6 +194,12 @@ def _soak_chart(series: Sequence[Mapping[str, float]], path: Path) -> bool:
         else:
             ax.plot(x, rss, color="#8250df", marker=".", label="RSS")
             ax.set_ylabel("RSS (MB)")
+            # absolute MB, at least 8 MB of span: a page or two of growth must not look like a leak
+            ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+            finite = [v for v in rss if v is not None and math.isfinite(v)]
+            mid = (max(finite) + min(finite)) / 2
+            half = max(4.0, (max(finite) - min(finite)) * 0.6)
+            ax.set_ylim(mid - half, mid + half)
             ax.set_title("Soak: resident memory over time")
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel(xlabel)
