@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -216,7 +217,7 @@ class CrossValidateReport(BaseModel):
         return min((m.verdict for m in self.matrices), key=order.index, default="fail")
 
 
-@flow(name="cross-validate", flow_run_name="cross-validate-{model_name}")
+@flow(name="cross-validate", flow_run_name="cross-validate-{model_name}", persist_result=True)
 def cross_validate_flow(
     model_name: str,
     version: str | None = None,
@@ -286,20 +287,43 @@ def cross_validate_flow(
 
 
 def _fan_out(*, model_name, version, alias, evaluation, rounds, pools, timeout_s) -> CrossValidateReport:
-    """One run per pool through its deployment; the matrices of those that finished, gathered."""
-    from prefect.deployments import run_deployment
+    """One run per pool through its deployment, all started at once; the matrices of those that finished.
 
+    Each pool's run returns its report through Prefect's result storage (``persist_result``): the
+    caller and the workers must share it (one host: the same ``PREFECT_HOME``; several hosts: a
+    shared result storage block, e.g. S3, as ``PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK``).
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        raise ConfigError("cross-validating on work pools needs a Prefect server with workers on them: set "
+                          "PREFECT_API_URL (see deployments/README.md), or leave out --pool to run here")
     logger = get_run_logger()
+    started = {}
+    for pool in pools:
+        try:
+            started[pool] = run_deployment(name=f"cross-validate/cross-validate-{pool}", timeout=0, parameters={
+                "model_name": model_name, "version": version, "alias": alias, "evaluation": evaluation,
+                "rounds": rounds})
+        except Exception as exc:
+            raise ConfigError(f"no deployment 'cross-validate/cross-validate-{pool}' to run on pool {pool} "
+                              f"({type(exc).__name__}: {str(exc)[:200]}); deploy it (prefect deploy --all)") from exc
+        logger.info("cross-validation on pool %s: flow run %s", pool, started[pool].id)
     matrices: list[CrossValidation] = []
     failed: list[str] = []
-    for pool in pools:
-        run = run_deployment(name=f"cross-validate/cross-validate-{pool}", timeout=timeout_s,
-                             parameters={"model_name": model_name, "version": version, "alias": alias,
-                                         "evaluation": evaluation, "rounds": rounds})
-        if run.state is None or not run.state.is_completed():
-            failed.append(f"{pool} ({run.state.name if run.state else 'no state'})")
+    deadline = time.monotonic() + timeout_s
+    for pool, run in started.items():
+        with get_client(sync_client=True) as client:
+            done = client.read_flow_run(run.id)
+            while not (done.state and done.state.is_final()) and time.monotonic() < deadline:
+                time.sleep(5)
+                done = client.read_flow_run(run.id)
+        if done.state is None or not done.state.is_completed():
+            failed.append(f"{pool} ({done.state.name if done.state else 'no state'})")
             continue
-        matrices.extend(run.state.result().matrices)
+        matrices.extend(done.state.result().matrices)
     if failed:
         logger.warning("cross-validation did not complete on: %s", ", ".join(failed))
     if not matrices:

@@ -62,7 +62,8 @@ def cross_validate(
     from flows.certify import cross_validate_flow
 
     rep = _run_flow(cross_validate_flow, verbose, model_name=model_name, version=version, alias=alias,
-                    evaluation=str(eval_data) if eval_data else None, rounds=rounds, pools=list(pool or []) or None)
+                    evaluation=str(eval_data.resolve()) if eval_data else None, rounds=rounds,
+                    pools=list(pool or []) or None)
     for cv in rep.matrices:
         rows = crossval.matrix_rows(cv)
         table = Table(title=f"{model_name} version {cv.subject.version} on {cv.hardware.cpu_model}")
