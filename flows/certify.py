@@ -27,7 +27,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from pydantic import BaseModel, ConfigDict
 
 from edgeopt import settings, workflow
-from edgeopt.certify.records import Certification, CheckResult, CrossValidation
+from edgeopt.certify.records import Certification, CheckResult, CrossValidateReport, CrossValidation
 from edgeopt.data import load_dataset
 from edgeopt.errors import ConfigError, DataError, EdgeOptError
 from edgeopt.hardware import fingerprint
@@ -203,18 +203,6 @@ def _render(cert: Certification, out: Path) -> tuple[Path, Path]:
                 series = [{"t_s": w.get("start_s"), "p50_ms": w.get("p50_ms"), "p99_ms": w.get("p99_ms"),
                            "rss_mb": w.get("rss_mb")} for w in doc.get("windows", []) if not w.get("warmup")]
     return report.render(certification=cert, out_dir=out, latency_samples_ms=samples, soak_series=series)
-
-
-class CrossValidateReport(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    matrices: tuple[CrossValidation, ...]
-    mlflow_run_id: str | None = None
-
-    @property
-    def verdict(self) -> str:
-        order = ("fail", "not-reproducible", "pass")
-        return min((m.verdict for m in self.matrices), key=order.index, default="fail")
 
 
 @flow(name="cross-validate", flow_run_name="cross-validate-{model_name}", persist_result=True)

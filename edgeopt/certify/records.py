@@ -17,7 +17,8 @@ from pydantic import Field, field_validator
 
 from edgeopt.records import Artifact, HardwareFingerprint, ModelKind, Record, TensorSpec
 
-__all__ = ["Certification", "CheckResult", "CheckStatus", "CrossValidation", "MatrixCell", "Subject"]
+__all__ = ["Certification", "CheckResult", "CheckStatus", "CrossValidateReport", "CrossValidation", "MatrixCell",
+           "Subject"]
 
 CheckStatus = Literal["pass", "fail", "not-applicable"]
 
@@ -120,3 +121,19 @@ class CrossValidation(Record):
     reproducible: bool | None = Field(None, description="the recorded speed-up reproduced on its own runtime")
     verdict: Literal["pass", "fail", "not-reproducible"]
     summary: str = ""
+
+
+class CrossValidateReport(Record):
+    """What the cross-validate flow returns: one matrix per host (pool) it ran on.
+
+    A record of the core, not of the flow module: a pool's run returns it through Prefect's result
+    storage, and the caller unpickles it by this importable name.
+    """
+
+    matrices: tuple[CrossValidation, ...]
+    mlflow_run_id: str | None = None
+
+    @property
+    def verdict(self) -> str:
+        order = ("fail", "not-reproducible", "pass")
+        return min((m.verdict for m in self.matrices), key=order.index, default="fail")

@@ -177,7 +177,7 @@ def test_concurrent_callers_each_get_their_own_results(backend, cnn, tmp_path):
     other's outputs: one infer request per thread."""
     from concurrent.futures import ThreadPoolExecutor
 
-    art, session, _ = _build(backend, cnn, tmp_path / "a")
+    _, session, _ = _build(backend, cnn, tmp_path / "a")
     rows = [cnn.inputs[i:i + 1] for i in range(48)]
     alone = [session.run({"input": r})[0] for r in rows]
     with ThreadPoolExecutor(max_workers=4) as pool:
