@@ -6,6 +6,7 @@ optimize → cross-validate → certify → approve → rollback → verify, and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -208,3 +209,63 @@ def test_changed_registered_files_are_refused(life):
         assert r.returncode == 2 and "gone" in r.stderr, r.stderr
     finally:
         model.write_bytes(original)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_cross_validate_fans_out_to_a_work_pool(life, tmp_path):
+    """A real Prefect server, the deployment from prefect.yaml (its git_clone step clones this
+    repository's current branch), a process worker on the intel-cpu pool: `--pool intel-cpu` runs the
+    flow there and gathers the matrix through result storage."""
+    import urllib.request
+
+    repo = Path(__file__).resolve().parents[2]
+    branch = subprocess.run(["git", "rev-parse", "--abbrev-ref", "HEAD"], cwd=repo, capture_output=True,
+                            text=True, check=False).stdout.strip()
+    if not branch or branch == "HEAD":
+        pytest.skip("the deployment clones a branch; this checkout has none (detached HEAD)")
+    port = _free_port()
+    env = {**life["env"], "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+           "EDGEOPT_GIT_URL": str(repo), "EDGEOPT_GIT_BRANCH": branch}
+    prefect = str(Path(EDGEOPT).parent / "prefect")
+    procs = [subprocess.Popen([prefect, "server", "start", "--port", str(port)], env=env, cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)]
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the Prefect server did not start"
+                time.sleep(1)
+        for cmd in (["work-pool", "create", "intel-cpu", "--type", "process"],
+                    ["--no-prompt", "deploy", "--name", "cross-validate-intel-cpu"]):
+            r = subprocess.run([prefect, *cmd], env=env, cwd=repo, capture_output=True, text=True, timeout=180,
+                               check=False)
+            assert r.returncode == 0, r.stdout + r.stderr
+        procs.append(subprocess.Popen([prefect, "worker", "start", "--pool", "intel-cpu"], env=env, cwd=tmp_path,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+        r = run(env, "cross-validate", NAME, "--version", "1", "--eval", life["eval"], "--rounds", "2",
+                "--pool", "intel-cpu", timeout=900)
+        assert r.returncode in (0, 3), r.stdout + r.stderr
+        assert "onnxruntime" in r.stdout and "openvino" in r.stdout, r.stdout
+        from prefect.client.orchestration import get_client
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}), get_client(sync_client=True) as client:
+            runs = client.read_flow_runs()
+            pooled = [fr for fr in runs if fr.work_pool_name == "intel-cpu"]
+        assert pooled and all(fr.state.is_completed() for fr in pooled), [(fr.name, fr.state) for fr in runs]
+    finally:
+        for p in reversed(procs):  # the worker before the server
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=20)
