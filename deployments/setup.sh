@@ -6,5 +6,6 @@ for pool in intel-cpu; do
   prefect work-pool inspect "$pool" >/dev/null 2>&1 || prefect work-pool create "$pool" --type process
 done
 for host in "${@:-$(hostname)}"; do
-  prefect concurrency-limit create "edgeopt-benchmark-${host}" 1 || true
+  prefect global-concurrency-limit inspect "edgeopt-benchmark-${host}" >/dev/null 2>&1 || \
+    prefect global-concurrency-limit create --limit 1 "edgeopt-benchmark-${host}"
 done
