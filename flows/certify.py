@@ -15,6 +15,7 @@ each named work pool through its deployment (``run_deployment``) and the matrice
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import shutil
@@ -85,6 +86,23 @@ def _npz(path: str | None, role: str) -> str | None:
     return str(p)
 
 
+@contextlib.contextmanager
+def _version_run(base: Path, subject, flow_name: str, tags: dict[str, str]):
+    """A run nested under the version's MLflow run: FINISHED when the body returns, FAILED when it
+    raises (a failure to mark it never masks the body's own error)."""
+    run_id = tracking.start_version_run(data_dir=str(base), model_name=subject.model_name, version=subject.version,
+                                        flow=flow_name, tags=tags)
+    try:
+        yield run_id
+    except BaseException:
+        try:
+            tracking.finish_run(data_dir=str(base), run_id=run_id, status="FAILED")
+        except Exception as exc:  # noqa: BLE001 - the body's error is the one to report
+            log.warning("could not mark the MLflow run %s failed: %s", run_id, exc)
+        raise
+    tracking.finish_run(data_dir=str(base), run_id=run_id, status="FINISHED")
+
+
 def _table(checks: list[CheckResult]) -> str:
     rows = [f"| {c.check} | {c.status} | {c.summary.replace('|', '/')} |" for c in checks]
     return "\n".join(["| check | verdict | evidence |", "|---|---|---|", *rows])
@@ -133,10 +151,7 @@ def certify_flow(
     cal = load_dataset(calibration, signature=subject.signature, role="calibration") if calibration else None
     hw = fingerprint()
     threads = Profile.model_validate(subject.profile_doc).hardware.threads
-    run_id = tracking.start_version_run(data_dir=str(base), model_name=model_name, version=subject.version,
-                                        flow="certify", tags={"edgeopt.evaluation": Path(evaluation).name})
-    status = "FAILED"
-    try:
+    with _version_run(base, subject, "certify", {"edgeopt.evaluation": Path(evaluation).name}) as run_id:
         out = work / "run"
         shutil.rmtree(out, ignore_errors=True)  # a killed run's leftovers never mix with this one's
         dirs = {k: out / k for k in ("data-quality", "accuracy", "robustness", "stress", "soak", "power")}
@@ -167,16 +182,8 @@ def certify_flow(
                                  description=f"Certification of {model_name} version {subject.version}")
         create_link_artifact(link=tracking.run_url(experiment_id=_experiment(base, run_id), run_id=run_id,
                                                    data_dir=str(base)), link_text="certification report (MLflow)")
-        status = "FINISHED"
         return CertifyReport(certification=cert, html=str(html), json_path=str(js), bundle=str(bundle),
                              mlflow_run_id=run_id)
-    finally:
-        try:
-            tracking.finish_run(data_dir=str(base), run_id=run_id, status=status)
-        except Exception as exc:  # never mask the error already on its way out
-            if status == "FINISHED":
-                raise
-            logger.warning("could not mark the MLflow run %s failed: %s", run_id, exc)
 
 
 def _experiment(base: Path, run_id: str) -> str:
@@ -242,10 +249,7 @@ def cross_validate_flow(
         load_dataset(evaluation, signature=subject.signature, role="evaluation")
     prof = Profile.model_validate(subject.profile_doc)
     hw = fingerprint()
-    run_id = tracking.start_version_run(data_dir=str(base), model_name=model_name, version=subject.version,
-                                        flow="cross-validate", tags={})
-    status = "FAILED"
-    try:
+    with _version_run(base, subject, "cross-validate", {}) as run_id:
         out = work / "run"
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
@@ -263,15 +267,7 @@ def cross_validate_flow(
             create_table_artifact(table=rows, key=f"cross-validate-{_safe(model_name)}".lower().replace("_", "-")
                                   .replace(".", "-"), description=f"{model_name} version {subject.version}: "
                                   f"{cv.verdict}. {cv.summary}"[:4000])
-        status = "FINISHED"
         return CrossValidateReport(matrices=(cv,), mlflow_run_id=run_id)
-    finally:
-        try:
-            tracking.finish_run(data_dir=str(base), run_id=run_id, status=status)
-        except Exception as exc:  # never mask the error already on its way out
-            if status == "FINISHED":
-                raise
-            logger.warning("could not mark the MLflow run %s failed: %s", run_id, exc)
 
 
 def _fan_out(*, model_name, version, alias, evaluation, rounds, pools, timeout_s) -> CrossValidateReport:
