@@ -18,7 +18,9 @@ Speed-up and memory verdicts carry a confidence interval from the interleaved ro
 (``edgeopt.intervals``): ``pass`` when the whole interval clears the threshold, ``fail`` when
 the whole interval misses it, ``uncertain`` when it straddles it (the flow re-measures those, then
 the verdict stands; only settled passes are selected). A verdict without an interval (no round
-samples, or a point-only figure) is settled by its point value.
+samples, or a point-only figure) is settled by its point value. A speed-up's interval is at least as
+wide as this host's run-to-run spread (``run_to_run_sd``, ``edgeopt.reproducibility``), so a speed-up
+settles only when it would hold in another run on this host; the verdict records the spread it used.
 
 A candidate without an evaluation fails its accuracy (and cosine) gate, and a figure that could
 not be measured (NaN, or a memory figure that is not positive) fails its gate: a gate never passes
@@ -36,6 +38,7 @@ import numpy as np
 from edgeopt.intervals import Interval, memory_reduction_interval, ratio_interval, split_rounds
 from edgeopt.profiles import Budgets, Gates
 from edgeopt.records import BenchmarkResult, CandidateOutcome, EvalResult, GateVerdict
+from edgeopt.reproducibility import settleable
 
 __all__ = [
     "MemoryBasis",
@@ -43,6 +46,7 @@ __all__ = [
     "evaluate_gates",
     "memory_interval",
     "memory_reduction",
+    "more_rounds_could_settle",
     "outcome_with_gates",
     "quality_ratio",
     "rounds",
@@ -64,7 +68,7 @@ def _settled(ok: bool) -> str:
 
 
 def verdict(*, gate: str, metric: str, comparator: Comparator, threshold: float, measured: float,
-            interval: Interval | None = None) -> GateVerdict:
+            interval: Interval | None = None, run_to_run_sd: float | None = None) -> GateVerdict:
     """One verdict; ``margin`` is positive by how much it passed, negative by how much it failed.
 
     With a finite ``interval`` the status follows the interval (see the module doc); without one
@@ -83,6 +87,8 @@ def verdict(*, gate: str, metric: str, comparator: Comparator, threshold: float,
     ci = {}
     if interval is not None and interval.finite:
         ci = {"ci_low": interval.low, "ci_high": interval.high, "confidence": interval.confidence}
+    if run_to_run_sd is not None:
+        ci["run_to_run_sd"] = run_to_run_sd
     return GateVerdict(gate=gate, metric=metric, comparator=comparator, threshold=threshold, measured=measured,
                        margin=margin, passed=status == "pass", status=status, **ci)
 
@@ -111,14 +117,15 @@ def rounds(bench: BenchmarkResult) -> list[np.ndarray] | None:
 
 
 def speedup_interval(*, candidate_bench: BenchmarkResult, baseline_bench: BenchmarkResult,
-                     percentile: Percentile = "p50", confidence: float = 0.95) -> Interval:
+                     percentile: Percentile = "p50", confidence: float = 0.95, run_to_run_sd: float = 0.0) -> Interval:
     """Baseline latency / candidate latency at ``percentile`` over the rounds they share, with its
-    interval over paired rounds (edgeopt.intervals); the point alone when there are no round samples;
-    NaN if a latency is not positive."""
+    interval over paired rounds (edgeopt.intervals), at least ``point · exp(±z · run_to_run_sd)`` wide;
+    the point alone when there are no round samples; NaN if a latency is not positive."""
     q = _quantile(percentile)
     base_rounds, cand_rounds = rounds(baseline_bench), rounds(candidate_bench)
     if base_rounds is not None and cand_rounds is not None:
-        return ratio_interval(baseline=base_rounds, candidate=cand_rounds, quantile=q, confidence=confidence)
+        return ratio_interval(baseline=base_rounds, candidate=cand_rounds, quantile=q, confidence=confidence,
+                              floor_sd=run_to_run_sd)
     cand, base = _latency(candidate_bench, percentile), _latency(baseline_bench, percentile)
     if not (cand > 0 and base > 0 and math.isfinite(cand) and math.isfinite(base)):
         log.warning("%s: no speed-up at %s (latency %s ms, baseline %s ms)",
@@ -198,18 +205,22 @@ def evaluate_gates(
     baseline_benchmark: BenchmarkResult,
     gates: Gates,
     budgets: Budgets,
+    run_to_run_sd: float = 0.0,
 ) -> tuple[GateVerdict, ...]:
-    """Verdicts of every gate of the profile, then one per budget set, in the order of the module doc."""
+    """Verdicts of every gate of the profile, then one per budget set, in the order of the module doc.
+
+    ``run_to_run_sd``: this host's run-to-run spread of log speed-up, the floor of the speed-up interval.
+    """
     pct, basis = gates.speedup_percentile, gates.memory_basis
     speed = speedup_interval(candidate_bench=benchmark, baseline_bench=baseline_benchmark, percentile=pct,
-                             confidence=gates.confidence)
+                             confidence=gates.confidence, run_to_run_sd=run_to_run_sd)
     memory = memory_interval(candidate_bench=benchmark, baseline_bench=baseline_benchmark, basis=basis,
                              confidence=gates.confidence)
     basis_name = "steady-state model memory" if basis == "steady" else "peak model memory"
     verdicts = [
         _accuracy_verdict(evaluation, gates),
         verdict(gate="speedup", metric=f"speedup {pct} vs {baseline_benchmark.candidate}", comparator=">=",
-                threshold=gates.speedup_min, measured=speed.point, interval=speed),
+                threshold=gates.speedup_min, measured=speed.point, interval=speed, run_to_run_sd=run_to_run_sd),
         verdict(gate="memory", metric=f"memory reduction ({basis_name}) vs {baseline_benchmark.candidate}",
                 comparator=">=", threshold=gates.memory_reduction_min, measured=memory.point, interval=memory),
     ]
@@ -229,8 +240,23 @@ def evaluate_gates(
     return tuple(verdicts)
 
 
+def more_rounds_could_settle(outcome: CandidateOutcome) -> bool:
+    """Whether an ``uncertain`` outcome is worth more rounds: some uncertain verdict of it is not
+    within the host's run-to-run band of its threshold, which no number of rounds narrows."""
+    for v in outcome.verdicts:
+        if v.status != "uncertain":
+            continue
+        if v.gate != "speedup" or not v.run_to_run_sd:
+            return True
+        if settleable(point=v.measured, threshold=v.threshold, sd_log=v.run_to_run_sd,
+                      confidence=v.confidence or 0.95):
+            return True
+    return False
+
+
 def outcome_with_gates(
-    outcome: CandidateOutcome, *, baseline: CandidateOutcome, gates: Gates, budgets: Budgets
+    outcome: CandidateOutcome, *, baseline: CandidateOutcome, gates: Gates, budgets: Budgets,
+    run_to_run_sd: float = 0.0,
 ) -> CandidateOutcome:
     """A copy of ``outcome`` with speed-ups, memory reduction and gate verdicts filled in, against
     ``baseline`` (its like-for-like baseline, named in ``outcome.baseline``).
@@ -247,7 +273,7 @@ def outcome_with_gates(
         )
     bench, base = outcome.benchmark, baseline.benchmark
     verdicts = evaluate_gates(benchmark=bench, evaluation=outcome.evaluation, baseline_benchmark=base,
-                              gates=gates, budgets=budgets)
+                              gates=gates, budgets=budgets, run_to_run_sd=run_to_run_sd)
     by_gate = {v.gate: v for v in verdicts}
     speed_p50 = by_gate["speedup"].measured if gates.speedup_percentile == "p50" else speedup(
         candidate_bench=bench, baseline_bench=base, percentile="p50")

@@ -16,7 +16,9 @@ page placement), not between the timed runs of one process, so the interval is b
   one round.
 
 The point estimate is the ratio over all pooled samples of the rounds both sides have (what the
-table shows); the interval is widened to contain it. The bootstrap's generator is seeded, so the
+table shows); the interval is widened to contain it, and to contain ``point · exp(±z · floor_sd)``
+when a run-to-run spread is given (``edgeopt.reproducibility``: what another run on the same host
+could measure, which no number of rounds in this run narrows). The bootstrap's generator is seeded, so the
 same measurements always give the same interval and verdict.
 """
 
@@ -70,12 +72,14 @@ def _bootstrap_quantile(samples: np.ndarray, q: float, resamples: int, rng: np.r
 
 
 def ratio_interval(*, baseline: list[np.ndarray], candidate: list[np.ndarray], quantile: float = 0.5,
-                   confidence: float = DEFAULT_CONFIDENCE, resamples: int = DEFAULT_RESAMPLES) -> Interval:
+                   confidence: float = DEFAULT_CONFIDENCE, resamples: int = DEFAULT_RESAMPLES,
+                   floor_sd: float = 0.0) -> Interval:
     """``quantile(baseline) / quantile(candidate)`` (a speed-up) with its interval over paired rounds.
 
     ``baseline`` and ``candidate`` are the latency samples of each round, in the order measured;
     rounds pair by index and only rounds both sides have are used. NaN when a side is empty or a
-    latency is not positive and finite.
+    latency is not positive and finite. ``floor_sd`` (standard deviation of the log ratio between
+    runs) makes the interval at least ``point · exp(±z · floor_sd)``.
     """
     k = min(len(baseline), len(candidate))
     base, cand = [np.asarray(r, float) for r in baseline[:k]], [np.asarray(r, float) for r in candidate[:k]]
@@ -85,13 +89,23 @@ def ratio_interval(*, baseline: list[np.ndarray], candidate: list[np.ndarray], q
     if k >= 2:
         per_round = [float(np.quantile(b, quantile) / np.quantile(c, quantile)) for b, c in zip(base, cand, strict=True)]
         low, high = np.exp(t_interval(np.log(per_round), confidence=confidence))
-        return Interval(point, float(min(low, point)), float(max(high, point)), confidence, k)
+        return _floored(Interval(point, float(min(low, point)), float(max(high, point)), confidence, k), floor_sd)
     rng = np.random.default_rng(_SEED)  # one round: the sampling noise of that process only
     dist = (_bootstrap_quantile(base[0], quantile, resamples, rng)
             / _bootstrap_quantile(cand[0], quantile, resamples, rng))
     alpha = (1.0 - confidence) / 2.0
     low, high = np.quantile(dist, [alpha, 1.0 - alpha])
-    return Interval(point, float(min(low, point)), float(max(high, point)), confidence, k)
+    return _floored(Interval(point, float(min(low, point)), float(max(high, point)), confidence, k), floor_sd)
+
+
+def _floored(iv: Interval, floor_sd: float) -> Interval:
+    """``iv`` widened to ``point · exp(±z · floor_sd)`` where it is narrower."""
+    if not floor_sd > 0:
+        return iv
+    from scipy.stats import norm
+
+    band = math.exp(float(norm.ppf(0.5 + iv.confidence / 2.0)) * floor_sd)
+    return Interval(iv.point, min(iv.low, iv.point / band), max(iv.high, iv.point * band), iv.confidence, iv.rounds)
 
 
 def t_interval(values: Sequence[float], *, confidence: float = DEFAULT_CONFIDENCE) -> tuple[float, float]:

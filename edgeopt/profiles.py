@@ -65,6 +65,14 @@ class BenchmarkConfig(_Strict):
                                "max_repeats is reached")
     max_repeats: int = Field(12, ge=1, description="rounds per candidate at most, extra rounds included (the "
                              "budget for settling uncertain verdicts)")
+    run_to_run_spread: float = Field(0.10, ge=0, le=1, description="relative run-to-run standard deviation of "
+                                     "a speed-up on one host, before this host has a history (0.10 = ±10%, "
+                                     "measured on a shared 2-vCPU VM): a speed-up's interval is at least "
+                                     "± z times this wide, so its verdict settles only when it would hold in "
+                                     "another run; 0 = trust one run's rounds alone")
+    run_to_run_history: bool = Field(True, description="pool the prior with the spread of speed-ups re-measured "
+                                     "in earlier runs on this hardware (<data>/hosts/), which narrows the floor "
+                                     "on a quiet host and widens it on a noisy one")
 
     @model_validator(mode="after")
     def _budget(self) -> BenchmarkConfig:

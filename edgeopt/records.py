@@ -37,7 +37,7 @@ ModelFormat = Literal["onnx", "hf", "gguf"]
 
 #: bumped whenever a record gains, loses or changes a field: results cached by an older edgeopt
 #: (pickled records of the old shape) are then not reused
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 class Record(BaseModel):
     """Base of every record: immutable, unknown fields rejected."""
@@ -212,6 +212,8 @@ class GateVerdict(Record):
     ci_low: float | None = Field(default=None, description="lower bound of the measured value's confidence interval")
     ci_high: float | None = Field(default=None, description="upper bound of the measured value's confidence interval")
     confidence: float | None = Field(default=None, description="confidence level of [ci_low, ci_high], e.g. 0.95")
+    run_to_run_sd: float | None = Field(default=None, description="this host's run-to-run standard deviation of "
+                                        "the log ratio, the floor of the interval (speed-up verdicts)")
 
     def describe(self) -> str:
         word = {"pass": "pass", "fail": "FAIL", "uncertain": "UNCERTAIN"}[self.status]

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from edgeopt.records import BenchmarkResult, CandidateOutcome, Selection
 
-__all__ = ["CLI_COLUMNS", "COLUMNS", "markdown", "rows", "verdict"]
+__all__ = ["CLI_COLUMNS", "COLUMNS", "markdown", "rows", "spread_note", "verdict"]
 
 COLUMNS = ("candidate", "runs as", "tokens", "vs", "p50 ms", "p95 ms", "p50 spread", "speed-up p50", "speed-up p95",
            "speed-up CI", "steady MB", "peak MB", "memory -%", "size MB", "accuracy", "fidelity", "verdict")
@@ -90,10 +90,21 @@ def rows(outcomes: Sequence[CandidateOutcome], selection: Selection | None = Non
     return out
 
 
+def spread_note(outcomes: Sequence[CandidateOutcome]) -> str | None:
+    """What the speed-up intervals' run-to-run floor was in this run (None without one)."""
+    spreads = {v.run_to_run_sd for o in outcomes for v in o.verdicts if v.gate == "speedup" and v.run_to_run_sd}
+    if not spreads:
+        return None
+    return (f"this host's run-to-run spread of speed-ups (±{math.expm1(max(spreads)):.0%}, ×/÷ e^(z·"
+            f"{max(spreads):.3f})): a speed-up verdict settles only when another run here would agree")
+
+
 def markdown(outcomes: Sequence[CandidateOutcome], selection: Selection, *, title: str, links: dict[str, str]) -> str:
+    note = spread_note(outcomes)
+    floor = f", and at least as wide as {note}" if note else ""
     lines = [f"# {title}", "", f"**{selection.message}**", "",
              ("Speed-up CI: 95% interval over the interleaved rounds (Student's t over the paired per-round "
-              "ratios); a gate passes only when "
+              f"ratios){floor}; a gate passes only when "
              "its whole interval clears the threshold. steady MB: resident memory of the loaded, warmed-up model; "
              "peak MB: high-water mark during load and inference above the runtime's own memory."), ""]
     lines.append("| " + " | ".join(COLUMNS) + " |")

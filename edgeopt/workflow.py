@@ -10,7 +10,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from edgeopt import backends, bench, gates, intake, pareto
+from edgeopt import backends, bench, gates, intake, pareto, reproducibility
 from edgeopt.comparison import with_threads
 from edgeopt.data import Dataset, file_sha256, load_dataset
 from edgeopt.errors import BackendUnavailable, CandidateFailed, ConfigError, DataError, ModelError
@@ -43,6 +43,7 @@ __all__ = [
     "data_sha",
     "evaluate",
     "failed",
+    "host_spread",
     "measure",
     "outputs_dir",
     "outputs_key",
@@ -50,6 +51,7 @@ __all__ = [
     "pool",
     "prepare_data",
     "prepare_model",
+    "record_speedups",
     "result_ok",
     "run_outputs",
     "select",
@@ -315,10 +317,11 @@ def failed(spec: CandidateSpec, *, stage: str, error: CandidateFailed, artifact:
 
 
 def with_gates(outcomes: list[CandidateOutcome], *, profile: Profile, kind: str,
-               baselines: dict[str, str] | None = None) -> list[CandidateOutcome]:
+               baselines: dict[str, str] | None = None, run_to_run_sd: float = 0.0) -> list[CandidateOutcome]:
     """Apply the profile's gates for this ``kind`` of model to every successful candidate against its
     like-for-like baseline (``baselines``: candidate name -> baseline variant name; default: the
-    first baseline outcome). A candidate whose baseline failed is left without verdicts."""
+    first baseline outcome). A candidate whose baseline failed is left without verdicts.
+    ``run_to_run_sd``: this host's run-to-run spread of log speed-up (``edgeopt.reproducibility``)."""
     by_name = {o.name: o for o in outcomes}
     first = next(o for o in outcomes if o.spec.baseline)
     kind_gates = profile.gates_for(kind)
@@ -328,8 +331,36 @@ def with_gates(outcomes: list[CandidateOutcome], *, profile: Profile, kind: str,
         if o.spec.baseline or not base.ok:
             gated.append(o)
             continue
-        gated.append(gates.outcome_with_gates(o, baseline=base, gates=kind_gates, budgets=profile.budgets))
+        gated.append(gates.outcome_with_gates(o, baseline=base, gates=kind_gates, budgets=profile.budgets,
+                                              run_to_run_sd=run_to_run_sd))
     return gated
+
+
+def host_spread(*, profile: Profile, hardware: HardwareFingerprint, data_dir: Path) -> reproducibility.Spread:
+    """This host's run-to-run spread of speed-ups: the profile's prior, pooled with the host's history."""
+    cfg = profile.benchmark
+    history = (reproducibility.read_history(reproducibility.history_path(data_dir, hardware))
+               if cfg.run_to_run_history else [])
+    return reproducibility.estimate(history, prior=cfg.run_to_run_spread)
+
+
+def record_speedups(outcomes: list[CandidateOutcome], *, artifacts: dict[str, Artifact], fresh: set[str],
+                    run: str, profile: Profile, evaluation: str | None, hardware: HardwareFingerprint,
+                    data_dir: Path) -> int:
+    """Append the gated speed-ups of this run's freshly measured comparisons to the host's history.
+
+    A comparison is keyed by both sides as they ran (artifact, runtime, benchmark settings, evaluation
+    data, tools) and the gate's metric (its percentile); one served from the cache is not recorded again.
+    """
+    ratios = {}
+    for o in outcomes:
+        v = next((v for v in o.verdicts if v.gate == "speedup"), None)
+        if v is None or o.baseline is None or not ({o.name, o.baseline} <= fresh) or o.name not in artifacts:
+            continue
+        keys = [bench_key(artifacts[n], profile=profile, evaluation=evaluation, hardware=hardware, group="",
+                          repeat=0) for n in (o.name, o.baseline)]
+        ratios[digest(v.metric, *keys)] = v.measured
+    return reproducibility.record(reproducibility.history_path(data_dir, hardware), run=run, ratios=ratios)
 
 
 def select(outcomes: list[CandidateOutcome], *, profile: Profile) -> Selection:

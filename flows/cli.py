@@ -127,6 +127,9 @@ def _print_report(result) -> None:
     sources = sorted({o.benchmark.memory_source for o in result.outcomes if o.benchmark and o.benchmark.memory_source})
     if sources:
         out.print(f"memory figures: {'; '.join(sources)}", highlight=False, soft_wrap=True)
+    note = report.spread_note(result.outcomes)
+    if note:
+        out.print(f"speed-up intervals include {note}", highlight=False, soft_wrap=True)
     out.print(result.selection.message, highlight=False)
     for miss in result.selection.nearest_misses:
         out.print(f"  nearest miss: {miss}", highlight=False)

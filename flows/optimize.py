@@ -8,6 +8,7 @@ MLflow store), or as the ``optimize-intel-cpu`` deployment on a work pool (``pre
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from pydantic import BaseModel, ConfigDict
 from edgeopt import report, settings, workflow
 from edgeopt.comparison import comparison_groups
 from edgeopt.errors import CandidateFailed, ConfigError, EdgeOptError
+from edgeopt.gates import more_rounds_could_settle
 from edgeopt.profiles import host_mismatches
 from edgeopt.records import CandidateOutcome, Selection
 from flows._measuring import Measurements, measure_rounds
@@ -33,12 +35,14 @@ from tasks.phases import (
     evaluate_task,
     fingerprint_task,
     gate_task,
+    host_spread_task,
     load_profile_task,
     outputs_stale,
     outputs_task,
     pool_task,
     prepare_data_task,
     prepare_model_task,
+    record_speedups_task,
     select_task,
 )
 
@@ -139,13 +143,16 @@ def _measure_all(groups, specs, artifacts, *, prof, assessment, hw, evaluation, 
         f = next(o for o in outcomes if o.name == reference).failure
         raise EdgeOptError(f"the baseline {reference} failed ({f.reason}): {f.message}; nothing is registered")
     baselines = {n: g.baseline.name for g in groups for n in g.members}
-    outcomes = gate_task(outcomes, prof, assessment.kind, baselines)
-    uncertain = {o.name for o in outcomes if o.uncertain}
+    spread = host_spread_task(prof, hw, str(Path(work).parent))
+    logger = get_run_logger()
+    logger.info("speed-up intervals are at least this host's %s", spread.describe())
+    outcomes = gate_task(outcomes, prof, assessment.kind, baselines, spread.sd_log)
+    uncertain = _worth_more_rounds(outcomes)
     extra, done = prof.benchmark.extra_repeats, prof.benchmark.repeats
     while uncertain and extra and done < prof.benchmark.max_repeats:
         step = min(extra, prof.benchmark.max_repeats - done)
-        get_run_logger().info("uncertain verdicts (%s): rounds %d-%d, with their baselines",
-                              ", ".join(sorted(uncertain)), done + 1, done + step)
+        logger.info("uncertain verdicts (%s): rounds %d-%d, with their baselines",
+                    ", ".join(sorted(uncertain)), done + 1, done + step)
         # an uncertain candidate and its baseline get the rounds, interleaved; settled members keep the
         # rounds they have, and each ratio pairs a member's rounds with the baseline's of the same index
         # (measured side by side), so a settled ratio never mixes in rounds its member was not part of
@@ -156,9 +163,22 @@ def _measure_all(groups, specs, artifacts, *, prof, assessment, hw, evaluation, 
         pooled = {n: pool_task(n, m.results[n]) for n in again if n not in m.failures}
         outcomes = [o.model_copy(update={"benchmark": pooled[o.name]}) if o.name in pooled and o.ok
                     else (m.failures[o.name] if o.name in m.failures and o.name in again else o) for o in outcomes]
-        outcomes = gate_task(outcomes, prof, assessment.kind, baselines)
-        uncertain = {o.name for o in outcomes if o.uncertain}
+        outcomes = gate_task(outcomes, prof, assessment.kind, baselines, spread.sd_log)
+        uncertain = _worth_more_rounds(outcomes)
+    fresh = {n for n in m.results if not m.reused(n)}
+    record_speedups_task(outcomes, artifacts, fresh, str(flow_run.id or uuid.uuid4()), prof, evaluation, hw,
+                         str(Path(work).parent))
     return outcomes, m
+
+
+def _worth_more_rounds(outcomes: list[CandidateOutcome]) -> set[str]:
+    """Uncertain candidates more rounds could settle; those whose speed-up lies within the host's
+    run-to-run band of the threshold stay uncertain (no number of rounds in one run narrows it)."""
+    stuck = {o.name for o in outcomes if o.uncertain and not more_rounds_could_settle(o)}
+    if stuck:
+        get_run_logger().info("uncertain within this host's run-to-run spread, not re-measured: %s",
+                              ", ".join(sorted(stuck)))
+    return {o.name for o in outcomes if o.uncertain} - stuck
 
 
 @flow(name="optimize", flow_run_name="optimize-{profile}", task_runner=ThreadPoolTaskRunner(max_workers=2))

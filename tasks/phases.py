@@ -209,8 +209,22 @@ def audit_task(outcome: CandidateOutcome, outputs: str) -> CandidateOutcome:
 
 @task(name="gate", cache_policy=NO_CACHE)
 def gate_task(outcomes: list[CandidateOutcome], profile: Profile, kind: str,
-              baselines: dict[str, str]) -> list[CandidateOutcome]:
-    return workflow.with_gates(outcomes, profile=profile, kind=kind, baselines=baselines)
+              baselines: dict[str, str], run_to_run_sd: float = 0.0) -> list[CandidateOutcome]:
+    return workflow.with_gates(outcomes, profile=profile, kind=kind, baselines=baselines,
+                               run_to_run_sd=run_to_run_sd)
+
+
+@task(name="host-spread", cache_policy=NO_CACHE)
+def host_spread_task(profile: Profile, hardware: HardwareFingerprint, data_dir: str):
+    return workflow.host_spread(profile=profile, hardware=hardware, data_dir=Path(data_dir))
+
+
+@task(name="record-speedups", cache_policy=NO_CACHE)
+def record_speedups_task(outcomes: list[CandidateOutcome], artifacts: dict[str, Artifact], fresh: set[str],
+                         run: str, profile: Profile, evaluation: str | None, hardware: HardwareFingerprint,
+                         data_dir: str) -> int:
+    return workflow.record_speedups(outcomes, artifacts=artifacts, fresh=fresh, run=run, profile=profile,
+                                    evaluation=evaluation, hardware=hardware, data_dir=Path(data_dir))
 
 
 @task(name="select", cache_policy=NO_CACHE)

@@ -89,8 +89,10 @@ def write_profile(path: Path, *, gates: dict | None = None, candidates: list[dic
     doc = {
         "description": "test profile",
         "hardware": {"arch": "x86_64", "device": "cpu", "threads": 1},
+        # run_to_run_spread 0: these tests judge one run's rounds; the host's run-to-run floor under the
+        # speed-up intervals has its own tests (tests/test_reproducibility.py, tests/flows/test_integrity.py)
         "benchmark": {"warmup_runs": 3, "min_runs": 30, "min_duration_s": 0.2, "timeout_s": 120, "repeats": 1,
-                      **(benchmark or {})},
+                      "run_to_run_spread": 0.0, **(benchmark or {})},
         "gates": gates or {},
         "candidates": candidates or [
             {"name": "ort-fp32-optimized", "backend": "onnxruntime", "recipe": {"graph_optimization": "all"}},

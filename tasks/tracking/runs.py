@@ -143,6 +143,8 @@ def _metrics(o: CandidateOutcome) -> dict[str, float]:
     for v in o.verdicts:  # the interval each ratio's verdict rests on
         if v.ci_low is not None and v.ci_high is not None:
             m[f"{v.gate}_ci_low"], m[f"{v.gate}_ci_high"] = v.ci_low, v.ci_high
+        if v.run_to_run_sd is not None:
+            m[f"{v.gate}_run_to_run_sd"] = v.run_to_run_sd
     share = o.artifact.placement.get("target_share") if o.artifact else None
     if isinstance(share, int | float):
         m["placement_target_share"] = float(share)

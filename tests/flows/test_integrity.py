@@ -138,6 +138,31 @@ def test_an_uncertain_verdict_is_re_measured_before_it_is_final(mlp, tmp_path, m
     assert report.selection.selected == "steady", "the settled pass is selected, never the uncertain one"
 
 
+def test_an_uncertain_verdict_within_the_hosts_run_to_run_spread_is_not_re_measured(mlp, tmp_path, monkeypatch):
+    """The same noisy candidate on a host whose run-to-run spread is ±100%: at 95% another run could
+    measure anything within ×/÷3.9 of its point (which lies between ~0.25x and ~1x, where its rounds
+    are), the 0.5x threshold included, and no number of rounds narrows that: it stays uncertain
+    without the extra rounds, nothing is selected, and this run's fresh speed-up goes into the host's
+    history."""
+    monkeypatch.setenv("EDGEOPT_BENCH_FAULT", "alternating")
+    monkeypatch.setenv("EDGEOPT_BENCH_FAULT_CANDIDATE", "noisy")
+    monkeypatch.setenv("EDGEOPT_BENCH_FAULT_STATE", str(tmp_path / "fault-state"))
+    noisy = {"name": "noisy", "backend": "onnxruntime", "recipe": {"precision": "fp32", "graph_optimization": "all"}}
+    profile = write_profile(tmp_path / "p.yaml", candidates=[noisy],
+                            gates={"speedup_min": 0.5, "memory_reduction_min": -1.0, "accuracy_ratio_min": 0.5},
+                            benchmark={"repeats": 2, "extra_repeats": 1, "max_repeats": 4,
+                                       "run_to_run_spread": 1.0})
+    report = optimize_flow(model=str(mlp["model"]), profile=str(profile), evaluation=str(mlp["eval"]),
+                           data_dir=str(tmp_path / "data"))
+    o = _by_name(report)
+    v = next(v for v in o["noisy"].verdicts if v.gate == "speedup")
+    assert v.status == "uncertain" and v.run_to_run_sd == pytest.approx(np.log(2.0)), v
+    assert o["noisy"].benchmark.repeats == 2, "no rounds are spent on a verdict they cannot settle"
+    assert report.selection.selected is None
+    lines = [ln for f in (tmp_path / "data" / "hosts").glob("*.jsonl") for ln in f.read_text().splitlines()]
+    assert len(lines) == 1, "one fresh speed-up per comparison of this run"
+
+
 def _loose(tmp_path: Path) -> Path:
     return write_profile(tmp_path / "loose.yaml",
                          gates={"speedup_min": 1.0, "memory_reduction_min": 0.0, "accuracy_ratio_min": 0.8,

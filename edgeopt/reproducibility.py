@@ -1,0 +1,153 @@
+"""Run-to-run spread of speed-up ratios on one host: the floor under every speed-up interval.
+
+A speed-up's interval from one run's interleaved rounds (``edgeopt.intervals``) covers the noise
+*within* that run. On a shared machine the ratio itself moves *between* runs as well: other tenants
+take memory bandwidth and cache for minutes to hours, and a memory-bound FP32 baseline slows down
+more than a cache-resident INT8 candidate. Measured on a 2-vCPU AMD EPYC VM (benchmarks/README.md,
+"run-to-run spread"), the same candidate's speed-up moved 2.18–2.40× over three runs within an hour
+and sat at 1.7–1.8× in a run a few hours later, while each run's own interval was about ±10%. A verdict settled inside one
+run then flips in the next: the registered winner changes with the weather.
+
+So a speed-up verdict settles only when it would hold in another run on this host: its interval is
+at least ``point · exp(±z · s)``, where ``s`` is the run-to-run standard deviation of log speed-up
+on this host (ISO 5725's reproducibility, which includes the within-run part) and ``z`` the normal
+quantile of the gate's confidence. ``s`` is estimated from a prior (the profile's
+``benchmark.run_to_run_spread``, worth ``PRIOR_DF`` degrees of freedom) pooled with this host's
+history: every comparison measured afresh appends its log speed-up to
+``<data>/hosts/<hardware digest>.jsonl``; comparisons measured in two runs or more contribute their
+deviations from their own mean::
+
+    s² = (PRIOR_DF · s0² + Σ_i Σ_j (x_ij − x̄_i)²) / (PRIOR_DF + Σ_i (n_i − 1))
+
+A quiet, dedicated host narrows its floor run after run; a noisy one widens it. More rounds in one
+run cannot settle a ratio whose point lies within ``z · s`` of its threshold (``settleable``), so
+the flow does not spend its re-measuring budget on those: they stay ``uncertain``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgeopt.keys import digest, hardware_identity
+from edgeopt.records import HardwareFingerprint
+
+__all__ = ["PRIOR_DF", "RatioRecord", "Spread", "estimate", "history_path", "read_history", "record",
+           "settleable", "z_value"]
+
+log = logging.getLogger(__name__)
+
+#: degrees of freedom the profile's prior counts for: four comparisons' worth of evidence
+PRIOR_DF = 4.0
+
+
+@dataclass(frozen=True)
+class Spread:
+    """The run-to-run standard deviation of log speed-up used as the intervals' floor, and its origin."""
+
+    sd_log: float
+    prior: float
+    df: int = 0
+    comparisons: int = 0
+
+    @property
+    def relative(self) -> float:
+        """The spread as a relative figure (0.10 = ±10% for one standard deviation)."""
+        return math.expm1(self.sd_log)
+
+    def describe(self) -> str:
+        if self.df == 0:
+            return f"±{self.relative:.0%} run to run (the profile's prior; no history on this host yet)"
+        return (f"±{self.relative:.0%} run to run (the profile's ±{math.expm1(self.prior):.0%} pooled with "
+                f"{self.df} degree(s) of freedom from {self.comparisons} comparison(s) re-measured on this host)")
+
+
+@dataclass(frozen=True)
+class RatioRecord:
+    """One comparison's speed-up as measured afresh in one run."""
+
+    key: str
+    run: str
+    log_ratio: float
+
+
+def history_path(data_dir: Path | str, hw: HardwareFingerprint) -> Path:
+    """The history file of this hardware (same CPU, ISA, cores, OS and tool versions) under ``data_dir``."""
+    return Path(data_dir) / "hosts" / f"{digest(hardware_identity(hw))}.jsonl"
+
+
+def read_history(path: Path) -> list[RatioRecord]:
+    """Every record of ``path`` (none if it does not exist); unreadable lines are skipped with a warning."""
+    if not path.exists():
+        return []
+    out, bad = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            d = json.loads(line)
+            rec = RatioRecord(key=str(d["key"]), run=str(d["run"]), log_ratio=float(d["log_ratio"]))
+        except (ValueError, KeyError, TypeError):
+            bad += 1
+            continue
+        if math.isfinite(rec.log_ratio):
+            out.append(rec)
+    if bad:
+        log.warning("%s: %d unreadable line(s) skipped", path, bad)
+    return out
+
+
+def record(path: Path, *, run: str, ratios: dict[str, float]) -> int:
+    """Append this run's fresh speed-ups (comparison key -> ratio); non-finite or non-positive ones are
+    left out. Returns how many were written."""
+    lines = [json.dumps({"key": k, "run": run, "log_ratio": math.log(v), "at": round(time.time(), 3)})
+             for k, v in sorted(ratios.items()) if math.isfinite(v) and v > 0]
+    if lines:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as fh:  # one write per run: lines of concurrent runs do not interleave
+            fh.write("".join(line + "\n" for line in lines))
+    return len(lines)
+
+
+def estimate(history: Iterable[RatioRecord], *, prior: float) -> Spread:
+    """The pooled run-to-run spread (module doc). ``prior`` is a relative spread (0.10 = ±10%).
+
+    Only one value per comparison and run counts (the last), so a run recorded twice does not pass
+    for two agreeing runs.
+    """
+    if not (prior >= 0 and math.isfinite(prior)):
+        raise ValueError(f"the prior run-to-run spread must be a finite figure >= 0, got {prior}")
+    s0 = math.log1p(prior)
+    per_key: dict[str, dict[str, float]] = defaultdict(dict)
+    for rec in history:
+        per_key[rec.key][rec.run] = rec.log_ratio
+    ss, df, used = 0.0, 0, 0
+    for runs in per_key.values():
+        if len(runs) < 2:
+            continue
+        values = list(runs.values())
+        mean = sum(values) / len(values)
+        ss += sum((v - mean) ** 2 for v in values)
+        df += len(values) - 1
+        used += 1
+    sd = math.sqrt((PRIOR_DF * s0 * s0 + ss) / (PRIOR_DF + df))
+    return Spread(sd_log=sd, prior=s0, df=df, comparisons=used)
+
+
+def z_value(confidence: float) -> float:
+    """The two-sided normal quantile of ``confidence`` (1.96 for 0.95)."""
+    from scipy.stats import norm
+
+    return float(norm.ppf(0.5 + confidence / 2.0))
+
+
+def settleable(*, point: float, threshold: float, sd_log: float, confidence: float) -> bool:
+    """Whether more rounds could settle a ratio at ``point``: False when the threshold lies within the
+    run-to-run band ``point · exp(±z · sd_log)``, which no number of rounds in one run narrows."""
+    if not (point > 0 and threshold > 0 and math.isfinite(point)):
+        return True
+    return abs(math.log(point) - math.log(threshold)) > z_value(confidence) * sd_log
