@@ -50,6 +50,7 @@ def _rows(report, old: dict[str, float]) -> list[dict]:
             "candidate": o.name, "vs": o.baseline, "tokens": r["tokens"], "runs_as": r["runs as"],
             "p50_ms": b.latency_ms_p50 if b else None, "repeats": b.repeats if b else None,
             "speedup_p50": o.speedup_p50, "speedup_ci": [speed.ci_low, speed.ci_high] if speed else None,
+            "run_to_run_sd": speed.run_to_run_sd if speed else None,
             "memory_reduction": o.memory_reduction,
             "steady_mb": b.rss_steady_mb if b else None, "peak_model_mb": b.rss_peak_model_mb if b else None,
             "old_model_mb": old.get(o.name), "memory_source": b.memory_source if b else None,

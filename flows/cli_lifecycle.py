@@ -1,4 +1,4 @@
-"""``edgeopt cross-validate | certify | approve | rollback | verify``: a registered version's way to production.
+"""``edgeopt cross-validate | certify | approve | rollback | verify | nightly``: a registered version's way to production.
 
 Registered on the ``edgeopt`` app by ``flows.cli``. Each prints one line on bad input or a refused
 step (exit 2) and exits 3 when the verdict is negative (not certified, not reproducible, tampered).
@@ -205,3 +205,36 @@ def _data_dir() -> Path:
     from edgeopt.settings import data_dir
 
     return data_dir()
+
+
+@app.command()
+def nightly(
+    model: Annotated[Path, typer.Argument(help="model file (.onnx) or Hugging Face checkpoint folder")],
+    profile: Annotated[str, typer.Option(help="target profile name or YAML path")] = "intel-cpu",
+    calibration: Annotated[Path | None, typer.Option(help="calibration data")] = None,
+    eval_data: Annotated[Path | None, typer.Option("--eval", help="evaluation data ('labels' for accuracy)")] = None,
+    model_name: Annotated[str | None, typer.Option(help="registered model name")] = None,
+    candidate: Annotated[list[str] | None, typer.Option("--candidate", help="only this candidate (repeatable)")] = None,
+    certify: Annotated[bool, typer.Option(help="certify a challenger that beats the champion, then promote it")] = True,
+    soak_s: Annotated[float, typer.Option(min=4.0, help="certification's sustained run, seconds")] = 30.0,
+    duel_rounds: Annotated[int, typer.Option(min=2, help="interleaved rounds, challenger against champion")] = 3,
+    min_improvement: Annotated[float, typer.Option(min=0.0, help="the challenger's speed-up over the champion "
+                                                   "must clear 1 + this at its lower bound")] = 0.0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Prefect's logs")] = False,
+) -> None:
+    """Re-optimize when anything changed; promote the winner only when it beats the champion and is certified."""
+    from flows._env import configure_embedded_defaults
+
+    if not model.exists():
+        _fail(EdgeOptError(f"model not found: {model}"))
+    configure_embedded_defaults(quiet=not verbose)
+    from flows.nightly import nightly_flow
+
+    rep = _run_flow(nightly_flow, verbose, model=str(model), profile=profile,
+                    calibration=str(calibration) if calibration else None,
+                    evaluation=str(eval_data) if eval_data else None, model_name=model_name,
+                    candidates=list(candidate or []) or None, certify=certify, soak_s=soak_s,
+                    duel_rounds=duel_rounds, min_improvement=min_improvement)
+    out.print(f"nightly {rep.model_name} on {rep.profile}: {rep.result}: {rep.reason}", highlight=False,
+              soft_wrap=True)
+    out.print(f"champion: {rep.champion_before or '-'} → {rep.champion_after or '-'}", highlight=False)
