@@ -24,7 +24,7 @@ __all__ = ["LABELS_KEY", "Dataset", "file_sha256", "load_dataset", "path_sha256"
 log = logging.getLogger(__name__)
 
 LABELS_KEY = "labels"
-Role = Literal["calibration", "evaluation"]
+Role = Literal["calibration", "evaluation", "production"]
 
 
 def file_sha256(path: str | Path) -> str:

@@ -1,4 +1,4 @@
-"""``edgeopt cross-validate | certify | approve | rollback | verify | nightly``: a registered version's way to production.
+"""``edgeopt cross-validate | certify | approve | rollback | verify | nightly | drift``: a registered version's way to production.
 
 Registered on the ``edgeopt`` app by ``flows.cli``. Each prints one line on bad input or a refused
 step (exit 2) and exits 3 when the verdict is negative (not certified, not reproducible, tampered).
@@ -238,3 +238,36 @@ def nightly(
     out.print(f"nightly {rep.model_name} on {rep.profile}: {rep.result}: {rep.reason}", highlight=False,
               soft_wrap=True)
     out.print(f"champion: {rep.champion_before or '-'} → {rep.champion_after or '-'}", highlight=False)
+
+
+@app.command()
+def drift(
+    production: Annotated[Path, typer.Argument(help="a sample of production inputs (.npz, or sentences)")],
+    calibration: Annotated[Path, typer.Option(help="the calibration data the model was optimized with")],
+    model: Annotated[Path, typer.Option(help="model file (.onnx) or Hugging Face checkpoint folder")],
+    profile: Annotated[str, typer.Option(help="target profile name or YAML path")] = "intel-cpu",
+    model_name: Annotated[str | None, typer.Option(help="registered model name")] = None,
+    eval_data: Annotated[Path | None, typer.Option("--eval", help="evaluation data for a re-optimization")] = None,
+    psi_threshold: Annotated[float, typer.Option(min=0.0, help="mean PSI above this is drift")] = 0.2,
+    ks_pvalue: Annotated[float, typer.Option(min=0.0, max=1.0, help="family-wise KS test level")] = 0.01,
+    reoptimize: Annotated[bool, typer.Option(help="on drift, re-optimize with the production sample")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Prefect's logs")] = False,
+) -> None:
+    """Compare production inputs with the calibration data (PSI, KS; embeddings for text). Exit 3 on drift."""
+    from flows._env import configure_embedded_defaults
+
+    for p in (production, calibration, model):
+        if not p.exists():
+            _fail(EdgeOptError(f"not found: {p}"))
+    configure_embedded_defaults(quiet=not verbose)
+    from flows.drift import drift_flow
+
+    rep = _run_flow(drift_flow, verbose, production=str(production), calibration=str(calibration),
+                    model=str(model), profile=profile, model_name=model_name,
+                    evaluation=str(eval_data) if eval_data else None, psi_threshold=psi_threshold,
+                    ks_pvalue=ks_pvalue, reoptimize=reoptimize)
+    out.print(rep.summary, highlight=False, soft_wrap=True)
+    if rep.nightly is not None:
+        out.print(f"re-optimized: {rep.nightly.result}: {rep.nightly.reason}", highlight=False, soft_wrap=True)
+    if rep.drifted:
+        raise typer.Exit(3)

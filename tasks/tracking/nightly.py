@@ -1,4 +1,4 @@
-"""The nightly re-optimization's records in MLflow (part of ``tasks.tracking``).
+"""The nightly re-optimization's and the drift check's records in MLflow (part of ``tasks.tracking``).
 
 Each nightly run is one MLflow run named ``nightly-<profile>`` in the model's experiment
 (``edgeopt/<model name>``), tagged ``nightly.result`` (``unchanged``, ``no-winner``,
@@ -55,4 +55,23 @@ def record_nightly(*, data_dir: str, model_name: str, profile: str, digest: str,
     if complete:
         cl.set_experiment_tag(exp_id, RESULT_TAG, result)
         cl.set_experiment_tag(exp_id, DIGEST_TAG, digest)
+    return rid
+
+
+@task(name="mlflow-drift-record", cache_policy=NO_CACHE, **_RETRY)
+def record_drift(*, data_dir: str, model_name: str, summary: str, drifted: bool, metrics: dict[str, float],
+                 params: dict[str, Any], flow_run_id: str | None) -> str:
+    """One run ``drift`` in the model's experiment: the verdict as tags, the figures as metrics."""
+    cl = client(data_dir)
+    exp_id = _experiment_id(cl, f"edgeopt/{model_name}", data_dir)
+    run = cl.create_run(exp_id, run_name="drift", tags={
+        "edgeopt.flow": "drift", "drift.verdict": "drift" if drifted else "no-drift", "drift.summary": summary[:5000],
+        "prefect.flow_run_id": flow_run_id or "", "mlflow.note.content": summary})
+    rid = run.info.run_id
+    for k, v in params.items():
+        cl.log_param(rid, k, str(v)[:6000])
+    for k, v in metrics.items():
+        if v is not None and math.isfinite(float(v)):
+            cl.log_metric(rid, k.replace(":", "_"), float(v))
+    cl.set_terminated(rid, "FINISHED")
     return rid
