@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from flows.drift import DRIFT_EVENT, drift_flow
+from tests.conftest import write_profile
 
 pytestmark = [pytest.mark.flow, pytest.mark.usefixtures("prefect_harness")]
 
@@ -37,3 +38,27 @@ def test_a_fresh_sample_passes_and_a_shifted_one_is_drift(mlp, tmp_path: Path) -
     exp = cl.get_experiment_by_name("edgeopt/mlp-drift")
     verdicts = sorted(r.data.tags["drift.verdict"] for r in cl.search_runs([exp.experiment_id]))
     assert verdicts == ["drift", "no-drift"]
+
+
+def test_text_is_compared_through_the_models_embeddings(tiny_bert, tmp_path: Path) -> None:
+    """Sentences are token ids, not numbers to compare: the flow runs the FP32 model on both samples
+    and compares its pooled outputs. More English prose from the same source is no drift; digit
+    strings are, and their embedding shift is larger."""
+    from edgeopt.text import default_sentences
+
+    prose = default_sentences(count=680, seed=9)
+    cal, same, digits = tmp_path / "cal.txt", tmp_path / "same.txt", tmp_path / "digits.txt"
+    cal.write_text("\n".join(prose[:340]) + "\n", encoding="utf-8")
+    same.write_text("\n".join(prose[340:]) + "\n", encoding="utf-8")
+    rng = np.random.default_rng(3)
+    digits.write_text("\n".join(" ".join(str(rng.integers(0, 10**6)) for _ in range(8)) for _ in range(400)) + "\n",
+                      encoding="utf-8")
+    profile = write_profile(tmp_path / "p.yaml", benchmark={"seq_len": 64})  # the tiny BERT's positions
+    kw = {"calibration": str(cal), "model": str(tiny_bert["model"]), "model_name": "bert-drift",
+          "profile": str(profile), "data_dir": str(tmp_path / "data"), "reoptimize": False}
+    quiet = drift_flow(production=str(same), **kw)
+    loud = drift_flow(production=str(digits), **kw)
+    assert "embedding.psi_mean" in quiet.metrics and "input_ids.psi_mean" not in quiet.metrics
+    assert not quiet.drifted, quiet.summary
+    assert loud.drifted, loud.summary
+    assert loud.metrics["embedding_shift"] > quiet.metrics["embedding_shift"]
