@@ -142,25 +142,11 @@ def duel(*, champion: Artifact, challenger: Artifact, signature: tuple[TensorSpe
     acc = {name: _accuracy(a, signature=signature, labels=labels, out=out_dir / "outputs" / f"{name}.npz",
                            data_path=evaluation_path or "", batch_size=settings.batch_size,
                            timeout_s=settings.timeout_s) for name, a in sides.items()}
-    samples: dict[str, list[np.ndarray]] = {"champion": [], "challenger": []}
-    failed = False
-    for r in range(rounds):
-        for name in (reversed(list(sides)) if r % 2 else list(sides)):
-            if failed and name == "challenger":
-                continue
-            progress(f"duel {name} ({r + 1}/{rounds})")
-            try:
-                result = bench.measure(artifact=sides[name], settings=settings, signature=signature,
-                                       hardware=hardware, out_dir=out_dir / "bench" / f"{name}-r{r}",
-                                       data_path=evaluation_path, lock_path=lock_path)
-            except (CandidateFailed, BackendUnavailable) as exc:
-                if name == "champion":
-                    raise CandidateFailed(getattr(exc, "reason", "unavailable"),
-                                          f"the champion {champion.candidate} could not be measured: {exc}") from exc
-                log.warning("duel: the challenger %s could not be measured: %s", challenger.candidate, exc)
-                failed = True
-                continue
-            samples[name].append(np.load(result.samples_path, allow_pickle=False))
+    samples, failures = bench.interleaved_rounds(
+        artifacts=sides, reference="champion", rounds=rounds, settings=settings, signature=signature,
+        hardware=hardware, out_dir=out_dir / "bench", data_path=evaluation_path, lock_path=lock_path, what="duel",
+        progress=progress)
+    failed = "challenger" in failures
     speed = (Interval.nan(confidence) if failed else
              ratio_interval(baseline=samples["champion"], candidate=samples["challenger"], confidence=confidence,
                             floor_sd=run_to_run_sd))

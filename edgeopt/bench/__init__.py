@@ -11,6 +11,8 @@ Public surface::
     check_outputs(*, benchmark, outputs_path, rtol=AUDIT_RTOL) -> None
                                        the timed loop's outputs against the evaluation run's (audit)
     combine(results, *, out_path) -> BenchmarkResult     pool repeated measurements, with their spread
+    interleaved_rounds(*, artifacts, reference, rounds, ...) -> (samples per name and round, failures)
+                                       a reference and others measured in alternating-order rounds
     summarize(samples_ms) -> LatencySummary, relative_spread(values) -> float
 
 A worker that crashes, hangs, runs out of memory or produces non-finite outputs makes these raise
@@ -29,6 +31,7 @@ from edgeopt.bench.harness import (
     infer,
     measure,
 )
+from edgeopt.bench.rounds import interleaved_rounds
 from edgeopt.bench.stats import LatencySummary, min_samples_for, relative_spread, summarize
 
 __all__ = [
@@ -40,6 +43,7 @@ __all__ = [
     "check_outputs",
     "combine",
     "infer",
+    "interleaved_rounds",
     "measure",
     "min_samples_for",
     "relative_spread",

@@ -240,26 +240,12 @@ def cross_validate(*, subject: Subject, evaluation_path: str | None, out_dir: Pa
             outputs.pop(name, None)
             log.warning("cross-validation: %s failed: %s", name, failures[name])
 
-    samples: dict[str, list[np.ndarray]] = {"baseline": []}
-    order = ["baseline", *[n for n in variants if n not in failures]]
-    for r in range(rounds):
-        for name in reversed(order) if r % 2 else order:
-            if name in failures:
-                continue
-            progress(f"benchmark {name} ({r + 1}/{rounds})")
-            artifact = base if name == "baseline" else variants[name]
-            try:
-                result = bench.measure(artifact=artifact, settings=settings, signature=subject.signature,
-                                       hardware=hardware, out_dir=out_dir / "bench" / f"{_slug(name)}-r{r}",
-                                       data_path=evaluation_path, lock_path=lock_path)
-            except (CandidateFailed, BackendUnavailable) as exc:
-                if name == "baseline":
-                    raise CandidateFailed(getattr(exc, "reason", "unavailable"),
-                                          f"cross-validation baseline {base.candidate}: {exc}") from exc
-                failures[name] = _one_line(exc)
-                log.warning("cross-validation: %s failed to measure: %s", name, failures[name])
-                continue
-            samples.setdefault(name, []).append(np.load(result.samples_path, allow_pickle=False))
+    measured = {"baseline": base} | {n: v for n, v in variants.items() if n not in failures}
+    samples, lost = bench.interleaved_rounds(artifacts=measured, reference="baseline", rounds=rounds,
+                                             settings=settings, signature=subject.signature, hardware=hardware,
+                                             out_dir=out_dir / "bench", data_path=evaluation_path,
+                                             lock_path=lock_path, what="cross-validation", progress=progress)
+    failures |= lost
 
     cells = []
     for (backend, device, _), name in zip(choices, variants, strict=True):
