@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -268,9 +269,15 @@ def _chosen_model(result: olive_run.RunResult, *, index: int, chosen: OlivePass,
         raise CandidateFailed("network", f"{candidate}: Olive tried to reach the network "
                               f"({', '.join(result.network_attempts[:3])}), which edgeopt blocks: {short_message(why)}"
                               + log_hint, evidence=evidence)
+    if _NETWORK_MARKERS.search(why):
+        raise CandidateFailed("network", f"{candidate}: an Olive pass needed the network, which edgeopt builds never "
+                              f"use: {short_message(why)}" + log_hint, evidence=evidence)
     failed = next((i for i, m in enumerate(models) if m["pruned"]), None)
+    names = [p.output_name for p in recipe.passes]
+    if failed is None and result.error and result.last_pass_started() in names:  # the pass raised out of Olive
+        failed = names.index(result.last_pass_started())
     if failed is not None:
-        name = recipe.passes[failed].output_name
+        name = names[failed]
         raise CandidateFailed(_classify(why), f"{candidate}: Olive's pass {name!r} failed"
                               + (f" (before {chosen.output_name!r})" if failed < index else "")
                               + f": {short_message(why or 'no reason in the log')}" + log_hint, evidence=evidence)
@@ -281,6 +288,11 @@ def _chosen_model(result: olive_run.RunResult, *, index: int, chosen: OlivePass,
     raise CandidateFailed("no-output", f"{candidate}: Olive produced no output model for pass "
                           f"{chosen.output_name!r} (exit code {result.exit_code}, not taken as success)"
                           + (f": {short_message(why)}" if why else "") + log_hint, evidence=evidence)
+
+
+#: what a download refused offline says (huggingface_hub / datasets offline mode, refused connections)
+_NETWORK_MARKERS = re.compile(r"offline ?mode|OfflineModeIsEnabled|couldn't reach|network access is blocked|"
+                              r"failed to resolve|Name or service not known|ConnectionError", re.IGNORECASE)
 
 
 def _classify(text: str) -> str:

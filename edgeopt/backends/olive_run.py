@@ -73,6 +73,13 @@ class RunResult:
     def log_path(self) -> Path:
         return self.folder / "olive.log"
 
+    def last_pass_started(self) -> str | None:
+        """The name of the last pass Olive's log says it started (the one that failed, when a run fails)."""
+        if not self.log_path.is_file():
+            return None
+        started = re.findall(r"Running pass ([\w-]+):", self.log_path.read_text(encoding="utf-8", errors="replace"))
+        return started[-1] if started else None
+
     def log_reason(self) -> str:
         """The last error line of Olive's log (where a swallowed pass failure is explained), or ''."""
         if not self.log_path.is_file():
