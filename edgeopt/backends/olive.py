@@ -199,7 +199,11 @@ class OliveBackend(Backend):
         final = out_dir / "model.onnx"
         with tempfile.TemporaryDirectory(prefix=".build-", dir=out_dir) as tmp:
             built = Path(tmp) / "model.onnx"
-            _copy_onnx(source, built)
+            try:
+                _copy_onnx(source, built)
+            except Exception as exc:  # an unreadable model file (truncated, not ONNX)
+                raise CandidateFailed("invalid-output", f"{candidate}: Olive's output model {source} does not load: "
+                                      f"{short_message(exc)}", evidence=evidence) from exc
             where = _verify(built, recipe=recipe, candidate=candidate, evidence=evidence)
             os.replace(built, final)
             for data in Path(tmp).iterdir():  # external data beside the model
@@ -308,7 +312,7 @@ def _copy_onnx(src: Path, dst: Path) -> None:
     if src.is_dir():
         found = sorted(src.glob("*.onnx"))
         if len(found) != 1:
-            raise CandidateFailed("invalid-output", f"Olive's output folder {src} holds {len(found)} .onnx files")
+            raise ValueError(f"the folder holds {len(found)} .onnx files")
         src = found[0]
     shutil.copyfile(src, dst)
     model = onnx.load(str(src), load_external_data=False)
