@@ -72,7 +72,8 @@ def _row(o, build_s: dict[str, float]) -> dict:
         "candidate": o.name, "backend": o.spec.backend, "ok": o.ok,
         "failure": o.failure.reason if o.failure else None,
         "status": "baseline" if o.spec.baseline else ("failed" if o.failure else
-                                                      ("passed" if o.passed else "rejected")),
+                                                      ("passed" if o.passed else
+                                                       "uncertain" if o.uncertain else "rejected")),
         "p50_ms": o.benchmark.latency_ms_p50 if o.benchmark else None,
         "speedup_p50": speed.measured if speed else None,
         "speedup_interval": [speed.ci_low, speed.ci_high] if speed and speed.ci_low is not None else None,

@@ -9,8 +9,9 @@ offline, for any model kind (images, token ids with their attention masks...).
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
-from olive.data.registry import Registry
 
 __all__ = ["NpzDataset", "edgeopt_npz"]
 
@@ -39,6 +40,13 @@ class NpzDataset:
         return {name: arr[index] for name, arr in self._inputs.items()}, self._labels[index]
 
 
-@Registry.register_dataset("edgeopt_npz")
 def edgeopt_npz(data_path: str, input_names: list[str], max_samples: int = 128, **_: object) -> NpzDataset:
     return NpzDataset(data_path, list(input_names), int(max_samples))
+
+
+# registered when Olive imports this file (Olive is loaded then); importing it elsewhere (e.g. walking the
+# edgeopt package) neither needs nor loads Olive
+if "olive" in sys.modules:
+    from olive.data.registry import Registry
+
+    Registry.register_dataset("edgeopt_npz")(edgeopt_npz)
