@@ -3,9 +3,10 @@
     .venv/bin/python benchmarks/bench_olive.py [--models digits-resnet minilm] [--out benchmarks/results/olive.json]
 
 For each model (built by ``edgeopt zoo build``), with nothing cached:
-  * every candidate is built once, timed (wall time to produce it; an Olive run's includes Olive's
-    process start-up, which is also measured on its own: a fresh ``import olive.workflows``);
-  * the optimize flow then measures, evaluates and gates them all in one table (the builds are reused);
+  * ``edgeopt optimize`` (the CLI, its own EDGEOPT_HOME) builds, measures, evaluates and gates the
+    candidates in one table;
+  * every candidate is then built again alone, timed (wall time to produce it; an Olive run's includes
+    Olive's process start-up, also measured on its own: a fresh ``import olive.workflows``);
   * reported per candidate: p50 speed-up against the FP32 baseline (with its interval), accuracy or
     fidelity, gate status, build wall time; then Olive's best output beside edgeopt's selection.
 """
@@ -41,7 +42,8 @@ def _olive_startup_s() -> float:
 
 
 def _build_times(model: str, cal: str, names: list[str], work: Path) -> dict[str, float]:
-    """Build every candidate once, sequentially, as the flow would (same folders: the flow reuses them)."""
+    """Wall time to build each candidate, one at a time with nothing cached (the flow builds two at a time,
+    so its own build phase says less about each)."""
     from edgeopt import workflow
     from edgeopt.errors import CandidateFailed
     from edgeopt.hardware import fingerprint
@@ -65,20 +67,21 @@ def _build_times(model: str, cal: str, names: list[str], work: Path) -> dict[str
     return times
 
 
-def _row(o, build_s: dict[str, float]) -> dict:
-    speed = next((v for v in o.verdicts if v.gate == "speedup"), None)
-    ev = o.evaluation
+def _row(o: dict, build_s: dict[str, float]) -> dict:
+    speed = next((v for v in o["verdicts"] if v["gate"] == "speedup"), None)
+    ev, bench, fail = o["evaluation"], o["benchmark"], o["failure"]
+    failed_gates = [v["gate"] for v in o["verdicts"] if v["status"] != "pass"]
+    name = o["spec"]["name"]
     return {
-        "candidate": o.name, "backend": o.spec.backend, "ok": o.ok,
-        "failure": o.failure.reason if o.failure else None,
-        "status": "baseline" if o.spec.baseline else ("failed" if o.failure else
-                                                      ("passed" if o.passed else
-                                                       "uncertain" if o.uncertain else "rejected")),
-        "p50_ms": o.benchmark.latency_ms_p50 if o.benchmark else None,
-        "speedup_p50": speed.measured if speed else None,
-        "speedup_interval": [speed.ci_low, speed.ci_high] if speed and speed.ci_low is not None else None,
-        "metric": ev.metric if ev else None, "value": ev.value if ev else None,
-        "build_s": round(build_s[o.name], 1) if o.name in build_s else None,
+        "candidate": name, "backend": o["spec"]["backend"], "ok": fail is None,
+        "status": "baseline" if o["spec"]["baseline"] else (f"failed ({fail['reason']})" if fail else
+                                                            "passed" if not failed_gates else
+                                                            "not passed: " + ", ".join(failed_gates)),
+        "p50_ms": bench["latency_ms_p50"] if bench else None,
+        "speedup_p50": speed["measured"] if speed else None,
+        "speedup_ci": [speed["ci_low"], speed["ci_high"]] if speed and speed["ci_low"] is not None else None,
+        "metric": ev["metric"] if ev else None, "value": ev["value"] if ev else None,
+        "build_s": round(build_s[name], 1) if name in build_s else None,
     }
 
 
@@ -87,34 +90,39 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=list(CANDIDATES))
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "olive.json"))
     args = ap.parse_args()
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from edgeopt.hardware import fingerprint
-    from flows.optimize import optimize_flow
 
-    results = {"command": " ".join(["benchmarks/bench_olive.py", *sys.argv[1:]]),
+    results = {"command": " ".join([".venv/bin/python benchmarks/bench_olive.py", *sys.argv[1:]]),
                "hardware": fingerprint().model_dump(mode="json"), "olive_startup_s": round(_olive_startup_s(), 1),
                "models": {}}
     print(f"olive start-up (fresh import of olive.workflows): {results['olive_startup_s']} s", flush=True)
+    edgeopt = str(Path(sys.executable).parent / "edgeopt")
     for name in args.models:
         zoo = REPO / ".edgeopt" / "zoo" / name
         model, cal, ev = (str(zoo / f) for f in DATA[name])
-        data = Path(tempfile.mkdtemp(prefix=f"bench-olive-{name}-"))
-        print(f"{name}: building {', '.join(CANDIDATES[name])} (nothing cached) in {data}", flush=True)
-        build_s = _build_times(model, cal, CANDIDATES[name], data / "work")
+        home = Path(tempfile.mkdtemp(prefix=f"bench-olive-{name}-"))
+        command = [edgeopt, "optimize", model, "--profile", "intel-cpu", "--calibration", cal, "--eval", ev,
+                   *[a for c in CANDIDATES[name] for a in ("-c", c)], "--json", str(home / "report.json")]
+        print(f"{name}: EDGEOPT_HOME={home} {' '.join(command)}", flush=True)
+        env = {**os.environ, "EDGEOPT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
         t0 = time.perf_counter()
-        report = optimize_flow(model=model, profile="intel-cpu", calibration=cal, evaluation=ev,
-                               candidates=CANDIDATES[name], data_dir=str(data), model_name=f"bench-olive-{name}")
-        rows = [_row(o, build_s) for o in report.outcomes]
+        subprocess.run(command, env=env, check=True)  # the table goes to this process's output
+        flow_s = time.perf_counter() - t0
+        print(f"{name}: timing each build alone, nothing cached", flush=True)
+        build_s = _build_times(model, cal, CANDIDATES[name], home / "builds-alone")
+        report = json.loads((home / "report.json").read_text(encoding="utf-8"))
+        rows = [_row(o, build_s) for o in report["outcomes"]]
         olive = [r for r in rows if r["backend"] == "olive" and r["ok"]]
         best_olive = max(olive, key=lambda r: (r["status"] == "passed", r["speedup_p50"] or 0), default=None)
-        results["models"][name] = {"rows": rows, "selected": report.selection.selected,
+        results["models"][name] = {"command": " ".join(command[1:]), "rows": rows,
+                                   "selected": report["selection"]["selected"],
                                    "olive_best": best_olive["candidate"] if best_olive else None,
-                                   "flow_measure_s": round(time.perf_counter() - t0, 1)}
+                                   "flow_wall_s": round(flow_s, 1)}
         for r in rows:
-            print(f"  {r['candidate']:<28} {r['status']:<9} p50 {r['p50_ms'] or 0:8.3f} ms  speed-up "
+            print(f"  {r['candidate']:<24} {r['status']:<34} p50 {r['p50_ms'] or 0:8.3f} ms  speed-up "
                   f"{r['speedup_p50'] or 0:5.2f}  {r['metric']}={r['value']}  build {r['build_s']} s", flush=True)
-        print(f"  edgeopt selects: {report.selection.selected}; Olive's best: {results['models'][name]['olive_best']}",
-              flush=True)
+        print(f"  edgeopt selects: {results['models'][name]['selected']}; "
+              f"Olive's best: {results['models'][name]['olive_best']}", flush=True)
     Path(args.out).write_text(json.dumps(results, indent=2), encoding="utf-8")
     print(f"wrote {args.out}")
 
