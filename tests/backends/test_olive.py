@@ -65,26 +65,36 @@ def two_outputs(tiny, tmp_path_factory):
 @needs_olive
 def test_one_run_yields_a_candidate_per_pass(two_outputs, tiny):
     import onnx
-    import onnxruntime as ort
+    import onnxruntime
 
     specs, (prep, int8) = two_outputs["specs"], two_outputs["artifacts"]
     assert [s.name for s in specs] == ["olive-two.prep", "olive-two.int8"]
     runs = [p for p in (two_outputs["work"] / "builds" / ".olive-runs").iterdir() if p.is_dir()]
     assert len(runs) == 1, "both candidates come from one Olive run"
     assert all(f"olive run {runs[0].name}" in " ".join(a.notes) for a in (prep, int8))
+    assert olive_run._read(runs[0]).network_attempts == ()  # not even telemetry tried to connect
     assert prep.precision == "fp32" and int8.precision == "int8" and prep.sha256 != int8.sha256
     ops = {a.candidate: {n.op_type for n in onnx.load(a.path).graph.node} for a in (prep, int8)}
     assert "QuantizeLinear" not in ops[prep.candidate] and "QuantizeLinear" in ops[int8.candidate]
     # lineage: each candidate keeps Olive's config and log, and names the passes that made it
     assert {Path(e).name for e in int8.evidence} >= {"olive_config.json", "olive.log"}
     assert "olive passes: prep -> int8" in int8.notes[0] and "olive passes: prep (" in prep.notes[0]
+    # calibrated on our data: the input's range is the one edgeopt's own static min-max INT8 takes from the
+    # same 32 samples (Olive's dummy or Hub data would give another)
+    ort = backends.get("onnxruntime")
+    a = assess(str(tiny["model"]))
+    own = ort.optimize(model=a.model, assessment=a, candidate="own", out_dir=two_outputs["work"] / "own",
+                       recipe=ort.recipe_type(precision="int8", quantization="static", calibration_samples=32),
+                       calibration=load_dataset(tiny["calibration"], signature=a.inputs, role="calibration"))
+    assert _input_scale(int8.path) == pytest.approx(_input_scale(own.path), rel=1e-4)
     # the INT8 model still classifies like the FP32 one on the evaluation data
     x = np.load(tiny["eval"])["input"]
-    ref = ort.InferenceSession(str(tiny["model"]), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    ref = onnxruntime.InferenceSession(str(tiny["model"]), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
     got = backends.get("olive").load(path=int8.path, runtime=int8.runtime).run({"input": x})[0]
     assert (ref.argmax(1) == got.argmax(1)).mean() >= 0.9
 
 
+@pytest.mark.heavy
 @needs_olive
 def test_static_quantization_calibrates_on_our_data(two_outputs, tiny, tmp_path):
     """Scaling our calibration data by 8 scales the input's quantization range by 8: Olive used our data
@@ -117,19 +127,20 @@ def test_an_output_that_does_not_load_fails_the_candidate(two_outputs, tiny):
 
 @pytest.mark.heavy
 @needs_olive
-def test_olive_needing_the_network_fails_as_network(tiny, tmp_path):
-    """What `olive optimize --precision int8` schedules offline: static quantization calibrated on a Hugging
-    Face Hub data set. In edgeopt's Olive process the download is refused and the build says so."""
+def test_olive_needing_the_network_fails_as_network(tmp_path):
+    """An Olive workflow that starts from a Hugging Face Hub model id (as `olive optimize -m <id>` does): in
+    edgeopt's Olive process the download is refused and the build fails as network, not as a build error."""
     from edgeopt.backends.olive import OliveRecipe, _chosen_model
 
     folder = tmp_path / "run"
     folder.mkdir()
-    recipe = OliveRecipe.model_validate({"passes": ["quantize-static"]})
-    config = olive_run.workflow_config(model_path=str(tiny["model"]), recipe=recipe, folder=folder,
-                                       calibration=str(tiny["calibration"]), input_names=["input"])
-    config["data_configs"] = [{"name": "edgeopt_calibration", "type": "HuggingfaceContainer",
-                               "load_dataset_config": {"data_name": "wikitext", "subset": "wikitext-2-raw-v1",
-                                                       "split": "train"}}]
+    recipe = OliveRecipe.model_validate({"passes": ["quantize-dynamic"]})
+    config = {"input_model": {"type": "HfModel", "config": {"model_path": "hf-internal-testing/tiny-random-BertModel",
+                                                             "task": "feature-extraction"}},
+              "passes": {"convert": [{"type": "OnnxConversion", "config": {}}],
+                         "quantize-dynamic": [{"type": "OnnxDynamicQuantization", "config": {}}]},
+              "engine": {"evaluate_input_model": False, "output_dir": str(folder / "output"),
+                         "cache_dir": str(folder / "cache")}}
     (folder / "olive_config.json").write_text(json.dumps(config), encoding="utf-8")
     result = olive_run._run_process(folder, timeout_s=600)
     with pytest.raises(CandidateFailed) as info:
