@@ -92,9 +92,10 @@ def main() -> None:
     args = ap.parse_args()
     from edgeopt.hardware import fingerprint
 
-    results = {"command": " ".join([".venv/bin/python benchmarks/bench_olive.py", *sys.argv[1:]]),
-               "hardware": fingerprint().model_dump(mode="json"), "olive_startup_s": round(_olive_startup_s(), 1),
-               "models": {}}
+    out = Path(args.out)  # a run for some models updates their entries in an existing file
+    results = json.loads(out.read_text(encoding="utf-8")) if out.is_file() else {"models": {}}
+    results.update(command=" ".join([".venv/bin/python benchmarks/bench_olive.py", *sys.argv[1:]]),
+                   hardware=fingerprint().model_dump(mode="json"), olive_startup_s=round(_olive_startup_s(), 1))
     print(f"olive start-up (fresh import of olive.workflows): {results['olive_startup_s']} s", flush=True)
     edgeopt = str(Path(sys.executable).parent / "edgeopt")
     for name in args.models:
@@ -114,7 +115,8 @@ def main() -> None:
         rows = [_row(o, build_s) for o in report["outcomes"]]
         olive = [r for r in rows if r["backend"] == "olive" and r["ok"]]
         best_olive = max(olive, key=lambda r: (r["status"] == "passed", r["speedup_p50"] or 0), default=None)
-        results["models"][name] = {"command": " ".join(command[1:]), "rows": rows,
+        results["models"][name] = {"command": " ".join(command[1:]), "date": time.strftime("%Y-%m-%d %H:%M UTC",
+                                                                                         time.gmtime()), "rows": rows,
                                    "selected": report["selection"]["selected"],
                                    "olive_best": best_olive["candidate"] if best_olive else None,
                                    "flow_wall_s": round(flow_s, 1)}
@@ -123,8 +125,8 @@ def main() -> None:
                   f"{r['speedup_p50'] or 0:5.2f}  {r['metric']}={r['value']}  build {r['build_s']} s", flush=True)
         print(f"  edgeopt selects: {results['models'][name]['selected']}; "
               f"Olive's best: {results['models'][name]['olive_best']}", flush=True)
-    Path(args.out).write_text(json.dumps(results, indent=2), encoding="utf-8")
-    print(f"wrote {args.out}")
+        out.write_text(json.dumps(results, indent=2), encoding="utf-8")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

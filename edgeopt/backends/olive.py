@@ -136,7 +136,8 @@ class OliveRecipe(Recipe):
         return self
 
     def needs_calibration(self) -> bool:
-        return any(p.type == "quantize-static" for p in self._upto())
+        # the whole run's passes, not only this output's: the candidates of one run share its data (and key)
+        return any(p.type == "quantize-static" for p in self.passes)
 
     def outputs(self) -> dict[str, dict[str, Any]]:
         if self.each_pass and self.output is None:
