@@ -19,10 +19,9 @@ pytestmark = [pytest.mark.flow, pytest.mark.usefixtures("prefect_harness"),
 def test_a_failing_olive_pass_fails_its_candidate_and_the_flow_goes_on(tiny, tmp_path):
     """An Olive candidate whose pass fails (ONNX Runtime's BERT fusion asserts on a CNN with 7 hidden units
     over 3 heads; Olive exits 0 without a model) fails with a classified reason and Olive's log and config
-    in its MLflow run; the others are measured and gated and the flow completes. (A successful Olive
+    in its MLflow run; the baseline is measured and the flow completes. (A successful Olive
     candidate through the flow and the command line: tests/test_cli.py::test_demo_on_the_reference_cnn.)"""
     profile = write_profile(tmp_path / "p.yaml", candidates=[
-        {"name": "ort-int8-dynamic", "backend": "onnxruntime", "recipe": {"precision": "int8", "quantization": "dynamic"}},
         {"name": "olive-broken", "backend": "olive", "recipe": {"passes": [
             {"type": "transformer-optimization", "options": {"model_type": "bert", "num_heads": 3, "hidden_size": 7}}]}},
     ])
@@ -30,8 +29,8 @@ def test_a_failing_olive_pass_fails_its_candidate_and_the_flow_goes_on(tiny, tmp
     report = optimize_flow(model=str(tiny["model"]), profile=str(profile), calibration=str(tiny["calibration"]),
                            evaluation=str(tiny["eval"]), data_dir=str(data))
     by_name = {o.name: o for o in report.outcomes}
-    assert list(by_name) == ["baseline-fp32", "ort-int8-dynamic", "olive-broken"]
-    assert by_name["ort-int8-dynamic"].ok and by_name["ort-int8-dynamic"].verdicts
+    assert list(by_name) == ["baseline-fp32", "olive-broken"]
+    assert by_name["baseline-fp32"].ok and by_name["baseline-fp32"].benchmark.samples >= 30
     broken = by_name["olive-broken"]
     assert broken.failure.stage == "build" and broken.failure.reason == "build-error"
     assert "pass 'transformer-optimization' failed" in broken.failure.message
