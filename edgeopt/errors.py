@@ -38,6 +38,9 @@ FAILURE_REASONS = (
     "build-error",  # the toolchain failed to produce an artifact for another reason
     "accuracy",  # outputs are not finite or unusable
     "audit",  # the timed runs' outputs differ from the evaluation run's, or their timings look cached
+    "network",  # the toolchain tried to reach the network (a hub download), which builds never may
+    "no-output",  # the toolchain finished without producing a model (whatever its exit code said)
+    "invalid-output",  # the toolchain produced a model that does not load and run
 )
 
 
@@ -76,8 +79,10 @@ class RegistryError(EdgeOptError):
 class CandidateFailed(EdgeOptError):
     """One candidate could not be built or measured; the flow records ``reason`` and goes on."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, *, evidence: tuple[str, ...] = ()) -> None:
         if reason not in FAILURE_REASONS:
             raise ValueError(f"unknown failure reason {reason!r}; allowed: {', '.join(FAILURE_REASONS)}")
         self.reason = reason
+        #: files that explain the failure (a toolchain's log, its config), recorded with the candidate
+        self.evidence = tuple(evidence)
         super().__init__(message)

@@ -121,12 +121,15 @@ class Artifact(Record):
     placement: dict[str, Any] = Field(
         default_factory=dict, description="where it was seen to run after the build: target device or "
         "provider, 'target_share' of executed nodes on it (fallback detection), per-device shares")
+    evidence: tuple[str, ...] = Field(default=(), description="files that document the build (a toolchain's "
+                                      "config and log), recorded beside the model")
 
 
 class Failure(Record):
     stage: Literal["build", "benchmark", "evaluate"]
     reason: str
     message: str
+    evidence: tuple[str, ...] = Field(default=(), description="files that explain it (e.g. the toolchain's log)")
 
 
 class BenchmarkResult(Record):

@@ -129,8 +129,12 @@ def plan(profile: Profile, *, only: tuple[str, ...] = (), source: Assessment,
                 raise ConfigError(why)
             skipped.append(why)
             continue
-        extra = backend.recipe_type.model_validate(spec.recipe).from_gates(gates=gates_, kind=kind)
-        specs.append(spec.model_copy(update={"recipe": spec.recipe | extra}) if extra else spec)
+        recipe = backend.recipe_type.model_validate(spec.recipe)
+        extra = recipe.from_gates(gates=gates_, kind=kind)
+        spec = spec.model_copy(update={"recipe": spec.recipe | extra}) if extra else spec
+        outputs = recipe.outputs()  # one build yielding several artifacts: one candidate per artifact
+        specs += [spec.model_copy(update={"name": f"{spec.name}.{out}", "recipe": spec.recipe | pick})
+                  for out, pick in outputs.items()] or [spec]
     for why in skipped:
         log.info("skipped %s", why)
     return specs, skipped
@@ -313,7 +317,8 @@ def evaluate(candidate: str, *, outputs: str, baseline_outputs: str, assessment:
 
 def failed(spec: CandidateSpec, *, stage: str, error: CandidateFailed, artifact: Artifact | None = None) -> CandidateOutcome:
     return CandidateOutcome(spec=spec, artifact=artifact,
-                            failure=Failure(stage=stage, reason=error.reason, message=str(error)))
+                            failure=Failure(stage=stage, reason=error.reason, message=str(error),
+                                            evidence=getattr(error, "evidence", ())))
 
 
 def with_gates(outcomes: list[CandidateOutcome], *, profile: Profile, kind: str,

@@ -148,6 +148,9 @@ def test_demo_on_the_reference_cnn(cli_env):
     assert set(children) == set(names)
     # OpenVINO candidates state the precision they execute in
     assert children["ov-fp32"].data.params["precision"] == "fp32"
+    # Olive's candidate keeps the workflow Olive ran and its log beside the model
+    olive = {a.path for a in cl.list_artifacts(children["olive-int8-static"].info.run_id, "build")}
+    assert {"build/olive_config.json", "build/olive.log"} <= olive
     from edgeopt.hardware import fingerprint
 
     if {"avx512-bf16", "amx-bf16"} & set(fingerprint().isa_flags):  # OpenVINO's CPU default is bf16 there
@@ -183,7 +186,11 @@ def test_minilm_checkpoint_through_every_route(cli_env, tmp_path):
     r = run(cli_env, "optimize", zoo / "hf", "--profile", profile, "--calibration", zoo / "calibration.txt",
             "--eval", zoo / "eval.txt", "--json", report, timeout=2400)
     assert r.returncode == 0, r.stderr
-    names = [c.name for c in load_profile(str(profile)).candidate_specs(kind="encoder")]
+    from edgeopt import backends
+
+    names = [name for c in load_profile(str(profile)).candidate_specs(kind="encoder")  # one per output
+             for name in ([f"{c.name}.{o}" for o in backends.recipe_type(c.backend).model_validate(c.recipe).outputs()]
+                          or [c.name])]
     assert {"ort-bert-int8-dynamic", "oi-int8", "ov-int8-seq-dynamic"} <= set(names)
     doc = json.loads(report.read_text())
     out = {o["spec"]["name"]: o for o in doc["outcomes"]}
@@ -207,6 +214,7 @@ def test_minilm_checkpoint_through_every_route(cli_env, tmp_path):
     assert not next(v for v in out["ort-int8-static-minmax"]["verdicts"] if v["gate"] == "cosine")["passed"]
     assert any("Attention" in n for n in out["ort-bert-int8-dynamic"]["artifact"]["notes"])
     assert out["oi-int8"]["artifact"]["backend"] == "optimum-intel"
+    assert "olive passes: fused -> int8" in out["olive-bert.int8"]["artifact"]["notes"][0]
     assert out["ov-int8"]["artifact"]["precision"].startswith("int8+")
     assert out["ov-int8"]["artifact"]["placement"]["target_share"] == 1.0
     assert out["ort-int8-dynamic"]["artifact"]["placement"]["target"] == "CPUExecutionProvider"

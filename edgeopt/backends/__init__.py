@@ -19,6 +19,7 @@ _MANIFEST: dict[str, tuple[str, str]] = {
     "onnxruntime": ("edgeopt.backends.onnxruntime", "OnnxRuntimeBackend"),
     "openvino": ("edgeopt.backends.openvino", "OpenVinoBackend"),
     "optimum-intel": ("edgeopt.backends.optimum_intel", "OptimumIntelBackend"),
+    "olive": ("edgeopt.backends.olive", "OliveBackend"),
 }
 
 

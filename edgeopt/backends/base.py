@@ -39,6 +39,13 @@ class Recipe(BaseModel):
         """Options the measuring process needs to load and run the artifact (threads, device...)."""
         return {}
 
+    def outputs(self) -> dict[str, dict[str, Any]]:
+        """The artifacts one build of this recipe yields, when it yields several: output name -> the recipe
+        fields that pick that output. ``{}`` (the default): one artifact. The plan turns each output into a
+        candidate ``<name>.<output>`` with those fields added; the backend builds them from one shared run
+        (e.g. every pass of an Olive workflow)."""
+        return {}
+
     def from_gates(self, *, gates: Gates, kind: str) -> dict[str, Any]:
         """Recipe fields that follow from the profile's gates for a ``kind`` of model (e.g. an accuracy
         budget a toolchain enforces while building); the flow adds them to the recipe before building."""

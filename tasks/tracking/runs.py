@@ -200,6 +200,10 @@ def log_candidate(*, data_dir: str, experiment_id: str, parent_run_id: str, outc
         else:
             cl.log_artifact(rid, str(p), "model")
         _log_json(cl, rid, "artifact.json", outcome.artifact.model_dump(mode="json"), "model")
+    evidence = (outcome.artifact.evidence if outcome.artifact else ()) + (outcome.failure.evidence if outcome.failure else ())
+    for path in dict.fromkeys(evidence):  # a toolchain's config and log: how the artifact was (not) made
+        if Path(path).is_file():
+            cl.log_artifact(rid, path, "build")
     if outcome.benchmark and outcome.benchmark.samples_path and Path(outcome.benchmark.samples_path).exists():
         cl.log_artifact(rid, outcome.benchmark.samples_path, "latency")
     _log_json(cl, rid, "outcome.json", outcome.model_dump(mode="json"))
