@@ -37,7 +37,7 @@ ModelFormat = Literal["onnx", "hf", "gguf"]
 
 #: bumped whenever a record gains, loses or changes a field: results cached by an older edgeopt
 #: (pickled records of the old shape) are then not reused
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 class Record(BaseModel):
     """Base of every record: immutable, unknown fields rejected."""
