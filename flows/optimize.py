@@ -25,6 +25,7 @@ from edgeopt.gates import more_rounds_could_settle
 from edgeopt.profiles import host_mismatches
 from edgeopt.records import CandidateOutcome, Selection
 from flows._measuring import Measurements, measure_rounds
+from flows._pools import refuse_wrong_host
 from tasks import tracking
 from tasks.phases import (
     audit_task,
@@ -208,6 +209,7 @@ def optimize_flow(
         allow_hardware_mismatch: run even if this machine does not fit the profile's hardware.
         seq_len: token length for text data (default: the profile's benchmark.seq_len).
     """
+    refuse_wrong_host(allow_mismatch=allow_hardware_mismatch)
     logger = get_run_logger()
     base = Path(data_dir).expanduser().resolve() if data_dir else settings.data_dir()
     work = str(base / "work")
