@@ -31,7 +31,7 @@ TRACKING_URI="http://127.0.0.1:${MLFLOW_PORT}"
 PG_DATA="$FLEET_DIR/pg/data"
 LOGS="$FLEET_DIR/logs"
 PIDS="$FLEET_DIR/pids"
-export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false
+export PATH="$BIN:$PATH" PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false
 
 say() { printf 'fleet: %s\n' "$*" >&2; }
 die() { say "$*"; exit 1; }
@@ -147,13 +147,13 @@ up() {
   PREFECT_SERVER_API_HOST=127.0.0.1 PREFECT_UI_API_URL="$API_URL" \
     start prefect-server "$BIN/prefect" server start --host 127.0.0.1 --port "$PREFECT_PORT"
   start mlflow-server "$BIN/mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
-    --backend-store-uri "postgresql://${PG_USER}@${pg}/mlflow" \
+    --backend-store-uri "postgresql+psycopg2://${PG_USER}@${pg}/mlflow" \
     --serve-artifacts --artifacts-destination "$FLEET_DIR/mlflow/artifacts"
   wait_http "$API_URL/health" prefect-server 180
   wait_http "$TRACKING_URI/health" mlflow-server 180
   export PREFECT_API_URL="$API_URL" MLFLOW_TRACKING_URI="$TRACKING_URI" PREFECT_HOME="$FLEET_DIR/worker"
   local fitting; fitting="$(pools)"
-  (cd "$ROOT" && bash deployments/setup.sh)
+  (cd "$ROOT" && bash deployments/setup.sh) >&2
   export EDGEOPT_GIT_URL="${EDGEOPT_GIT_URL:-$ROOT}"
   export EDGEOPT_GIT_BRANCH="${EDGEOPT_GIT_BRANCH:-$(git -C "$ROOT" rev-parse --abbrev-ref HEAD)}"
   export EDGEOPT_HOME="${EDGEOPT_HOME:-$ROOT/.edgeopt}"
@@ -161,8 +161,9 @@ up() {
     local args; args="$(cd "$ROOT" && "$BIN/python" -m flows._pools --deploy-args)"
     # shellcheck disable=SC2086  # one -n NAME per deployment whose entrypoint exists in this checkout
     (cd "$ROOT" && "$BIN/prefect" --no-prompt deploy $args >"$LOGS/deploy.log" 2>&1) \
-      && say "deployed ($(grep -c -- '-n' <<<"${args// -n/$'\n'-n}") deployments; log $LOGS/deploy.log)" \
+      && say "deployed: ${args//-n /}; log $LOGS/deploy.log" \
       || die "prefect deploy failed; see $LOGS/deploy.log"
+    (cd "$ROOT" && "$BIN/python" deployments/automations.py) >&2  # now that their deployments exist
   fi
   local pool
   for pool in $fitting; do

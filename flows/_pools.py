@@ -68,11 +68,13 @@ def _deploy_args(root: Path) -> list[str]:
     import yaml
 
     doc = yaml.safe_load((root / "prefect.yaml").read_text(encoding="utf-8"))
-    args = []
-    for d in doc.get("deployments") or []:
-        if (root / d["entrypoint"].split(":", 1)[0]).is_file():
-            args += ["-n", d["name"]]
-    return args
+    deployments = doc.get("deployments") or []
+    present = [d for d in deployments if (root / d["entrypoint"].split(":", 1)[0]).is_file()]
+    if len(present) == len(deployments):
+        return ["--all"]
+    # a name shared with a deployment whose entrypoint is missing would select that one too
+    missing = {d["name"] for d in deployments if d not in present}
+    return [a for d in present if d["name"] not in missing for a in ("-n", d["name"])]
 
 
 def main(argv: list[str]) -> int:
