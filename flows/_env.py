@@ -31,6 +31,13 @@ class PrefectAPIUnavailable(EdgeOptError):
 
 def configure_embedded_defaults(*, quiet: bool = True) -> None:
     base = data_dir()
+    if "PREFECT_HOME" not in os.environ and "PREFECT_PROFILES_PATH" not in os.environ:
+        # edgeopt keeps Prefect's database and results in its own data folder, but a server chosen in the
+        # user's Prefect profile (`prefect config set PREFECT_API_URL=...`) must still apply: read the
+        # profiles where Prefect reads them by default
+        user_profiles = Path("~/.prefect/profiles.toml").expanduser()
+        if user_profiles.is_file():
+            os.environ["PREFECT_PROFILES_PATH"] = str(user_profiles)
     os.environ.setdefault("PREFECT_HOME", str(prefect_home(base)))
     # Prefect creates only the last level of its home, with a warning on stderr when the parent
     # (e.g. a new $EDGEOPT_HOME) does not exist yet.
