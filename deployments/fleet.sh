@@ -163,7 +163,7 @@ up() {
     (cd "$ROOT" && "$BIN/prefect" --no-prompt deploy $args >"$LOGS/deploy.log" 2>&1) \
       && say "deployed: ${args//-n /}; log $LOGS/deploy.log" \
       || die "prefect deploy failed; see $LOGS/deploy.log"
-    (cd "$ROOT" && "$BIN/python" deployments/automations.py) >&2  # now that their deployments exist
+    (cd "$ROOT" && "$BIN/python" deployments/setup.py) >&2  # the automations, now that their deployments exist
   fi
   local pool
   for pool in $fitting; do

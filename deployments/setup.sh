@@ -6,27 +6,15 @@
 #    (default: this host; name every measuring host of the fleet here)
 # 3. the automations of deployments/automations.yaml (those whose deployments exist: run this again
 #    after `prefect deploy --all`)
+# The work is done by deployments/setup.py, in the Python environment edgeopt is installed in.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PREFECT="${PREFECT:-prefect}"
-command -v "$PREFECT" >/dev/null || { echo "setup: no '$PREFECT' command (activate the environment edgeopt is installed in)" >&2; exit 2; }
-PYTHON="${PYTHON:-$(dirname "$(command -v "$PREFECT")")/python}"
-[ -x "$PYTHON" ] || PYTHON=python
-[ -n "${PREFECT_API_URL:-}" ] || { echo "setup: set PREFECT_API_URL to the Prefect server first" >&2; exit 2; }
-for pool in intel-cpu apple-silicon nvidia-gpu arm64; do
-  if "$PREFECT" work-pool inspect "$pool" >/dev/null 2>&1; then
-    echo "work pool $pool: exists"
-  else
-    "$PREFECT" work-pool create "$pool" --type process >/dev/null
-    echo "work pool $pool: created"
-  fi
-done
-for host in "${@:-$(hostname)}"; do
-  if "$PREFECT" global-concurrency-limit inspect "edgeopt-benchmark-${host}" >/dev/null 2>&1; then
-    echo "benchmark limit edgeopt-benchmark-${host}: exists"
-  else
-    "$PREFECT" global-concurrency-limit create --limit 1 "edgeopt-benchmark-${host}" >/dev/null
-    echo "benchmark limit edgeopt-benchmark-${host}: created (1 slot)"
-  fi
-done
-"$PYTHON" "$here/automations.py"
+PYTHON="${PYTHON:-}"
+if [ -z "$PYTHON" ]; then
+  if command -v prefect >/dev/null 2>&1; then PYTHON="$(dirname "$(command -v prefect)")/python"
+  elif [ -x "$here/../.venv/bin/python" ]; then PYTHON="$here/../.venv/bin/python"
+  else PYTHON=python3; fi
+fi
+hosts=()
+for h in "$@"; do hosts+=(--host "$h"); done
+exec "$PYTHON" "$here/setup.py" "${hosts[@]}"
