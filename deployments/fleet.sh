@@ -68,14 +68,14 @@ start() {
   say "$name started (pid $!, log $LOGS/$name.log)"
 }
 
-# stop NAME: SIGTERM to its process group, SIGKILL after 20 s
+# stop NAME: SIGTERM to its process group, SIGKILL after 15 s
 stop() {
   local name="$1" pid i
   [ -f "$PIDS/$name.pid" ] || return 0
   pid="$(cat "$PIDS/$name.pid")"
   if kill -0 "$pid" 2>/dev/null; then
     kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-    for i in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    for i in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
     kill -0 "$pid" 2>/dev/null && { kill -KILL -- "-$pid" 2>/dev/null || true; say "$name killed"; }
   fi
   rm -f "$PIDS/$name.pid"
@@ -177,9 +177,11 @@ up() {
 down() {
   local f name
   # workers first (a worker stopped after its server retries and logs errors), then the servers
-  for f in "$PIDS"/worker-*.pid; do [ -e "$f" ] || continue; name="$(basename "$f" .pid)"; stop "$name"; done
-  stop prefect-server
-  stop mlflow-server
+  for f in "$PIDS"/worker-*.pid; do [ -e "$f" ] || continue; name="$(basename "$f" .pid)"; stop "$name" & done
+  wait
+  stop prefect-server &
+  stop mlflow-server &
+  wait
   pg_down
 }
 
