@@ -10,7 +10,6 @@ Everything listens on 127.0.0.1 on ports the OS hands out; every wait has a dead
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import os
 import shutil
@@ -222,20 +221,3 @@ def test_prefect_ui_shows_the_flow_run(fleet, deployed_run, tmp_path):
     png = tmp_path / "flow-run.png"
     shot = _sh([*base, f"--screenshot={png}", url], fleet["env"], 120, cwd=tmp_path)
     assert shot.returncode == 0 and png.is_file() and png.stat().st_size > 10_000, shot.stderr[-2000:]
-
-
-def test_server_unreachable_is_one_line_naming_the_url(fleet, tmp_path):
-    """With PREFECT_API_URL set to a server that is not there: one line naming the URL, exit 4, nothing run
-    on an embedded API instead."""
-    env = {**fleet["env"], "PREFECT_API_URL": f"http://127.0.0.1:{_free_port()}/api",
-           "EDGEOPT_HOME": str(tmp_path / "home"), "PREFECT_HOME": str(tmp_path / "prefect")}
-    model = fleet["home"] / "zoo" / "digits-tiny" / "model.onnx"
-    for args in (["fleet", "status"], ["optimize", str(model), "--profile", str(fleet["tmp"] / "fleet-short.yaml")],
-                 ["certify", MODEL_NAME, "--version", "1", "--eval", str(model.parent / "eval.npz")]):
-        r = _sh([str(BIN / "edgeopt"), *args], env, 120)
-        assert r.returncode == 4, (args, r.stdout, r.stderr)
-        lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and env["PREFECT_API_URL"] in lines[0], (args, r.stderr)
-    assert not (tmp_path / "prefect" / "prefect.db").exists()
-    with contextlib.suppress(FileNotFoundError):
-        assert not list((tmp_path / "home" / "mlflow").rglob("*.db"))
