@@ -71,7 +71,7 @@ def fleet(tmp_path_factory):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("PREFECT_", "MLFLOW_TRACKING", "EDGEOPT_"))}
     env.update({k: str(v) for k, v in ports.items()})
-    env.update({"FLEET_DIR": str(tmp / "fleet"), "FLEET_BIN": str(BIN), "FLEET_POOLS": "intel-cpu",
+    env.update({"FLEET_DIR": str(tmp / "fleet"), "FLEET_BIN": str(BIN), "FLEET_POOLS": "intel-cpu arm64",
                 "FLEET_DEPLOY": "0", "EDGEOPT_HOME": str(home), "EDGEOPT_GIT_URL": str(clone),
                 "EDGEOPT_GIT_BRANCH": branch, "PATH": f"{BIN}:{env.get('PATH', '')}",
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "COLUMNS": "200",
@@ -112,19 +112,25 @@ def deployed_run(fleet, client):
     profile = write_profile(fleet["tmp"] / "fleet-short.yaml", candidates=[
         {"name": "ort-int8-dynamic", "backend": "onnxruntime", "recipe": {"precision": "int8", "quantization": "dynamic"}}],
         gates={"speedup_min": 1.0, "accuracy_ratio_min": 0.9})
-    r = _sh([str(BIN / "prefect"), "--no-prompt", "deploy", "-n", "optimize-intel-cpu"], env, 240)
+    r = _sh([str(BIN / "prefect"), "--no-prompt", "deploy", "-n", "optimize-intel-cpu", "-n", "optimize-arm64"],
+            env, 240)
     assert r.returncode == 0, r.stdout + r.stderr
     from prefect.deployments import run_deployment
 
-    run = run_deployment("optimize/optimize-intel-cpu", timeout=0, parameters={
-        "model": str(entry.model), "profile": str(profile), "calibration": str(entry.calibration),
-        "evaluation": str(entry.evaluation), "model_name": MODEL_NAME})
+    parameters = {"model": str(entry.model), "profile": str(profile), "calibration": str(entry.calibration),
+                  "evaluation": str(entry.evaluation), "model_name": MODEL_NAME}
+    runs = {pool: run_deployment(f"optimize/optimize-{pool}", timeout=0, parameters=parameters)
+            for pool in ("intel-cpu", "arm64")}
     deadline = time.monotonic() + 300
-    fr = client.read_flow_run(run.id)
-    while not (fr.state and fr.state.is_final()) and time.monotonic() < deadline:
+    done = {}
+    while len(done) < len(runs) and time.monotonic() < deadline:
+        for pool, run in runs.items():
+            fr = client.read_flow_run(run.id)
+            if fr.state and fr.state.is_final():
+                done[pool] = fr
         time.sleep(3)
-        fr = client.read_flow_run(run.id)
-    return fr
+    assert set(done) == set(runs), {p: client.read_flow_run(r.id).state for p, r in runs.items()}
+    return done["intel-cpu"], done["arm64"]
 
 
 def test_fleet_up_prints_the_settings_and_is_idempotent(fleet):
@@ -156,9 +162,11 @@ def test_deployment_runs_on_the_worker(fleet, client, deployed_run):
         LogFilterFlowRunId,
     )
 
-    fr = deployed_run
+    fr = deployed_run[0]
     assert fr.state.is_completed(), (fr.state.name, fr.state.message)
     assert fr.work_pool_name == "intel-cpu"
+    deployment = client.read_deployment_by_name("optimize/optimize-intel-cpu")
+    assert deployment.job_variables["env"]["EDGEOPT_POOL"] == "intel-cpu"
     arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[fr.id])))
     by_key = {a.key: a for a in arts}
     assert "optimize-fleet-short" in by_key and "ort-int8-dynamic" in by_key["optimize-fleet-short"].data
@@ -186,6 +194,18 @@ def test_deployment_runs_on_the_worker(fleet, client, deployed_run):
         assert cl.get_model_version_by_alias(MODEL_NAME, "candidate") is not None
 
 
+def test_a_run_on_a_host_that_does_not_fit_its_pool_is_refused(fleet, client, deployed_run):
+    """The arm64 pool's worker runs on this x86-64 host: the run fails at once, saying why, and measures nothing."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    fr = deployed_run[1]
+    assert fr.work_pool_name == "arm64" and fr.state.is_failed(), (fr.work_pool_name, fr.state)
+    logs = "\n".join(e.message for e in client.read_logs(
+        log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[fr.id]))))
+    assert "does not fit work pool arm64" in logs and "architecture x86_64" in logs, logs[-3000:]
+    assert "benchmark: " not in logs and "build: " not in logs
+
+
 def test_fleet_status_and_the_cli_against_the_servers(fleet, deployed_run, client):
     env = fleet["env"]
     status = _sh([str(BIN / "edgeopt"), "fleet", "status"], env, 120)
@@ -208,7 +228,8 @@ def test_fleet_status_and_the_cli_against_the_servers(fleet, deployed_run, clien
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH (`make browser` installs Debian's)")
 def test_prefect_ui_shows_the_flow_run(fleet, deployed_run, tmp_path):
-    url = f"{fleet['ui']}/runs/flow-run/{deployed_run.id}"
+    run = deployed_run[0]
+    url = f"{fleet['ui']}/runs/flow-run/{run.id}"
     base = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync",
             "--disable-extensions", "--hide-scrollbars", "--window-size=1400,1000",
@@ -216,7 +237,7 @@ def test_prefect_ui_shows_the_flow_run(fleet, deployed_run, tmp_path):
     dom = _sh([*base, "--dump-dom", url], fleet["env"], 120, cwd=tmp_path)
     assert dom.returncode == 0, dom.stderr[-2000:]
     # the single-page app rendered the run: its name and its final state are on the page
-    assert deployed_run.name in dom.stdout, dom.stdout[-3000:]
+    assert run.name in dom.stdout, dom.stdout[-3000:]
     assert "Completed" in dom.stdout, dom.stdout[-3000:]
     png = tmp_path / "flow-run.png"
     shot = _sh([*base, f"--screenshot={png}", url], fleet["env"], 120, cwd=tmp_path)
