@@ -309,9 +309,11 @@ def optimize_flow(
         tracking.record_selection(data_dir=str(base), run_id=run_id, selection=selection, report_md=md)
         create_markdown_artifact(markdown=md, key=f"optimize-{prof.name}".lower(),
                                  description=f"Candidates for {name} on {prof.name}")
-        create_table_artifact(table=_pareto_rows(table, selection), key=f"pareto-{prof.name}".lower(),
-                              description=f"Pareto frontier of {name} on {prof.name}: the candidates no other "
-                              "beats on latency, memory, size and accuracy at once; the selected one first")
+        frontier = _pareto_rows(table, selection)
+        if frontier:
+            create_table_artifact(table=frontier, key=f"pareto-{prof.name}".lower(),
+                                  description=f"Pareto frontier of {name} on {prof.name}: the candidates no other "
+                                  "beats on latency, memory, size and accuracy at once; the selected one first")
         create_link_artifact(link=url, link_text="MLflow run", key="mlflow-run")
         # Registration is the last step: nothing is registered or aliased unless everything else succeeded.
         version = None
