@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: demo test test-all browser bench bench-integrity prefect-ui mlflow-ui lint clean
+.PHONY: demo test test-all browser bench bench-integrity prefect-ui mlflow-ui fleet-up fleet-down fleet-status lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,19 @@ prefect-ui: $(STAMP)
 mlflow-ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.edgeopt/mlflow/mlflow.db \
 		--default-artifact-root $(CURDIR)/.edgeopt/mlflow/artifacts
+
+## fleet-up: a local fleet under .edgeopt/fleet (PostgreSQL, Prefect server on it, MLflow server, pools,
+## deployments, a worker per pool this host fits); prints the export line; idempotent (deployments/fleet.sh)
+fleet-up: $(STAMP)
+	$(BIN)/edgeopt zoo build
+	bash deployments/fleet.sh up
+
+## fleet-down: stop the local fleet (workers first, then the servers, then PostgreSQL); its data stays
+fleet-down:
+	bash deployments/fleet.sh down
+
+fleet-status:
+	bash deployments/fleet.sh status
 
 lint: $(STAMP)
 	$(BIN)/ruff check edgeopt tasks flows tests benchmarks

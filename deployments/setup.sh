@@ -1,11 +1,20 @@
 #!/usr/bin/env bash
-# Create the work pools and the per-host benchmark concurrency limits on the Prefect API in
-# PREFECT_API_URL. Usage: bash deployments/setup.sh [HOSTNAME ...]   (default: this host)
+# Set up the Prefect API in PREFECT_API_URL for edgeopt's fleet; idempotent (safe to run again).
+#   bash deployments/setup.sh [HOSTNAME ...]
+# 1. the four work pools (process workers): intel-cpu, apple-silicon, nvidia-gpu, arm64
+# 2. one benchmark slot per measuring host: the global concurrency limit edgeopt-benchmark-<host>
+#    (default: this host; name every measuring host of the fleet here)
+# 3. the automations of deployments/automations.yaml (those whose deployments exist: run this again
+#    after `prefect deploy --all`)
+# The work is done by deployments/setup.py, in the Python environment edgeopt is installed in.
 set -euo pipefail
-for pool in intel-cpu; do
-  prefect work-pool inspect "$pool" >/dev/null 2>&1 || prefect work-pool create "$pool" --type process
-done
-for host in "${@:-$(hostname)}"; do
-  prefect global-concurrency-limit inspect "edgeopt-benchmark-${host}" >/dev/null 2>&1 || \
-    prefect global-concurrency-limit create --limit 1 "edgeopt-benchmark-${host}"
-done
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PYTHON="${PYTHON:-}"
+if [ -z "$PYTHON" ]; then
+  if command -v prefect >/dev/null 2>&1; then PYTHON="$(dirname "$(command -v prefect)")/python"
+  elif [ -x "$here/../.venv/bin/python" ]; then PYTHON="$here/../.venv/bin/python"
+  else PYTHON=python3; fi
+fi
+hosts=()
+for h in "$@"; do hosts+=(--host "$h"); done
+exec "$PYTHON" "$here/setup.py" "${hosts[@]}"

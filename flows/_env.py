@@ -31,6 +31,13 @@ class PrefectAPIUnavailable(EdgeOptError):
 
 def configure_embedded_defaults(*, quiet: bool = True) -> None:
     base = data_dir()
+    if "PREFECT_HOME" not in os.environ and "PREFECT_PROFILES_PATH" not in os.environ:
+        # edgeopt keeps Prefect's database and results in its own data folder, but a server chosen in the
+        # user's Prefect profile (`prefect config set PREFECT_API_URL=...`) must still apply: read the
+        # profiles where Prefect reads them by default
+        user_profiles = Path("~/.prefect/profiles.toml").expanduser()
+        if user_profiles.is_file():
+            os.environ["PREFECT_PROFILES_PATH"] = str(user_profiles)
     os.environ.setdefault("PREFECT_HOME", str(prefect_home(base)))
     # Prefect creates only the last level of its home, with a warning on stderr when the parent
     # (e.g. a new $EDGEOPT_HOME) does not exist yet.
@@ -42,13 +49,41 @@ def configure_embedded_defaults(*, quiet: bool = True) -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
     if quiet:
-        # The CLI prints one line per problem and a summary of candidate failures itself; Prefect's
-        # tracebacks for failed task runs stay in the Prefect UI (and show with --verbose).
+        # The CLI prints one line per problem and a summary of candidate failures itself; the flow and
+        # task runs' logs (phases, each candidate's build/measure/verdict, tracebacks of failed task
+        # runs) go to the Prefect API only, where the run's page in the UI shows them (--verbose also
+        # prints them here).
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
-        os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_FLOW_RUNS_LEVEL", "CRITICAL")
-        os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL", "CRITICAL")
         os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "CRITICAL")
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        quiet_config = _quiet_logging_config(Path(os.environ["PREFECT_HOME"]).expanduser())
+        if quiet_config is not None:
+            os.environ.setdefault("PREFECT_LOGGING_SETTINGS_PATH", str(quiet_config))
+
+
+def _quiet_logging_config(home: Path) -> Path | None:
+    """Prefect's own logging config with the flow- and task-run loggers sending INFO and above to the API
+    handler only (not propagated to the console); written under ``home``. None if it cannot be made
+    (Prefect's default config then applies)."""
+    import importlib.util
+
+    import yaml
+
+    spec = importlib.util.find_spec("prefect")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    source = Path(next(iter(spec.submodule_search_locations))) / "logging" / "logging.yml"
+    try:
+        config = yaml.safe_load(source.read_text(encoding="utf-8"))
+        for name in ("prefect.flow_runs", "prefect.task_runs"):
+            config["loggers"][name] = {"level": "INFO", "handlers": ["api"], "propagate": False}
+        text = yaml.safe_dump(config, sort_keys=False)
+        target = home / "logging-quiet.yml"
+        if not target.is_file() or target.read_text(encoding="utf-8") != text:
+            target.write_text(text, encoding="utf-8")
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return None
+    return target
 
 
 def _first_line(exc: BaseException) -> str:

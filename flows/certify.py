@@ -34,6 +34,7 @@ from edgeopt.errors import ConfigError, DataError, EdgeOptError
 from edgeopt.hardware import fingerprint
 from edgeopt.profiles import Profile
 from edgeopt.text import is_text_data
+from flows._pools import refuse_wrong_host
 from tasks import tracking
 from tasks.certification import (
     accuracy_task,
@@ -135,6 +136,7 @@ def certify_flow(
         callers: concurrent callers in the stress run.
         noise_level: input noise of the robustness check, as a fraction of each input's std.
     """
+    refuse_wrong_host()
     logger = get_run_logger()
     base = _data_dir(data_dir)
     if soak_s < 4 or stress_s < 1 or callers < 1:
@@ -236,6 +238,7 @@ def cross_validate_flow(
             deployment); default: this host only.
         timeout_s: how long to wait for each pool's run.
     """
+    refuse_wrong_host()
     if pools:
         return _fan_out(model_name=model_name, version=version, alias=alias, evaluation=evaluation, rounds=rounds,
                         pools=pools, timeout_s=timeout_s)

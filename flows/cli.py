@@ -245,8 +245,9 @@ def zoo_list() -> None:
         out.print(f"{model_name}: {desc}", highlight=False)
 
 
-# the lifecycle commands (cross-validate, certify, approve, rollback, verify) register themselves on `app`
-from flows import cli_lifecycle  # noqa: F401
+# the lifecycle commands (cross-validate, certify, approve, rollback, verify) and `edgeopt fleet status`
+# register themselves on `app`
+from flows import cli_fleet, cli_lifecycle  # noqa: F401
 
 
 def main() -> None:

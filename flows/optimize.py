@@ -13,7 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.exceptions import MissingContextError
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict
@@ -25,6 +26,7 @@ from edgeopt.gates import more_rounds_could_settle
 from edgeopt.profiles import host_mismatches
 from edgeopt.records import CandidateOutcome, Selection
 from flows._measuring import Measurements, measure_rounds
+from flows._pools import refuse_wrong_host
 from tasks import tracking
 from tasks.phases import (
     audit_task,
@@ -58,8 +60,13 @@ def add_progress_listener(fn: Callable[[str, str], None]) -> Callable[[], None]:
 
 
 def _progress(stage: str, detail: str) -> None:
+    """A phase of the run: to the CLI's progress bar and, as one log line, to the run's log in the API."""
     for fn in _listeners:
         fn(stage, detail)
+    try:
+        get_run_logger().info("%s: %s", stage, detail)
+    except MissingContextError:  # called outside a flow run
+        pass
 
 
 class OptimizeReport(BaseModel):
@@ -171,6 +178,15 @@ def _measure_all(groups, specs, artifacts, *, prof, assessment, hw, evaluation, 
     return outcomes, m
 
 
+def _pareto_rows(rows: list[dict[str, str]], selection: Selection) -> list[dict[str, str]]:
+    """The candidate table's rows on the Pareto frontier (the selected one first), with their scores."""
+    on = [r for r in rows if r["candidate"] in selection.frontier]
+    on.sort(key=lambda r: (r["candidate"] != selection.selected, -selection.scores.get(r["candidate"], 0.0)))
+    return [{"candidate": r["candidate"], "selected": "yes" if r["candidate"] == selection.selected else "",
+             "score": f"{selection.scores[r['candidate']]:.3f}" if r["candidate"] in selection.scores else "-",
+             **{k: r[k] for k in report.CLI_COLUMNS[1:]}} for r in on]
+
+
 def _worth_more_rounds(outcomes: list[CandidateOutcome]) -> set[str]:
     """Uncertain candidates more rounds could settle; those whose speed-up lies within the host's
     run-to-run band of the threshold stay uncertain (no number of rounds in one run narrows it)."""
@@ -208,6 +224,7 @@ def optimize_flow(
         allow_hardware_mismatch: run even if this machine does not fit the profile's hardware.
         seq_len: token length for text data (default: the profile's benchmark.seq_len).
     """
+    refuse_wrong_host(allow_mismatch=allow_hardware_mismatch)
     logger = get_run_logger()
     base = Path(data_dir).expanduser().resolve() if data_dir else settings.data_dir()
     work = str(base / "work")
@@ -274,6 +291,11 @@ def optimize_flow(
 
         _progress("select", prof.name)
         selection = select_task(outcomes, prof)
+        table = report.rows(outcomes, selection)
+        for row in table:
+            logger.info("%s: %s", row["candidate"], "; ".join(f"{k} {row[k]}" for k in report.CLI_COLUMNS[1:]
+                                                            if row[k] not in ("", "-")))
+        logger.info("selection: %s", selection.message)
         reused = tuple(o.name for o in outcomes if m.reused(o.name))
         logs = [tracking.log_candidate.submit(data_dir=str(base), experiment_id=exp_id, parent_run_id=run_id,
                                               outcome=o, cached=o.name in reused) for o in outcomes]
@@ -287,6 +309,11 @@ def optimize_flow(
         tracking.record_selection(data_dir=str(base), run_id=run_id, selection=selection, report_md=md)
         create_markdown_artifact(markdown=md, key=f"optimize-{prof.name}".lower(),
                                  description=f"Candidates for {name} on {prof.name}")
+        frontier = _pareto_rows(table, selection)
+        if frontier:
+            create_table_artifact(table=frontier, key=f"pareto-{prof.name}".lower(),
+                                  description=f"Pareto frontier of {name} on {prof.name}: the candidates no other "
+                                  "beats on latency, memory, size and accuracy at once; the selected one first")
         create_link_artifact(link=url, link_text="MLflow run", key="mlflow-run")
         # Registration is the last step: nothing is registered or aliased unless everything else succeeded.
         version = None

@@ -1,0 +1,124 @@
+"""Set up the Prefect API in PREFECT_API_URL for edgeopt's fleet (``deployments/setup.sh`` runs this).
+
+    python deployments/setup.py [--host HOSTNAME ...] [--file deployments/automations.yaml]
+
+1. the four work pools (process workers): intel-cpu, apple-silicon, nvidia-gpu, arm64;
+2. one benchmark slot per measuring host: the global concurrency limit ``edgeopt-benchmark-<host>``
+   (default: this host; name every measuring host of the fleet);
+3. the automations of ``deployments/automations.yaml``: one of the same name is replaced; one whose
+   run-deployment action names a deployment that does not exist yet is skipped with one line saying so
+   (run this again after ``prefect deploy --all``).
+
+Idempotent; one process (a ``prefect`` command per object would take a few seconds each). Exit code 0
+unless the API refused something.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def expand(doc: dict) -> list[dict]:
+    """One automation per pool for each entry that mentions ``{pool}``; the others once."""
+    out = []
+    for entry in doc.get("automations") or []:
+        text = yaml.safe_dump(entry, sort_keys=False)
+        if "{pool}" not in text:
+            out.append(copy.deepcopy(entry))
+            continue
+        out += [yaml.safe_load(text.replace("{pool}", pool)) for pool in doc.get("pools") or []]
+    return out
+
+
+def apply(doc: dict) -> tuple[list[str], list[str], list[str]]:
+    """Create each automation (replacing one of the same name); returns (created, skipped, failed)."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.schemas.automations import AutomationCore
+    from prefect.exceptions import ObjectNotFound
+
+    created, skipped, failed = [], [], []
+    with get_client(sync_client=True) as client:
+        for entry in expand(doc):
+            missing = []
+            for action in entry.get("actions") or []:
+                name = action.pop("deployment", None)
+                if name is None:
+                    continue
+                try:
+                    action["deployment_id"] = str(client.read_deployment_by_name(name).id)
+                except ObjectNotFound:
+                    missing.append(name)
+            if missing:
+                skipped.append(f"{entry['name']} (needs {', '.join(missing)})")
+                continue
+            try:
+                automation = AutomationCore.model_validate(entry)
+                for old in client.read_automations_by_name(automation.name):
+                    client.delete_automation(old.id)
+                client.create_automation(automation)
+                created.append(automation.name)
+            except Exception as exc:  # noqa: BLE001 - one bad entry does not stop the others
+                failed.append(f"{entry['name']}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+    return created, skipped, failed
+
+
+POOLS = ("intel-cpu", "apple-silicon", "nvidia-gpu", "arm64")
+
+
+def ensure_pools_and_limits(hosts: list[str]) -> None:
+    """Create the pools and the hosts' benchmark limits that do not exist yet; print one line each."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        for pool in POOLS:
+            try:
+                client.read_work_pool(pool)
+                print(f"work pool {pool}: exists")
+            except ObjectNotFound:
+                client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+                print(f"work pool {pool}: created (process)")
+        for host in hosts:
+            name = f"edgeopt-benchmark-{host}"
+            try:
+                client.read_global_concurrency_limit_by_name(name)
+                print(f"benchmark limit {name}: exists")
+            except ObjectNotFound:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+                print(f"benchmark limit {name}: created (1 slot)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import os
+    import socket
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", action="append", help="a measuring host (repeatable; default: this host)")
+    parser.add_argument("--file", type=Path, default=Path(__file__).with_name("automations.yaml"))
+    args = parser.parse_args(argv)
+    if not os.environ.get("PREFECT_API_URL"):
+        from prefect.settings import PREFECT_API_URL
+
+        if not PREFECT_API_URL.value():
+            print("setup: set PREFECT_API_URL to the Prefect server first", file=sys.stderr)
+            return 2
+    ensure_pools_and_limits(args.host or [socket.gethostname()])
+    created, skipped, failed = apply(yaml.safe_load(args.file.read_text(encoding="utf-8")))
+    if created:
+        print(f"automations: {len(created)} created or replaced ({', '.join(created)})")
+    if skipped:
+        print(f"automations: {len(skipped)} waiting for their deployments (`prefect deploy --all`, then run this "
+              f"again): {'; '.join(skipped)}")
+    for f in failed:
+        print(f"automations: refused: {f}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

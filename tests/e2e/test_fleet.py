@@ -1,0 +1,244 @@
+"""The fleet end to end, as a user runs it: ``deployments/fleet.sh up`` (what ``make fleet-up`` runs) in a
+temporary folder starts PostgreSQL, a Prefect server on it, an MLflow tracking server on it serving its
+artifacts, the work pools and one process worker; ``prefect deploy`` registers the optimize deployment
+from ``prefect.yaml`` (its pull step clones this test's own clone of the repository); the deployment
+runs on the worker on a reference CNN of the zoo; then the CLI against the same servers, ``edgeopt fleet
+status``, and the Prefect UI's flow-run page in headless Chromium. ``fleet.sh down`` stops it all.
+
+Everything listens on 127.0.0.1 on ports the OS hands out; every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_profile
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+PG = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))), None)
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+MODEL_NAME = "digits-tiny-fleet"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sh(args: list[str], env: dict, timeout: float, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    if PG is None:
+        pytest.skip("PostgreSQL is not installed (no initdb on PATH or under /usr/lib/postgresql): "
+                    "apt-get install postgresql")
+    if os.geteuid() == 0 and shutil.which("runuser") is None:
+        pytest.skip("running as root needs runuser to start PostgreSQL as the postgres user")
+    from flows._pools import fitting_pools
+
+    if "intel-cpu" not in fitting_pools():
+        pytest.skip("this host does not fit the intel-cpu pool (x86-64 with AVX2); the test runs its worker")
+    branch = _sh(["git", "rev-parse", "--abbrev-ref", "HEAD"], dict(os.environ), 30).stdout.strip()
+    if not branch or branch == "HEAD":
+        pytest.skip("the deployment clones a branch; this checkout has none (detached HEAD)")
+    tmp = tmp_path_factory.mktemp("fleet")
+    if os.geteuid() == 0:  # PostgreSQL runs as `postgres`: it must reach its data folder
+        for p in [tmp, *tmp.parents]:
+            if p == Path("/"):
+                break
+            os.chmod(p, os.stat(p).st_mode | 0o005)
+    clone = tmp / "repo"
+    r = _sh(["git", "clone", "--quiet", "--branch", branch, str(REPO), str(clone)], dict(os.environ), 120)
+    assert r.returncode == 0, r.stderr
+    home = tmp / "home"
+    ports = {"FLEET_PG_PORT": _free_port(), "FLEET_PREFECT_PORT": _free_port(), "FLEET_MLFLOW_PORT": _free_port()}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PREFECT_", "MLFLOW_TRACKING", "EDGEOPT_"))}
+    env.update({k: str(v) for k, v in ports.items()})
+    env.update({"FLEET_DIR": str(tmp / "fleet"), "FLEET_BIN": str(BIN), "FLEET_POOLS": "intel-cpu arm64",
+                "FLEET_DEPLOY": "0", "EDGEOPT_HOME": str(home), "EDGEOPT_GIT_URL": str(clone),
+                "EDGEOPT_GIT_BRANCH": branch, "PATH": f"{BIN}:{env.get('PATH', '')}",
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "COLUMNS": "200",
+                "NO_COLOR": "1"})
+    script = str(REPO / "deployments" / "fleet.sh")
+    try:
+        up = _sh(["bash", script, "up"], env, 300)
+        assert up.returncode == 0, up.stdout + up.stderr
+        api = f"http://127.0.0.1:{ports['FLEET_PREFECT_PORT']}/api"
+        tracking = f"http://127.0.0.1:{ports['FLEET_MLFLOW_PORT']}"
+        assert f"export PREFECT_API_URL={api} MLFLOW_TRACKING_URI={tracking}" in up.stdout, up.stdout
+        env.update({"PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": tracking,
+                    "PREFECT_HOME": str(tmp / "fleet" / "worker")})
+        yield {"env": env, "tmp": tmp, "home": home, "api": api, "tracking": tracking, "up": up,
+               "ui": f"http://127.0.0.1:{ports['FLEET_PREFECT_PORT']}", "script": script}
+    finally:
+        down = _sh(["bash", script, "down"], env, 180)
+        pids = list((tmp / "fleet" / "pids").glob("*.pid")) if (tmp / "fleet" / "pids").is_dir() else []
+        assert down.returncode == 0 and not pids, (down.stdout + down.stderr, pids)
+
+
+@pytest.fixture(scope="module")
+def client(fleet):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: fleet["api"]}), get_client(sync_client=True) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def deployed_run(fleet, client):
+    """The optimize deployment run on the worker: the digits-tiny CNN, one candidate, a short profile."""
+    from edgeopt import zoo
+
+    env = fleet["env"]
+    entry = zoo.build("digits-tiny", out_dir=fleet["home"] / "zoo")
+    profile = write_profile(fleet["tmp"] / "fleet-short.yaml", candidates=[
+        {"name": "ort-int8-dynamic", "backend": "onnxruntime", "recipe": {"precision": "int8", "quantization": "dynamic"}}],
+        gates={"speedup_min": 1.0, "accuracy_ratio_min": 0.9})
+    r = _sh([str(BIN / "prefect"), "--no-prompt", "deploy", "-n", "optimize-intel-cpu", "-n", "optimize-arm64"],
+            env, 240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    from prefect.deployments import run_deployment
+
+    parameters = {"model": str(entry.model), "profile": str(profile), "calibration": str(entry.calibration),
+                  "evaluation": str(entry.evaluation), "model_name": MODEL_NAME}
+    runs = {pool: run_deployment(f"optimize/optimize-{pool}", timeout=0, parameters=parameters)
+            for pool in ("intel-cpu", "arm64")}
+    deadline = time.monotonic() + 300
+    done = {}
+    while len(done) < len(runs) and time.monotonic() < deadline:
+        for pool, run in runs.items():
+            fr = client.read_flow_run(run.id)
+            if fr.state and fr.state.is_final():
+                done[pool] = fr
+        time.sleep(3)
+    assert set(done) == set(runs), {p: client.read_flow_run(r.id).state for p, r in runs.items()}
+    return done["intel-cpu"], done["arm64"]
+
+
+def test_fleet_up_prints_the_settings_and_is_idempotent(fleet):
+    up = fleet["up"]
+    assert "postgres started" in up.stderr and "worker-intel-cpu started" in up.stderr, up.stderr
+    again = _sh(["bash", fleet["script"], "up"], fleet["env"], 240)
+    assert again.returncode == 0, again.stderr
+    for part in ("postgres", "prefect-server", "mlflow-server", "worker-intel-cpu"):
+        assert f"{part} already running" in again.stderr, again.stderr
+    assert "work pool intel-cpu: exists" in again.stderr
+    assert again.stdout.strip().splitlines()[-1] == up.stdout.strip().splitlines()[-1]
+
+
+def test_pools_limit_and_server_on_postgres(fleet, client):
+    assert {p.name for p in client.read_work_pools()} >= {"intel-cpu", "apple-silicon", "nvidia-gpu", "arm64"}
+    assert all(p.type == "process" for p in client.read_work_pools())
+    assert client.read_global_concurrency_limit_by_name(f"edgeopt-benchmark-{socket.gethostname()}").limit == 1
+    # the server's database is PostgreSQL: its tables exist in the `prefect` database
+    psql = _sh(["psql", "-h", "127.0.0.1", "-p", fleet["env"]["FLEET_PG_PORT"], "-U", "edgeopt", "-d", "prefect",
+                "-tAc", "select count(*) from flow_run"], fleet["env"], 30, cwd=fleet["tmp"])
+    assert psql.returncode == 0 and psql.stdout.strip().isdigit(), psql.stdout + psql.stderr
+
+
+def test_deployment_runs_on_the_worker(fleet, client, deployed_run):
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+
+    fr = deployed_run[0]
+    assert fr.state.is_completed(), (fr.state.name, fr.state.message)
+    assert fr.work_pool_name == "intel-cpu"
+    deployment = client.read_deployment_by_name("optimize/optimize-intel-cpu")
+    assert deployment.job_variables["env"]["EDGEOPT_POOL"] == "intel-cpu"
+    arts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[fr.id])))
+    by_key = {a.key: a for a in arts}
+    assert "optimize-fleet-short" in by_key and "ort-int8-dynamic" in by_key["optimize-fleet-short"].data
+    assert "pareto-fleet-short" in by_key and by_key["pareto-fleet-short"].type == "table"
+    assert f"({fleet['tracking']}/#/experiments/" in by_key["mlflow-run"].data, by_key["mlflow-run"].data
+    # the run's log reached the API: phases, the candidate's verdict, the selection
+    logs = "\n".join(entry.message for entry in client.read_logs(
+        log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[fr.id]))))
+    for text in ("build: ort-int8-dynamic", "benchmark: ort-int8-dynamic", "ort-int8-dynamic: ", "selection: "):
+        assert text in logs, (text, logs[-3000:])
+
+    import mlflow
+
+    cl = mlflow.MlflowClient(tracking_uri=fleet["tracking"])
+    exp = cl.get_experiment_by_name(f"edgeopt/{MODEL_NAME}")
+    assert exp is not None
+    runs = cl.search_runs([exp.experiment_id], f"tags.`prefect.flow_run_id` = '{fr.id}'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED", runs
+    # artifacts go through the tracking server (served artifacts), not a path on this machine
+    assert runs[0].info.artifact_uri.startswith("mlflow-artifacts:"), runs[0].info.artifact_uri
+    children = cl.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{runs[0].info.run_id}'")
+    assert any("ort-int8-dynamic" in (c.info.run_name or "") for c in children), [c.info.run_name for c in children]
+    # a version is registered only when a candidate passed its gates; then it carries the 'candidate' alias
+    if cl.search_model_versions(f"name='{MODEL_NAME}'"):
+        assert cl.get_model_version_by_alias(MODEL_NAME, "candidate") is not None
+
+
+def test_a_run_on_a_host_that_does_not_fit_its_pool_is_refused(fleet, client, deployed_run):
+    """The arm64 pool's worker runs on this x86-64 host: the run fails at once, saying why, and measures nothing."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    fr = deployed_run[1]
+    assert fr.work_pool_name == "arm64" and fr.state.is_failed(), (fr.work_pool_name, fr.state)
+    logs = "\n".join(e.message for e in client.read_logs(
+        log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[fr.id]))))
+    assert "does not fit work pool arm64" in logs and "architecture x86_64" in logs, logs[-3000:]
+    assert "benchmark: " not in logs and "build: " not in logs
+
+
+def test_fleet_status_and_the_cli_against_the_servers(fleet, deployed_run, client):
+    env = fleet["env"]
+    status = _sh([str(BIN / "edgeopt"), "fleet", "status"], env, 120)
+    assert status.returncode == 0, status.stdout + status.stderr
+    for text in ("intel-cpu", "optimize/optimize-intel-cpu", "Completed", socket.gethostname()):
+        assert text in status.stdout, (text, status.stdout)
+    # a run from the CLI with PREFECT_API_URL set: the terminal stays quiet, the log reaches the server
+    model = fleet["home"] / "zoo" / "digits-tiny" / "model.onnx"
+    r = _sh([str(BIN / "edgeopt"), "optimize", str(model), "--profile", str(fleet["tmp"] / "fleet-short.yaml"),
+             "--eval", str(model.parent / "eval.npz"), "--model-name", MODEL_NAME], env, 300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "benchmark: " not in r.stdout + r.stderr and "Finished in state" not in r.stdout + r.stderr
+    run_id = r.stdout.split("Prefect flow run:")[1].split()[0]
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    logs = "\n".join(e.message for e in client.read_logs(
+        log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[uuid.UUID(run_id)]))))
+    assert "selection: " in logs and "ort-int8-dynamic" in logs, logs[-2000:]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH (`make browser` installs Debian's)")
+def test_prefect_ui_shows_the_flow_run(fleet, deployed_run, tmp_path):
+    run = deployed_run[0]
+    url = f"{fleet['ui']}/runs/flow-run/{run.id}"
+    base = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--disable-extensions", "--hide-scrollbars", "--window-size=1400,1000",
+            f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=20000"]
+    dom = _sh([*base, "--dump-dom", url], fleet["env"], 120, cwd=tmp_path)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    # the single-page app rendered the run: its name and its final state are on the page
+    assert run.name in dom.stdout, dom.stdout[-3000:]
+    assert "Completed" in dom.stdout, dom.stdout[-3000:]
+    png = tmp_path / "flow-run.png"
+    shot = _sh([*base, f"--screenshot={png}", url], fleet["env"], 120, cwd=tmp_path)
+    assert shot.returncode == 0 and png.is_file() and png.stat().st_size > 10_000, shot.stderr[-2000:]
