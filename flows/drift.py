@@ -7,21 +7,23 @@ embeddings and their shift). The verdict and figures go to MLflow (a run ``drift
 experiment). Over the threshold the flow emits the Prefect event ``edgeopt.drift.detected`` for the
 model; the automation ``edgeopt-drift-reoptimize`` (``deployments/``) starts the nightly deployment
 with the production sample as calibration data. With the embedded API there are no automations, so
-``reoptimize`` runs the nightly flow here instead.
+``reoptimize`` runs the nightly flow here instead (never both: with a Prefect server configured the
+flow only emits the event).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 from prefect.runtime import flow_run
+from prefect.settings import PREFECT_API_URL
 from pydantic import BaseModel, ConfigDict
 
 from edgeopt import settings, workflow
+from flows._pools import refuse_wrong_host
 from flows.nightly import NightlyReport, nightly_flow
 from flows.optimize import _default_model_name
 from tasks.nightly import drift_task
@@ -79,6 +81,7 @@ def drift_flow(
         reoptimize: on drift, re-optimize with the production sample as calibration data (with a
             Prefect server: through the automation on the emitted event; embedded: here).
     """
+    refuse_wrong_host()
     logger = get_run_logger()
     base = Path(data_dir).expanduser().resolve() if data_dir else settings.data_dir()
     work = str(base / "work")
@@ -109,11 +112,11 @@ def drift_flow(
     event, nightly = None, None
     if report.drifted:
         emit_event(event=DRIFT_EVENT, resource={"prefect.resource.id": f"edgeopt.model.{name}",
-                                                "prefect.resource.name": name},
+                                                "prefect.resource.name": name, "edgeopt.profile": prof.name},
                    payload={"model": model, "profile": profile, "model_name": name, "production": production,
-                            "evaluation": evaluation, "summary": summary})
+                            "calibration": calibration, "evaluation": evaluation or "", "summary": summary})
         event = DRIFT_EVENT
-        if reoptimize and not os.environ.get("PREFECT_API_URL"):
+        if reoptimize and not PREFECT_API_URL.value():
             logger.info("drift: re-optimizing %s with the production sample as calibration data", name)
             nightly = nightly_flow(model=model, profile=profile, calibration=production, evaluation=evaluation,
                                    model_name=name, data_dir=str(base))

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict
 
 from edgeopt import settings, workflow
 from edgeopt.errors import ConfigError
+from flows._pools import refuse_wrong_host
 from flows.certify import certify_flow
 from flows.optimize import _default_model_name, optimize_flow
 from tasks import tracking
@@ -101,14 +102,16 @@ def nightly_flow(
         duel_rounds: interleaved rounds of the challenger-against-champion measurement (>= 2).
         min_improvement: the challenger's speed-up over the champion must clear 1 + this at its lower bound.
     """
+    refuse_wrong_host()
     logger = get_run_logger()
     if duel_rounds < 2 or min_improvement < 0 or soak_s < 4:
         raise ConfigError(f"duel_rounds must be >= 2, min_improvement >= 0 and soak_s >= 4; got "
                           f"duel_rounds={duel_rounds}, min_improvement={min_improvement:g}, soak_s={soak_s:g}")
     base = Path(data_dir).expanduser().resolve() if data_dir else settings.data_dir()
     model = str(Path(model).expanduser().resolve())
-    calibration = str(Path(calibration).expanduser().resolve()) if calibration else None
-    evaluation = str(Path(evaluation).expanduser().resolve()) if evaluation else None
+    # a blank form field (or an automation's empty template) means "none"
+    calibration = str(Path(calibration).expanduser().resolve()) if calibration and calibration.strip() else None
+    evaluation = str(Path(evaluation).expanduser().resolve()) if evaluation and evaluation.strip() else None
     prof = load_profile_task(profile)
     hw = fingerprint_task()
     name = model_name or _default_model_name(model, prof.name)
