@@ -167,13 +167,24 @@ def assess(
         return
     out.print(f"[bold]{model}[/]  kind={a.kind}  params={a.params:,}  size={a.model.size_bytes / 1e6:.2f} MB  "
               f"opset={a.opset}  ir={a.ir_version}")
+    out.print(f"kind {a.kind}: {a.kind_reason}", highlight=False)
+    if a.constant_params:
+        out.print(f"params in Constant nodes: {a.constant_params:,}", highlight=False)
+    if a.runtime_opsets:
+        out.print("runtimes load opset: " + ", ".join(f"{n} <= {v}" for n, v in sorted(a.runtime_opsets.items())),
+                  highlight=False)
     out.print(f"sha256 {a.model.sha256}", highlight=False)
     for s in a.inputs:
         out.print(f"  input  {s.name}: {s.dtype} {list(s.shape)}", highlight=False)
     for s in a.outputs:
         out.print(f"  output {s.name}: {s.dtype} {list(s.shape)}", highlight=False)
     out.print("ops: " + ", ".join(f"{k}×{v}" for k, v in a.op_histogram.items()), highlight=False)
+    if a.control_flow_ops:
+        out.print("inside If/Loop/Scan: " + ", ".join(f"{k}×{v}" for k, v in a.control_flow_ops.items()),
+                  highlight=False)
     out.print(f"INT8 coverage {a.int8_coverage:.0%}; left in float: {', '.join(a.unquantizable_ops) or 'none'}")
+    for note in a.notes:
+        out.print(f"[yellow]warning:[/] {note}", highlight=False)
 
 
 @profiles_app.command("list")
