@@ -139,9 +139,12 @@ class CandidateConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _slug(cls, v: str) -> str:
-        if not v or not all(c.isalnum() or c in "-_." for c in v):
-            raise ValueError(f"candidate names use letters, digits, '-', '_' and '.'; got {v!r}")
-        return v
+        from edgeopt.names import check_name  # a candidate's name names its build folder
+
+        try:
+            return check_name(v, what="candidate name")
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
 
     @model_validator(mode="after")
     def _recipe_valid(self) -> CandidateConfig:

@@ -52,7 +52,14 @@ def optimize(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Prefect's logs")] = False,
 ) -> None:
     """Build, benchmark, evaluate and gate every candidate of PROFILE for MODEL; register the winner."""
+    from edgeopt.names import check_name
     from flows._env import configure_embedded_defaults
+
+    try:  # before anything is configured or written
+        if model_name is not None:
+            check_name(model_name, what="--model-name")
+    except EdgeOptError as exc:
+        _fail(exc)
 
     configure_embedded_defaults(quiet=not verbose)
     # Pre-flight: a wrong profile, model or data fails in a second, before Prefect starts

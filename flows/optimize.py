@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict
 from edgeopt import report, settings, workflow
 from edgeopt.comparison import comparison_groups
 from edgeopt.errors import CandidateFailed, ConfigError, EdgeOptError
+from edgeopt.names import check_name, safe_name
 from edgeopt.profiles import host_mismatches
 from edgeopt.records import CandidateOutcome, Selection
 from flows._measuring import Measurements, measure_rounds
@@ -83,7 +84,7 @@ def _default_model_name(model: str, profile: str) -> str:
     stem = p.name if p.is_dir() else p.stem
     if stem in ("model", "hf", "checkpoint", ""):
         stem = p.parent.name
-    return f"{stem}-{profile}"
+    return safe_name(f"{stem}-{profile}")
 
 
 def _outputs_and_eval(names, m: Measurements, *, specs, artifacts, prof, assessment, hw, evaluation, work,
@@ -189,6 +190,8 @@ def optimize_flow(
         seq_len: token length for text data (default: the profile's benchmark.seq_len).
     """
     logger = get_run_logger()
+    if model_name is not None:  # it names the MLflow experiment and registered model: checked before anything
+        check_name(model_name, what="--model-name")
     base = Path(data_dir).expanduser().resolve() if data_dir else settings.data_dir()
     work = str(base / "work")
     calibration = str(Path(calibration).resolve()) if calibration else None

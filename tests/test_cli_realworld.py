@@ -1,0 +1,42 @@
+"""Real-world models and bad names through the `edgeopt` command, as a user runs it."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.realworld_models import make_if_network
+from tests.test_cli import cli_env, run  # noqa: F401 - the fixture is used by name
+
+
+def _one_error_line(r) -> str:
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_assess_shows_ops_inside_control_flow(cli_env, tmp_path):  # noqa: F811
+    model = make_if_network(tmp_path / "if.onnx")
+    r = run(cli_env, "assess", model)
+    assert r.returncode == 0, r.stderr
+    assert "kind=cnn" in r.stdout and "params=160" in r.stdout
+    assert "inside If/Loop/Scan: Conv×2, Flatten×2, GlobalAveragePool×2, Relu×2" in r.stdout
+    assert "runtimes load opset: onnxruntime <= " in r.stdout
+
+
+@pytest.mark.parametrize("name", ["../../etc/x", "a/b", "..", "with space", "-dash-first"])
+def test_bad_model_name_is_refused_before_anything_is_written(cli_env, tiny, tmp_path, name):  # noqa: F811
+    home = tmp_path / "home"
+    env = {**cli_env, "EDGEOPT_HOME": str(home), "PREFECT_HOME": str(home / "prefect")}
+    r = run(env, "optimize", tiny["model"], "--model-name", name)
+    assert r.returncode == 2, r.stdout + r.stderr
+    line = _one_error_line(r)
+    assert f"--model-name {name!r} is not a valid name" in line
+    assert "use letters, digits, '.', '_' and '-'" in line
+    assert not home.exists()
+
+
+def test_bad_registered_name_in_lifecycle_commands(cli_env):  # noqa: F811
+    r = run(cli_env, "rollback", "../x")
+    assert r.returncode == 2
+    assert "model name '../x' is not a valid name" in _one_error_line(r)
