@@ -16,6 +16,7 @@ from edgeopt.data import Dataset, file_sha256, load_dataset
 from edgeopt.errors import BackendUnavailable, CandidateFailed, ConfigError, DataError, ModelError
 from edgeopt.evaluate import evaluator_for, load_outputs
 from edgeopt.keys import digest, hardware_identity, result_key, stamp_ok, write_stamp
+from edgeopt.native_log import captured
 from edgeopt.profiles import Profile
 from edgeopt.records import (
     Artifact,
@@ -31,6 +32,7 @@ from edgeopt.records import (
 from edgeopt.text import is_text_data, prepare_text_data
 
 __all__ = [
+    "BUILD_LOG",
     "audit",
     "bench_dir",
     "bench_key",
@@ -57,6 +59,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: a build's log (native runtime logs included), beside its artifact in the build folder
+BUILD_LOG = "build.log"
 
 
 def prepare_model(model: str, *, work_dir: Path) -> tuple[Assessment, Assessment]:
@@ -180,11 +185,15 @@ def build(spec: CandidateSpec, *, assessment: Assessment, calibration: str | Non
     out_dir = build_dir(spec, assessment=assessment, calibration=calibration, work_dir=work_dir, hardware=hardware)
     if out_dir.exists():
         shutil.rmtree(out_dir)
+    build_log = out_dir / BUILD_LOG
     try:
-        artifact = backend.optimize(model=assessment.model, assessment=assessment, recipe=recipe,
-                                    candidate=spec.name, out_dir=out_dir, calibration=cal)
+        with captured(build_log, what=f"build {spec.name}"):  # native runtime logs: to the file, not the terminal
+            artifact = backend.optimize(model=assessment.model, assessment=assessment, recipe=recipe,
+                                        candidate=spec.name, out_dir=out_dir, calibration=cal)
     except BackendUnavailable as exc:  # a tool only some recipes need (nncf, optimum-intel)
         raise CandidateFailed("unavailable", f"{spec.name}: {exc}") from exc
+    except CandidateFailed as exc:
+        raise CandidateFailed(exc.reason, f"{exc} (build log: {build_log})") from exc
     if spec.sequence != "fixed":  # carried to the measuring process with the artifact
         artifact = artifact.model_copy(update={"runtime": artifact.runtime | spec.sequence_runtime()})
     write_stamp(out_dir, out_dir.name.removeprefix(f"{spec.name}-"))

@@ -265,6 +265,17 @@ from flows import cli_lifecycle  # noqa: F401
 
 
 def main() -> None:
+    import os
+
+    from edgeopt import native_log
+
+    # Native runtime logs (C++ code writing to descriptor 2) go to each build's log, not the terminal;
+    # --verbose leaves them on the terminal and echoes the benchmark workers' too. Before any logging
+    # handler is made: handlers keep the sys.stderr of their time.
+    if any(a in ("--verbose", "-v") for a in sys.argv[1:]):
+        os.environ[native_log.ECHO_ENV] = "1"
+    else:
+        native_log.divert()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         app()

@@ -3,6 +3,7 @@
 - ``make_constant_weights``: a CNN whose weights are ``Constant`` nodes, not initializers.
 - ``make_if_network``: the whole network inside the branches of an ``If``.
 - ``make_dynamic_hw``: a CNN with input ``[batch, 3, height, width]``.
+- ``make_failing_reshape``: loads, then fails at run time inside ONNX Runtime (a native error line).
 - ``make_stateful``: a GRU with a ``state`` input ``[1, batch, 16]`` (batch not leading) and a scalar ``sr``.
 """
 
@@ -115,4 +116,14 @@ def make_stateful(path: Path, *, seed: int = 0) -> Path:
         helper.make_tensor_value_info("sr", TensorProto.FLOAT, []),
     ], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["time", "batch", 16]),
         helper.make_tensor_value_info("state_out", TensorProto.FLOAT, [1, "batch", 16])], initializer=inits)
+    return _save(graph, path)
+
+
+def make_failing_reshape(path: Path) -> Path:
+    """``x [batch, 4]`` reshaped to ``[3, -1]``: valid, loads, and fails in ONNX Runtime's kernel at run time
+    (which prints an ``[E:onnxruntime:...]`` line on descriptor 2 before raising)."""
+    graph = helper.make_graph([helper.make_node("Reshape", ["x", "s"], ["y"])], "failing_reshape",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, "n"])],
+                              initializer=[numpy_helper.from_array(np.array([3, -1], np.int64), "s")])
     return _save(graph, path)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
-from tests.realworld_models import make_if_network
-from tests.test_cli import cli_env, run  # noqa: F401 - the fixture is used by name
+from tests.conftest import write_profile
+from tests.realworld_models import make_failing_reshape, make_if_network
+from tests.test_cli import _registered, cli_env, run  # noqa: F401 - the fixture is used by name
 
 
 def _one_error_line(r) -> str:
@@ -40,3 +44,16 @@ def test_bad_registered_name_in_lifecycle_commands(cli_env):  # noqa: F811
     r = run(cli_env, "rollback", "../x")
     assert r.returncode == 2
     assert "model name '../x' is not a valid name" in _one_error_line(r)
+
+
+def test_native_runtime_errors_go_to_the_build_log_not_the_terminal(cli_env, tmp_path):  # noqa: F811
+    model = make_failing_reshape(tmp_path / "reshape.onnx")
+    profile = write_profile(tmp_path / "p.yaml", candidates=[
+        {"name": "ort-fp32-optimized", "backend": "onnxruntime", "recipe": {"graph_optimization": "all"}}])
+    r = run(cli_env, "optimize", model, "--profile", profile)
+    assert r.returncode == 2, r.stdout + r.stderr
+    line = _one_error_line(r)  # ONNX Runtime's red [E:onnxruntime:...] lines no longer come first
+    assert "the baseline baseline-fp32 could not be built" in line
+    build_log = Path(re.search(r"\(build log: ([^)]+)\)", line).group(1))
+    assert "[E:onnxruntime:" in build_log.read_text() and "Reshape" in build_log.read_text()
+    assert _registered(Path(cli_env["EDGEOPT_HOME"])) == []

@@ -114,6 +114,20 @@ def start_parent_run(*, data_dir: str, experiment: str, run_name: str, assessmen
     return exp_id, run.info.run_id
 
 
+def _log_files(o: CandidateOutcome) -> list[Path]:
+    """The build log beside the artifact and the benchmark worker's stderr log (non-empty ones)."""
+    found = []
+    if o.artifact:
+        found.append(Path(o.artifact.path).parent / "build.log")
+    if o.benchmark and o.benchmark.samples_path:
+        # pooled samples sit in the bench folder beside the rounds' folders (<candidate>-<key>/): the
+        # newest round's worker log of this candidate stands for them
+        folder = Path(o.benchmark.samples_path).parent
+        rounds = [*folder.glob(f"{o.name}-*/worker.stderr.log"), folder / "worker.stderr.log"]
+        found += sorted((p for p in rounds if p.is_file()), key=lambda p: p.stat().st_mtime)[-1:]
+    return [p for p in found if p.is_file() and p.stat().st_size]
+
+
 def _metrics(o: CandidateOutcome) -> dict[str, float]:
     m: dict[str, float] = {}
     if o.benchmark:
@@ -200,6 +214,8 @@ def log_candidate(*, data_dir: str, experiment_id: str, parent_run_id: str, outc
         _log_json(cl, rid, "artifact.json", outcome.artifact.model_dump(mode="json"), "model")
     if outcome.benchmark and outcome.benchmark.samples_path and Path(outcome.benchmark.samples_path).exists():
         cl.log_artifact(rid, outcome.benchmark.samples_path, "latency")
+    for log_file in _log_files(outcome):  # native runtime logs of the build and the benchmark workers
+        cl.log_artifact(rid, str(log_file), "logs")
     _log_json(cl, rid, "outcome.json", outcome.model_dump(mode="json"))
     cl.set_terminated(rid, "FAILED" if outcome.failure else "FINISHED")
     return rid
