@@ -81,6 +81,10 @@ class Assessment(Record):
                                    "than a runtime loads)")
     inputs: tuple[TensorSpec, ...] = ()
     outputs: tuple[TensorSpec, ...] = ()
+    input_shapes: dict[str, tuple[int, ...]] = Field(
+        default_factory=dict, description="the full shape each input runs at, batch included (from --shape, the "
+        "profile's input_shapes, the evaluation data and the batch size; see edgeopt.input_shapes); empty until "
+        "resolved for a run")
     quantizable_ops: tuple[str, ...] = Field(default=(), description="op types the INT8 paths cover")
     unquantizable_ops: tuple[str, ...] = Field(default=(), description="op types they leave in float")
     int8_coverage: float = Field(default=0.0, description="share of nodes whose op the INT8 paths cover")
@@ -181,6 +185,8 @@ class BenchmarkResult(Record):
                           "(each at its real length) or 'bucketed'")
     seq_len_mean: float | None = Field(default=None, description="mean token length the inputs ran at "
                                        "(text models)")
+    input_shapes: dict[str, tuple[int, ...]] = Field(default_factory=dict, description="the shape of each input "
+                                                     "in the first timed run, batch included (as fed, in the worker)")
     inter_op_threads: int | None = Field(default=None, description="threads across operators it ran with")
     audit_path: str | None = Field(default=None, description=".npz of outputs captured inside the timed loop "
                                    "('index' = sample rows, 'output_<i>' = outputs), compared with the "

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import write_profile
-from tests.realworld_models import make_failing_reshape, make_if_network
+from tests.realworld_models import make_dynamic_hw, make_failing_reshape, make_if_network
 from tests.test_cli import _registered, cli_env, run  # noqa: F401 - the fixture is used by name
 
 
@@ -57,3 +57,50 @@ def test_native_runtime_errors_go_to_the_build_log_not_the_terminal(cli_env, tmp
     build_log = Path(re.search(r"\(build log: ([^)]+)\)", line).group(1))
     assert "[E:onnxruntime:" in build_log.read_text() and "Reshape" in build_log.read_text()
     assert _registered(Path(cli_env["EDGEOPT_HOME"])) == []
+
+
+@pytest.fixture(scope="module")
+def dynamic_hw(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dynamic-hw")
+    profile = write_profile(d / "p.yaml", candidates=[
+        {"name": "ort-fp32-optimized", "backend": "onnxruntime", "recipe": {"graph_optimization": "all"}},
+        {"name": "ov-fp32", "backend": "openvino", "recipe": {"precision": "fp32"}}])
+    return {"model": make_dynamic_hw(d / "dynamic_hw.onnx"), "profile": profile}
+
+
+@pytest.mark.parametrize("shape, expected", [
+    (None, (r"input 'x' \(shape batch, 3, height, width\) has dynamic dims height, width that nothing sets: "
+           r"give them with --shape x=1x3xHEIGHTxWIDTH")),
+    ("y=1x3x64x64", r"--shape y=\.\.\.: the model has no input 'y' \(inputs: x\)"),
+    ("x=1x3x64", r"--shape x=1x3x64: the input has 4 dims \(batch, 3, height, width\), not 3"),
+    ("x=1x4x64x64", r"--shape x=1x4x64x64: dim 1 is fixed at 3 in the model"),
+    ("x=1x3x64xW", r"--shape 'x=1x3x64xW': write NAME=DxDx\.\.\. with positive integer dims"),
+])
+def test_bad_shapes_are_one_line_nonzero_exit_nothing_registered(cli_env, dynamic_hw, shape, expected):  # noqa: F811
+    before = len(_registered(Path(cli_env["EDGEOPT_HOME"])))
+    r = run(cli_env, "optimize", dynamic_hw["model"], "--profile", dynamic_hw["profile"],
+            *(["--shape", shape] if shape else []))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert re.search(expected, _one_error_line(r))
+    assert len(_registered(Path(cli_env["EDGEOPT_HOME"]))) == before
+
+
+def test_dynamic_hw_model_runs_at_the_requested_shape(cli_env, dynamic_hw, tmp_path):  # noqa: F811
+    import json
+
+    import mlflow
+
+    r = run(cli_env, "optimize", dynamic_hw["model"], "--profile", dynamic_hw["profile"], "--shape", "x=1x3x64x48",
+            "--model-name", "dynamic-hw", "--json", tmp_path / "r.json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "input shapes (batch included): x=1x3x64x48" in r.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["input_shapes"] == {"x": [1, 3, 64, 48]}
+    by_name = {o["spec"]["name"]: o for o in report["outcomes"]}
+    # the baseline and each candidate were fed 1x3x64x48 in their measuring processes; OpenVINO's
+    # build check ran at that size too (at 1x1, the default for open dims, its MaxPool has no output)
+    for name in ("baseline-fp32", "ort-fp32-optimized", "ov-fp32"):
+        assert by_name[name]["failure"] is None, by_name[name]["failure"]
+        assert by_name[name]["benchmark"]["input_shapes"] == {"x": [1, 3, 64, 48]}, name
+    client = mlflow.MlflowClient(tracking_uri=report["tracking_uri"])
+    assert client.get_run(report["mlflow_run_id"]).data.params["input_shape.x"] == "1x3x64x48"

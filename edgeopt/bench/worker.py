@@ -138,6 +138,7 @@ def _measure(job: dict[str, Any]) -> dict[str, Any]:
         trimmed = [trim(f, sequence) for f in feeds]
         feeds, spans = [t[0] for t in trimmed], [(t[1], t[2]) for t in trimmed]
     lengths = [f["attention_mask"].shape[1] for f in feeds if getattr(f.get("attention_mask"), "ndim", 0) == 2]
+    shapes = {k: list(np.shape(v)) for k, v in feeds[0].items()}  # what the model is fed, batch included
     data_id = ds.sha256
     del ds
     memory.settle()
@@ -228,6 +229,7 @@ def _measure(job: dict[str, Any]) -> dict[str, Any]:
         "timed_end_unix": timed_end_unix,
         "sequence": sequence["mode"] if sequence else "fixed",
         "seq_len_mean": float(np.mean(lengths)) if lengths else None,
+        "input_shapes": shapes,
         "audit_path": audit_path,
         "audit_batches": audit_batches,
         "audit_repeat_ratio": repeat.ratio,

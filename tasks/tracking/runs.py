@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,8 @@ def _log_json(cl, run_id: str, name: str, payload: Any, artifact_path: str | Non
 
 @task(name="mlflow-start-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=_transient)
 def start_parent_run(*, data_dir: str, experiment: str, run_name: str, assessment: Assessment, profile_name: str,
-                     profile_doc: dict[str, Any], hardware: HardwareFingerprint, tags: dict[str, str]) -> tuple[str, str]:
+                     profile_doc: dict[str, Any], hardware: HardwareFingerprint, tags: dict[str, str],
+                     input_shapes: dict[str, tuple[int, ...]] | None = None) -> tuple[str, str]:
     """Create the parent run; returns (experiment_id, run_id)."""
     from mlflow.entities import Param, RunTag
 
@@ -105,6 +107,9 @@ def start_parent_run(*, data_dir: str, experiment: str, run_name: str, assessmen
         "hardware.ram_mb": str(hardware.ram_mb),
         "hardware.isa": ",".join(hardware.isa_flags),
         **{f"tool.{k}": v for k, v in hardware.tool_versions.items()},
+        # the shapes the inputs ran at, batch included ("scalar" for a 0-d input)
+        **{"input_shape." + re.sub(r"[^\w\-. /]", "_", k): "x".join(map(str, v)) or "scalar"
+           for k, v in (input_shapes or {}).items()},
     }
     cl.log_batch(run.info.run_id, params=[Param(k, v[:500]) for k, v in params.items()],
                  tags=[RunTag("edgeopt.hostname", hardware.hostname)])
