@@ -27,7 +27,7 @@ import numpy as np
 from edgeopt.errors import ConfigError
 from edgeopt.records import TensorSpec
 
-__all__ = ["INPUT_SHAPES_KEY", "batch_axis", "check_feedable", "describe", "parse_shapes", "probe_feeds", "resolve_shapes",
+__all__ = ["INPUT_SHAPES_KEY", "batch_axis", "describe", "parse_shapes", "probe_feeds", "resolve_shapes",
            "shaped_signature"]
 
 #: the runtime key that carries the shapes an artifact is measured at
@@ -95,6 +95,8 @@ def _given(spec: TensorSpec, shape: tuple[int, ...], *, batch_size: int, source:
 
 
 def _from_data(spec: TensorSpec, arr: np.ndarray, *, batch_size: int) -> tuple[int, ...] | None:
+    if arr.ndim == len(spec.shape) + 1:  # complete feeds: each sample is the whole input, batch included
+        return tuple(int(d) for d in arr.shape[1:])
     axis = batch_axis(spec)
     if axis not in (0, None) or arr.ndim != len(spec.shape):
         return None  # the data's first axis is its sample axis: it stands for a leading batch axis only
@@ -142,18 +144,6 @@ def resolve_shapes(inputs: tuple[TensorSpec, ...], *, given: Mapping[str, tuple[
         shapes[spec.name] = tuple(batch_size if i == axis else (d if isinstance(d, int) and d > 0 else fill)
                                   for i, d in enumerate(spec.shape))
     return shapes
-
-
-def check_feedable(inputs: tuple[TensorSpec, ...]) -> None:
-    """``ConfigError`` for an input the sample-per-first-axis data cannot feed: a batch on another axis
-    (a recurrent state ``[layers, batch, hidden]``) or a scalar."""
-    for spec in inputs:
-        axis = batch_axis(spec)
-        if not spec.shape or (axis is not None and axis > 0):
-            what = "is a scalar" if not spec.shape else f"has its batch on axis {axis} (shape {', '.join(map(str, spec.shape))})"
-            raise ConfigError(f"input '{spec.name}' {what}: edgeopt feeds data with samples on the first axis "
-                              "only, so this model cannot be benchmarked yet (assess works; complete-feed data "
-                              "is not supported yet)")
 
 
 def shaped_signature(inputs: tuple[TensorSpec, ...], shapes: Mapping[str, Iterable[int]] | None) -> tuple[TensorSpec, ...]:

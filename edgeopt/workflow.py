@@ -15,13 +15,7 @@ from edgeopt.comparison import with_threads
 from edgeopt.data import Dataset, file_sha256, load_dataset
 from edgeopt.errors import BackendUnavailable, CandidateFailed, ConfigError, DataError, ModelError
 from edgeopt.evaluate import evaluator_for, load_outputs
-from edgeopt.input_shapes import (
-    INPUT_SHAPES_KEY,
-    check_feedable,
-    parse_shapes,
-    resolve_shapes,
-    shaped_signature,
-)
+from edgeopt.input_shapes import INPUT_SHAPES_KEY, parse_shapes, resolve_shapes, shaped_signature
 from edgeopt.keys import digest, hardware_identity, result_key, stamp_ok, write_stamp
 from edgeopt.native_log import captured
 from edgeopt.profiles import Profile
@@ -124,7 +118,6 @@ def resolve_input_shapes(assessment: Assessment, *, shapes: list[str] | tuple[st
                          evaluation: str | None, seq_len: int) -> Assessment:
     """The assessment with ``input_shapes`` set (``--shape`` values, the profile's ``input_shapes``, the
     evaluation data's dims, the batch size; see ``edgeopt.input_shapes``); ``ConfigError`` in one line."""
-    check_feedable(assessment.inputs)
     data = load_dataset(evaluation, signature=assessment.inputs, role="evaluation").inputs if evaluation else None
     resolved = resolve_shapes(assessment.inputs, given=parse_shapes(shapes), defaults=profile.default_shapes(),
                               batch_size=profile.benchmark.batch_size, data=data,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import write_profile
-from tests.realworld_models import make_dynamic_hw, make_failing_reshape, make_if_network
+from tests.realworld_models import make_dynamic_hw, make_failing_reshape, make_if_network, make_stateful
 from tests.test_cli import _registered, cli_env, run  # noqa: F401 - the fixture is used by name
 
 
@@ -104,3 +104,44 @@ def test_dynamic_hw_model_runs_at_the_requested_shape(cli_env, dynamic_hw, tmp_p
         assert by_name[name]["benchmark"]["input_shapes"] == {"x": [1, 3, 64, 48]}, name
     client = mlflow.MlflowClient(tracking_uri=report["tracking_uri"])
     assert client.get_run(report["mlflow_run_id"]).data.params["input_shape.x"] == "1x3x64x48"
+
+
+@pytest.fixture(scope="module")
+def stateful(tmp_path_factory):
+    import numpy as np
+
+    d = tmp_path_factory.mktemp("stateful")
+    rng = np.random.default_rng(0)
+    # complete feeds: a sample axis in front of each input's full shape (the state's batch is axis 1)
+    np.savez(d / "data.npz", x=rng.standard_normal((12, 10, 1, 8)).astype(np.float32),
+             state=np.zeros((12, 1, 1, 16), np.float32), sr=np.full((12,), 0.5, np.float32))
+    np.savez(d / "bad.npz", x=rng.standard_normal((12, 10, 1, 8)).astype(np.float32),
+             state=np.zeros((12, 2, 1, 16), np.float32), sr=np.full((12,), 0.5, np.float32))
+    profile = write_profile(d / "p.yaml", candidates=[
+        {"name": "ort-int8-static-minmax", "backend": "onnxruntime",
+         "recipe": {"precision": "int8", "quantization": "static", "calibration_method": "minmax"}}])
+    return {"model": make_stateful(d / "stateful.onnx"), "data": d / "data.npz", "bad": d / "bad.npz",
+            "profile": profile}
+
+
+def test_state_of_the_wrong_shape_is_one_line(cli_env, stateful):  # noqa: F811
+    r = run(cli_env, "optimize", stateful["model"], "--profile", stateful["profile"], "--eval", stateful["bad"])
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "input 'state' has shape [12, 2, 1, 16]: complete feeds of [2, 1, 16], the model expects " \
+           "[1, 'batch', 16]; give an array of shape (samples, 1, batch, 16)" in _one_error_line(r)
+
+
+def test_stateful_model_with_a_scalar_input_is_calibrated_and_measured(cli_env, stateful, tmp_path):  # noqa: F811
+    import json
+
+    r = run(cli_env, "optimize", stateful["model"], "--profile", stateful["profile"], "--eval", stateful["data"],
+            "--calibration", stateful["data"], "--json", tmp_path / "r.json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "input shapes (batch included): x=10x1x8, state=1x1x16, sr=scalar" in r.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["input_shapes"] == {"x": [10, 1, 8], "state": [1, 1, 16], "sr": []}
+    for o in report["outcomes"]:  # the static INT8 build consumed the complete feeds as calibration data
+        assert o["failure"] is None, o["failure"]
+        assert o["benchmark"]["input_shapes"] == {"x": [10, 1, 8], "state": [1, 1, 16], "sr": []}
+        # outputs of complete feeds are compared row by row along their first axis: 12 samples x 10 steps
+        assert o["evaluation"]["samples"] == 12 * 10

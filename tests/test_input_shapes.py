@@ -77,11 +77,3 @@ def test_probe_feeds_at_the_shapes(dyn):
     feeds = probe_feeds(dyn.inputs, {"x": (1, 3, 12, 10)})
     assert feeds["x"].shape == (1, 3, 12, 10) and feeds["x"].dtype == np.float32
     assert probe_feeds(dyn.inputs, {}) is None
-
-
-def test_inputs_the_data_format_cannot_feed_are_refused_in_one_line(tmp_path):
-    rnn = assess(make_stateful(tmp_path / "s.onnx"))
-    prof = load_profile(str(write_profile(tmp_path / "p.yaml")))
-    with pytest.raises(ConfigError, match=r"^input 'x' has its batch on axis 1 \(shape time, batch, 8\): edgeopt "
-                                          r"feeds data with samples on the first axis only"):
-        workflow.resolve_input_shapes(rnn, shapes=["x=10x1x8"], profile=prof, evaluation=None, seq_len=128)
