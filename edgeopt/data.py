@@ -1,8 +1,16 @@
 """Calibration and evaluation data: loading, validation against a model's inputs, synthesis.
 
 Format (what ``--calibration`` / ``--eval`` accept for tensor models): a ``.npz`` file with one
-array per model input, named as the input, samples along the first axis; an optional ``labels``
-array (integer class per sample) makes evaluation report labelled accuracy.
+array per model input, named as the input; an optional ``labels`` array (integer class per sample)
+makes evaluation report labelled accuracy. Each array is read in one of two layouts, told apart by
+its rank:
+
+- **samples** (rank of the input): samples along the first axis, which stands for the model's batch
+  axis (``input: [N, 3, 224, 224]`` for ``[batch, 3, 224, 224]``); batches are made of rows.
+- **complete feeds** (rank of the input + 1): a leading sample axis in front of the input's full shape,
+  batch included (``state: [N, 2, 1, 128]`` for ``[2, batch, 128]``, ``sr: [N]`` for a scalar): each
+  sample is fed as it is. For inputs whose batch is not the first axis, scalars, and recurrent states
+  (give the initial state of each sample this way, e.g. zeros).
 """
 
 from __future__ import annotations
@@ -19,7 +27,8 @@ import numpy as np
 from edgeopt.errors import DataError
 from edgeopt.records import TensorSpec
 
-__all__ = ["LABELS_KEY", "Dataset", "file_sha256", "load_dataset", "path_sha256", "synthetic_dataset"]
+__all__ = ["LABELS_KEY", "Dataset", "file_sha256", "is_complete_feed", "load_dataset", "path_sha256",
+           "synthetic_dataset"]
 
 log = logging.getLogger(__name__)
 
@@ -57,31 +66,42 @@ class Dataset:
     sha256: str
     inputs: dict[str, np.ndarray] = field(repr=False)
     labels: np.ndarray | None = field(default=None, repr=False)
+    #: inputs stored as complete feeds (``arr[i]`` is sample i's whole input, batch included)
+    feeds: frozenset[str] = field(default=frozenset())
 
     @property
     def count(self) -> int:
         return int(next(iter(self.inputs.values())).shape[0])
 
     def sample(self, index: int, *, batch_size: int = 1) -> dict[str, np.ndarray]:
-        """Feeds for samples ``index .. index+batch_size`` (wrapping around)."""
+        """Feeds for samples ``index .. index+batch_size`` (wrapping around); a complete-feed input is
+        sample ``index``'s own (it carries its batch)."""
         n = self.count
         idx = [(index + k) % n for k in range(batch_size)]
-        return {name: arr[idx] for name, arr in self.inputs.items()}
+        # np.array: a scalar input's sample stays a 0-d array (indexing gives a numpy scalar)
+        return {name: np.array(arr[index % n]) if name in self.feeds else arr[idx] for name, arr in self.inputs.items()}
 
     def head(self, count: int) -> Dataset:
         count = min(count, self.count)
         labels = None if self.labels is None else self.labels[:count]
-        return Dataset(self.path, self.sha256, {k: v[:count] for k, v in self.inputs.items()}, labels)
+        return Dataset(self.path, self.sha256, {k: v[:count] for k, v in self.inputs.items()}, labels, self.feeds)
 
 
 def _dims_match(expected: tuple[int | str, ...], got: tuple[int, ...]) -> bool:
-    if len(expected) != len(got):
+    """Samples layout: the data's first axis is the sample axis; it stands for the model's batch axis."""
+    if len(expected) != len(got) or not expected:
         return False
-    # the first axis of the data is the sample axis; it stands for the model's batch axis
-    for exp, actual in zip(expected[1:], got[1:], strict=True):
-        if isinstance(exp, int) and exp > 0 and exp != actual:
-            return False
-    return True
+    return _static_match(expected[1:], got[1:])
+
+
+def _static_match(expected: tuple[int | str, ...], got: tuple[int, ...]) -> bool:
+    return len(expected) == len(got) and all(not (isinstance(e, int) and e > 0) or e == g
+                                             for e, g in zip(expected, got, strict=True))
+
+
+def is_complete_feed(spec: TensorSpec, arr: np.ndarray) -> bool:
+    """Whether ``arr`` holds complete feeds of ``spec`` (one more axis than the input: the sample axis)."""
+    return arr.ndim == len(spec.shape) + 1
 
 
 def load_dataset(path: str | Path, *, signature: tuple[TensorSpec, ...], role: Role) -> Dataset:
@@ -122,10 +142,19 @@ def load_dataset(path: str | Path, *, signature: tuple[TensorSpec, ...], role: R
                 f"{role} data {p}: input '{name}' has dtype {arr.dtype}, the model expects {spec.dtype}; "
                 f"convert it with .astype('{spec.dtype}')"
             )
-        if not _dims_match(spec.shape, arr.shape):
+        complete = is_complete_feed(spec, arr)
+        if complete and not _static_match(spec.shape, arr.shape[1:]):
+            raise DataError(
+                f"{role} data {p}: input '{name}' has shape {list(arr.shape)}: complete feeds of "
+                f"{list(arr.shape[1:])}, the model expects {list(spec.shape)}; give an array of shape "
+                f"(samples, {', '.join(map(str, spec.shape))})"
+            )
+        if not complete and not _dims_match(spec.shape, arr.shape):
             raise DataError(
                 f"{role} data {p}: input '{name}' has shape {list(arr.shape)}, the model expects "
                 f"{list(spec.shape)} with samples along the first axis"
+                + ("" if spec.shape and isinstance(spec.shape[0], str) else
+                   f", or complete feeds of shape (samples, {', '.join(map(str, spec.shape))})")
             )
         if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
             bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
@@ -146,7 +175,8 @@ def load_dataset(path: str | Path, *, signature: tuple[TensorSpec, ...], role: R
             f"{role} data {p}: '{LABELS_KEY}' must be a 1-D integer array with one class per sample "
             f"({count}); got shape {list(labels.shape)} dtype {labels.dtype}"
         )
-    return Dataset(str(p.resolve()), file_sha256(p), arrays, labels)
+    feeds = frozenset(n for n, arr in arrays.items() if is_complete_feed(expected[n], arr))
+    return Dataset(str(p.resolve()), file_sha256(p), arrays, labels, feeds)
 
 
 def _concrete_shape(spec: TensorSpec, batch_size: int, dynamic_size: int) -> tuple[int, ...]:
@@ -164,8 +194,13 @@ def synthetic_dataset(signature: tuple[TensorSpec, ...], *, count: int = 16, see
     """Random inputs shaped like the model's signature, for when no evaluation data is given."""
     rng = np.random.default_rng(seed)
     inputs: dict[str, np.ndarray] = {}
+    feeds = set()
     for spec in signature:
-        shape = _concrete_shape(spec, count, dynamic_size)
+        if spec.shape and not (isinstance(spec.shape[0], int) and spec.shape[0] > 0):
+            shape = _concrete_shape(spec, count, dynamic_size)  # samples replace the leading batch axis
+        else:  # a static first axis or a scalar: complete feeds
+            shape = (count, *_concrete_shape(spec, 1, dynamic_size))
+            feeds.add(spec.name)
         dtype = np.dtype(spec.dtype)
         if np.issubdtype(dtype, np.floating):
             arr = rng.standard_normal(shape).astype(dtype)
@@ -175,4 +210,4 @@ def synthetic_dataset(signature: tuple[TensorSpec, ...], *, count: int = 16, see
             arr = rng.integers(0, 2, shape).astype(dtype)
         inputs[spec.name] = arr
     digest = hashlib.sha256(repr((seed, count, dynamic_size, signature)).encode()).hexdigest()
-    return Dataset(None, f"synthetic-{digest[:16]}", inputs)
+    return Dataset(None, f"synthetic-{digest[:16]}", inputs, None, frozenset(feeds))

@@ -147,9 +147,12 @@ class CandidateConfig(_Strict):
     @field_validator("name")
     @classmethod
     def _slug(cls, v: str) -> str:
-        if not v or not all(c.isalnum() or c in "-_." for c in v):
-            raise ValueError(f"candidate names use letters, digits, '-', '_' and '.'; got {v!r}")
-        return v
+        from edgeopt.names import check_name  # a candidate's name names its build folder
+
+        try:
+            return check_name(v, what="candidate name")
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
 
     @model_validator(mode="after")
     def _recipe_valid(self) -> CandidateConfig:
@@ -200,6 +203,27 @@ class Profile(_Strict):
     baseline: CandidateConfig = Field(default_factory=lambda: CandidateConfig(**_DEFAULT_BASELINE),
                                       description="the reference every candidate is compared with")
     candidates: tuple[CandidateConfig, ...] = Field(description="recipes to try (at least one)")
+    input_shapes: dict[str, str] = Field(
+        default_factory=dict, description="default shape per input name for models with dynamic dims, e.g. "
+        "{input: 1x3x640x640}; --shape overrides it, and inputs a model does not have are ignored "
+        "(see edgeopt.input_shapes)")
+
+    @field_validator("input_shapes")
+    @classmethod
+    def _shapes_parse(cls, v: dict[str, str]) -> dict[str, str]:
+        from edgeopt.input_shapes import parse_shapes
+
+        try:
+            parse_shapes([f"{k}={s}" for k, s in v.items()], source="input_shapes")
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+    def default_shapes(self) -> dict[str, tuple[int, ...]]:
+        """``input_shapes`` parsed: input name -> dims."""
+        from edgeopt.input_shapes import parse_shapes
+
+        return parse_shapes([f"{k}={s}" for k, s in self.input_shapes.items()], source="input_shapes")
 
     @field_validator("candidates")
     @classmethod

@@ -31,13 +31,13 @@ __all__ = [
     "TensorSpec",
 ]
 
-ModelKind = Literal["cnn", "encoder", "llm", "other"]
+ModelKind = Literal["cnn", "encoder", "llm", "rnn", "other"]
 ModelFormat = Literal["onnx", "hf", "gguf"]
 
 
 #: bumped whenever a record gains, loses or changes a field: results cached by an older edgeopt
 #: (pickled records of the old shape) are then not reused
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 class Record(BaseModel):
     """Base of every record: immutable, unknown fields rejected."""
@@ -65,13 +65,26 @@ class ModelRef(Record):
 class Assessment(Record):
     model: ModelRef
     kind: ModelKind
-    params: int
+    kind_reason: str = Field(default="", description="the trait that decided the kind, e.g. 'recurrent cells (LSTM)'")
+    params: int = Field(description="weights in initializers and floating-point Constant nodes, subgraphs included")
+    constant_params: int = Field(default=0, description="the part of params held in Constant nodes")
     opset: int | None = None
     ir_version: int | None = None
     producer: str = ""
-    op_histogram: dict[str, int] = Field(default_factory=dict)
+    op_histogram: dict[str, int] = Field(default_factory=dict, description="every node, control-flow bodies "
+                                         "(If / Loop / Scan) and local functions included")
+    control_flow_ops: dict[str, int] = Field(default_factory=dict, description="the part of op_histogram inside "
+                                             "If / Loop / Scan bodies")
+    runtime_opsets: dict[str, int] = Field(default_factory=dict, description="newest ONNX opset each installed "
+                                           "runtime loads")
+    notes: tuple[str, ...] = Field(default=(), description="warnings found at assessment (e.g. an opset newer "
+                                   "than a runtime loads)")
     inputs: tuple[TensorSpec, ...] = ()
     outputs: tuple[TensorSpec, ...] = ()
+    input_shapes: dict[str, tuple[int, ...]] = Field(
+        default_factory=dict, description="the full shape each input runs at, batch included (from --shape, the "
+        "profile's input_shapes, the evaluation data and the batch size; see edgeopt.input_shapes); empty until "
+        "resolved for a run")
     quantizable_ops: tuple[str, ...] = Field(default=(), description="op types the INT8 paths cover")
     unquantizable_ops: tuple[str, ...] = Field(default=(), description="op types they leave in float")
     int8_coverage: float = Field(default=0.0, description="share of nodes whose op the INT8 paths cover")
@@ -175,6 +188,8 @@ class BenchmarkResult(Record):
                           "(each at its real length) or 'bucketed'")
     seq_len_mean: float | None = Field(default=None, description="mean token length the inputs ran at "
                                        "(text models)")
+    input_shapes: dict[str, tuple[int, ...]] = Field(default_factory=dict, description="the shape of each input "
+                                                     "in the first timed run, batch included (as fed, in the worker)")
     inter_op_threads: int | None = Field(default=None, description="threads across operators it ran with")
     audit_path: str | None = Field(default=None, description=".npz of outputs captured inside the timed loop "
                                    "('index' = sample rows, 'output_<i>' = outputs), compared with the "

@@ -15,7 +15,9 @@ from edgeopt.comparison import with_threads
 from edgeopt.data import Dataset, file_sha256, load_dataset
 from edgeopt.errors import BackendUnavailable, CandidateFailed, ConfigError, DataError, ModelError
 from edgeopt.evaluate import evaluator_for, load_outputs
+from edgeopt.input_shapes import INPUT_SHAPES_KEY, parse_shapes, resolve_shapes, shaped_signature
 from edgeopt.keys import digest, hardware_identity, result_key, stamp_ok, write_stamp
+from edgeopt.native_log import captured
 from edgeopt.profiles import Profile
 from edgeopt.records import (
     Artifact,
@@ -31,6 +33,7 @@ from edgeopt.records import (
 from edgeopt.text import is_text_data, prepare_text_data
 
 __all__ = [
+    "BUILD_LOG",
     "audit",
     "bench_dir",
     "bench_key",
@@ -52,13 +55,19 @@ __all__ = [
     "prepare_data",
     "prepare_model",
     "record_speedups",
+    "resolve_input_shapes",
     "result_ok",
     "run_outputs",
     "select",
+    "signature",
     "with_gates",
+    "with_input_shapes",
 ]
 
 log = logging.getLogger(__name__)
+
+#: a build's log (native runtime logs included), beside its artifact in the build folder
+BUILD_LOG = "build.log"
 
 
 def prepare_model(model: str, *, work_dir: Path) -> tuple[Assessment, Assessment]:
@@ -94,10 +103,41 @@ def prepare_data(path: str | None, *, assessment: Assessment, seq_len: int, work
 
 
 def check_data(assessment: Assessment, *, calibration: str | None, evaluation: str | None) -> tuple[Dataset | None, Dataset | None]:
-    """Validate both data files against the model's inputs before anything is built (DataError)."""
-    cal = load_dataset(calibration, signature=assessment.inputs, role="calibration") if calibration else None
-    ev = load_dataset(evaluation, signature=assessment.inputs, role="evaluation") if evaluation else None
+    """Validate both data files against the model's inputs (at the shapes resolved for the run, if
+    any) before anything is built (DataError)."""
+    sig = signature(assessment)
+    cal = load_dataset(calibration, signature=sig, role="calibration") if calibration else None
+    ev = load_dataset(evaluation, signature=sig, role="evaluation") if evaluation else None
     return cal, ev
+
+
+def signature(assessment: Assessment) -> tuple:
+    """The model's inputs with the dims resolved for this run fixed (``assessment.input_shapes``)."""
+    return shaped_signature(assessment.inputs, assessment.input_shapes)
+
+
+def resolve_input_shapes(assessment: Assessment, *, shapes: list[str] | tuple[str, ...], profile: Profile,
+                         evaluation: str | None, seq_len: int) -> Assessment:
+    """The assessment with ``input_shapes`` set (``--shape`` values, the profile's ``input_shapes``, the
+    evaluation data's dims, the batch size; see ``edgeopt.input_shapes``); ``ConfigError`` in one line."""
+    data = load_dataset(evaluation, signature=assessment.inputs, role="evaluation").inputs if evaluation else None
+    resolved = resolve_shapes(assessment.inputs, given=parse_shapes(shapes), defaults=profile.default_shapes(),
+                              batch_size=profile.benchmark.batch_size, data=data,
+                              seq_len=seq_len if assessment.kind in ("encoder", "llm") else None)
+    return assessment.model_copy(update={"input_shapes": resolved})
+
+
+def with_input_shapes(artifact: Artifact, *, shapes: dict[str, tuple[int, ...]]) -> Artifact:
+    """The artifact carrying the shapes it is measured at (``runtime["input_shapes"]``: part of every
+    benchmark and outputs key; taken out before the backend loads it)."""
+    if not shapes:
+        return artifact
+    return artifact.model_copy(update={"runtime": artifact.runtime | {
+        INPUT_SHAPES_KEY: {name: list(shape) for name, shape in shapes.items()}}})
+
+
+def _run_signature(artifact: Artifact, assessment: Assessment) -> tuple:
+    return shaped_signature(assessment.inputs, artifact.runtime.get(INPUT_SHAPES_KEY) or assessment.input_shapes)
 
 
 def build_input(spec: CandidateSpec, *, source: Assessment, converted: Assessment) -> Assessment | None:
@@ -180,17 +220,21 @@ def build(spec: CandidateSpec, *, assessment: Assessment, calibration: str | Non
         if not calibration:
             raise CandidateFailed("missing-data", f"{spec.name}: this recipe needs calibration data; pass --calibration DATA")
         try:
-            cal = load_dataset(calibration, signature=assessment.inputs, role="calibration")
+            cal = load_dataset(calibration, signature=signature(assessment), role="calibration")
         except DataError as exc:
             raise CandidateFailed("missing-data", f"{spec.name}: {exc}") from exc
     out_dir = build_dir(spec, assessment=assessment, calibration=calibration, work_dir=work_dir, hardware=hardware)
     if out_dir.exists():
         shutil.rmtree(out_dir)
+    build_log = out_dir / BUILD_LOG
     try:
-        artifact = backend.optimize(model=assessment.model, assessment=assessment, recipe=recipe,
-                                    candidate=spec.name, out_dir=out_dir, calibration=cal)
+        with captured(build_log, what=f"build {spec.name}"):  # native runtime logs: to the file, not the terminal
+            artifact = backend.optimize(model=assessment.model, assessment=assessment, recipe=recipe,
+                                        candidate=spec.name, out_dir=out_dir, calibration=cal)
     except BackendUnavailable as exc:  # a tool only some recipes need (nncf, optimum-intel)
         raise CandidateFailed("unavailable", f"{spec.name}: {exc}") from exc
+    except CandidateFailed as exc:
+        raise CandidateFailed(exc.reason, f"{exc} (build log: {build_log})") from exc
     if spec.sequence != "fixed":  # carried to the measuring process with the artifact
         artifact = artifact.model_copy(update={"runtime": artifact.runtime | spec.sequence_runtime()})
     write_stamp(out_dir, out_dir.name.removeprefix(f"{spec.name}-"))
@@ -258,7 +302,7 @@ def measure(artifact: Artifact, *, profile: Profile, assessment: Assessment, har
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
-    result = bench.measure(artifact=artifact, settings=bench_settings(profile), signature=assessment.inputs,
+    result = bench.measure(artifact=artifact, settings=bench_settings(profile), signature=_run_signature(artifact, assessment),
                            hardware=hardware, out_dir=out_dir, data_path=evaluation, lock_path=lock_path)
     write_stamp(out_dir, out_dir.name.removeprefix(f"{artifact.candidate}-"))
     return result
@@ -278,7 +322,7 @@ def run_outputs(artifact: Artifact, *, profile: Profile, assessment: Assessment,
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    path = bench.infer(artifact=artifact, signature=assessment.inputs, out_path=folder / "outputs.npz",
+    path = bench.infer(artifact=artifact, signature=_run_signature(artifact, assessment), out_path=folder / "outputs.npz",
                        data_path=evaluation, batch_size=profile.benchmark.batch_size,
                        max_samples=profile.benchmark.max_eval_samples, timeout_s=profile.benchmark.timeout_s)
     write_stamp(folder, folder.name.removeprefix(f"{artifact.candidate}-"), files=["outputs.npz"])
@@ -302,7 +346,7 @@ def evaluate(candidate: str, *, outputs: str, baseline_outputs: str, assessment:
     """Accuracy (with labels) and fidelity against the baseline's outputs on the same samples."""
     labels = None
     if evaluation:
-        data = load_dataset(evaluation, signature=assessment.inputs, role="evaluation").head(max_samples)
+        data = load_dataset(evaluation, signature=signature(assessment), role="evaluation").head(max_samples)
         labels = data.labels
         if assessment.kind == "encoder" and "attention_mask" in data.inputs:
             from edgeopt.evaluate.embedding import evaluate_embeddings

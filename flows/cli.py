@@ -49,22 +49,35 @@ def optimize(
     strict: Annotated[bool, typer.Option(help="exit with code 3 when no candidate passes its gates")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the full report as JSON here")] = None,
     seq_len: Annotated[int | None, typer.Option(help="token length for text data (default: the profile's)")] = None,
+    shape: Annotated[list[str] | None, typer.Option("--shape", help="input shape NAME=1x3x640x640 for dynamic dims "
+                                                    "(repeatable; NAME=scalar for a 0-d input); the batch dim "
+                                                    "takes the profile's batch size")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Prefect's logs")] = False,
 ) -> None:
     """Build, benchmark, evaluate and gate every candidate of PROFILE for MODEL; register the winner."""
+    from edgeopt.names import check_name
     from flows._env import configure_embedded_defaults
+
+    try:  # before anything is configured or written
+        if model_name is not None:
+            check_name(model_name, what="--model-name")
+    except EdgeOptError as exc:
+        _fail(exc)
 
     configure_embedded_defaults(quiet=not verbose)
     # Pre-flight: a wrong profile, model or data fails in a second, before Prefect starts
     # (the flow checks the same again when it runs from a deployment).
+    from edgeopt import workflow
     from edgeopt.data import load_dataset
     from edgeopt.intake import assess as do_assess
     from edgeopt.profiles import load_profile
     from edgeopt.text import is_text_data
 
     try:
-        load_profile(profile).candidate_specs(tuple(candidate or ()))
+        prof = load_profile(profile)
+        prof.candidate_specs(tuple(candidate or ()))
         a = do_assess(model)
+        text = any(p is not None and is_text_data(p) for p in (calibration, eval_data))
         for role, path in (("calibration", calibration), ("evaluation", eval_data)):
             if path is None:
                 continue
@@ -74,6 +87,12 @@ def optimize(
                 load_sentences(path)
             elif a.model.format == "onnx":
                 load_dataset(path, signature=a.inputs, role=role)
+        if a.model.format == "onnx" and not text:  # the shapes every input runs at, then the data at those
+            a = workflow.resolve_input_shapes(a, shapes=list(shape or []), profile=prof,
+                                              evaluation=str(eval_data) if eval_data else None,
+                                              seq_len=seq_len or prof.benchmark.seq_len)
+            workflow.check_data(a, calibration=str(calibration) if calibration else None,
+                                evaluation=str(eval_data) if eval_data else None)
     except EdgeOptError as exc:
         _fail(exc)
     from flows._env import PrefectAPIUnavailable, ensure_prefect_api
@@ -92,7 +111,7 @@ def optimize(
                                    evaluation=str(eval_data) if eval_data else None,
                                    candidates=list(candidate) if candidate else None, model_name=model_name,
                                    refresh=refresh, allow_hardware_mismatch=allow_hardware_mismatch,
-                                   seq_len=seq_len)
+                                   seq_len=seq_len, shapes=list(shape) if shape else None)
         except PrefectAPIUnavailable as exc:
             progress.stop()
             if verbose:
@@ -124,6 +143,10 @@ def _print_report(result) -> None:
     for r in report.rows(result.outcomes, result.selection):
         table.add_row(*(r[c] for c in cols))
     out.print(table)
+    if result.input_shapes:
+        from edgeopt.input_shapes import describe
+
+        out.print(f"input shapes (batch included): {describe(result.input_shapes)}", highlight=False, soft_wrap=True)
     sources = sorted({o.benchmark.memory_source for o in result.outcomes if o.benchmark and o.benchmark.memory_source})
     if sources:
         out.print(f"memory figures: {'; '.join(sources)}", highlight=False, soft_wrap=True)
@@ -170,13 +193,24 @@ def assess(
         return
     out.print(f"[bold]{model}[/]  kind={a.kind}  params={a.params:,}  size={a.model.size_bytes / 1e6:.2f} MB  "
               f"opset={a.opset}  ir={a.ir_version}")
+    out.print(f"kind {a.kind}: {a.kind_reason}", highlight=False)
+    if a.constant_params:
+        out.print(f"params in Constant nodes: {a.constant_params:,}", highlight=False)
+    if a.runtime_opsets:
+        out.print("runtimes load opset: " + ", ".join(f"{n} <= {v}" for n, v in sorted(a.runtime_opsets.items())),
+                  highlight=False)
     out.print(f"sha256 {a.model.sha256}", highlight=False)
     for s in a.inputs:
         out.print(f"  input  {s.name}: {s.dtype} {list(s.shape)}", highlight=False)
     for s in a.outputs:
         out.print(f"  output {s.name}: {s.dtype} {list(s.shape)}", highlight=False)
     out.print("ops: " + ", ".join(f"{k}×{v}" for k, v in a.op_histogram.items()), highlight=False)
+    if a.control_flow_ops:
+        out.print("inside If/Loop/Scan: " + ", ".join(f"{k}×{v}" for k, v in a.control_flow_ops.items()),
+                  highlight=False)
     out.print(f"INT8 coverage {a.int8_coverage:.0%}; left in float: {', '.join(a.unquantizable_ops) or 'none'}")
+    for note in a.notes:
+        out.print(f"[yellow]warning:[/] {note}", highlight=False)
 
 
 @profiles_app.command("list")
@@ -251,6 +285,17 @@ from flows import cli_fleet, cli_lifecycle  # noqa: F401
 
 
 def main() -> None:
+    import os
+
+    from edgeopt import native_log
+
+    # Native runtime logs (C++ code writing to descriptor 2) go to each build's log, not the terminal;
+    # --verbose leaves them on the terminal and echoes the benchmark workers' too. Before any logging
+    # handler is made: handlers keep the sys.stderr of their time.
+    if any(a in ("--verbose", "-v") for a in sys.argv[1:]):
+        os.environ[native_log.ECHO_ENV] = "1"
+    else:
+        native_log.divert()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         app()

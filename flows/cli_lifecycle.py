@@ -38,6 +38,16 @@ def _run_flow(fn, verbose: bool, **kwargs):
         _fail(exc)
 
 
+def _check_name(model_name: str) -> None:
+    """A registered model name names MLflow entries and report folders: checked before anything runs."""
+    from edgeopt.names import check_name
+
+    try:
+        check_name(model_name, what="model name")
+    except EdgeOptError as exc:
+        _fail(exc)
+
+
 def _need_one(version: str | None, alias: str | None) -> None:
     if (version is None) == (alias is None):
         _fail(EdgeOptError("give exactly one of --version N or --alias NAME"))
@@ -56,6 +66,7 @@ def cross_validate(
     """Run a registered version on every runtime × device that can load it; re-measure it."""
     from flows._env import configure_embedded_defaults
 
+    _check_name(model_name)
     _need_one(version, alias)
     configure_embedded_defaults(quiet=not verbose)
     from edgeopt.certify import crossval
@@ -126,6 +137,7 @@ def approve(
     """Move the 'champion' alias to a certified version (the previous one stays as 'previous-champion')."""
     from flows._env import configure_embedded_defaults
 
+    _check_name(model_name)
     configure_embedded_defaults()
     from tasks import tracking
 
@@ -145,6 +157,7 @@ def rollback(model_name: Annotated[str, typer.Argument(help="registered model na
     """Swap 'champion' and 'previous-champion'."""
     from flows._env import configure_embedded_defaults
 
+    _check_name(model_name)
     configure_embedded_defaults()
     from tasks import tracking
 

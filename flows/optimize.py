@@ -8,6 +8,7 @@ MLflow store), or as the ``optimize-intel-cpu`` deployment on a work pool (``pre
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,8 @@ from edgeopt import report, settings, workflow
 from edgeopt.comparison import comparison_groups
 from edgeopt.errors import CandidateFailed, ConfigError, EdgeOptError
 from edgeopt.gates import more_rounds_could_settle
+from edgeopt.input_shapes import describe as describe_shapes
+from edgeopt.names import check_name, safe_name
 from edgeopt.profiles import host_mismatches
 from edgeopt.records import CandidateOutcome, Selection
 from flows._measuring import Measurements, measure_rounds
@@ -38,6 +41,7 @@ from tasks.phases import (
     fingerprint_task,
     gate_task,
     host_spread_task,
+    input_shapes_task,
     load_profile_task,
     outputs_stale,
     outputs_task,
@@ -87,6 +91,7 @@ class OptimizeReport(BaseModel):
     flow_run_url: str | None = None
     cached: tuple[str, ...] = ()
     remeasured: tuple[str, ...] = ()
+    input_shapes: dict[str, tuple[int, ...]] = {}
 
 
 def _default_model_name(model: str, profile: str) -> str:
@@ -94,7 +99,7 @@ def _default_model_name(model: str, profile: str) -> str:
     stem = p.name if p.is_dir() else p.stem
     if stem in ("model", "hf", "checkpoint", ""):
         stem = p.parent.name
-    return f"{stem}-{profile}"
+    return safe_name(f"{stem}-{profile}")
 
 
 def _outputs_and_eval(names, m: Measurements, *, specs, artifacts, prof, assessment, hw, evaluation, work,
@@ -209,6 +214,7 @@ def optimize_flow(
     refresh: bool = False,
     allow_hardware_mismatch: bool = False,
     seq_len: int | None = None,
+    shapes: list[str] | None = None,
 ) -> OptimizeReport:
     """Optimize MODEL for PROFILE on this machine and register the winner (if any) in MLflow.
 
@@ -223,9 +229,12 @@ def optimize_flow(
         refresh: rebuild and re-measure everything, ignoring cached results.
         allow_hardware_mismatch: run even if this machine does not fit the profile's hardware.
         seq_len: token length for text data (default: the profile's benchmark.seq_len).
+        shapes: input shapes as NAME=1x3x640x640 (over the profile's input_shapes) for dynamic dims.
     """
     refuse_wrong_host(allow_mismatch=allow_hardware_mismatch)
     logger = get_run_logger()
+    if model_name is not None:  # it names the MLflow experiment and registered model: checked before anything
+        check_name(model_name, what="--model-name")
     base = Path(data_dir).expanduser().resolve() if data_dir else settings.data_dir()
     work = str(base / "work")
     calibration = str(Path(calibration).resolve()) if calibration else None
@@ -237,6 +246,9 @@ def optimize_flow(
     seq = seq_len or prof.benchmark.seq_len
     calibration = prepare_data_task(calibration, assessment, seq, work, "calibration")
     evaluation = prepare_data_task(evaluation, assessment, seq, work, "evaluation")
+    shaped = input_shapes_task(assessment, list(shapes or []), prof, evaluation, seq)
+    source, assessment = (shaped if source.model.format == "onnx" else source), shaped
+    logger.info("input shapes: %s", describe_shapes(assessment.input_shapes))
     hw = fingerprint_task()
     mismatch = host_mismatches(prof, hw)
     if mismatch and not allow_hardware_mismatch:
@@ -253,7 +265,7 @@ def optimize_flow(
     exp_id, run_id = tracking.start_parent_run(
         data_dir=str(base), experiment=f"edgeopt/{name}", run_name=f"optimize-{prof.name}",
         assessment=source, profile_name=prof.name, profile_doc=prof.model_dump(mode="json"), hardware=hw,
-        tags={"prefect.flow_run_id": str(flow_run.id or "")})
+        tags={"prefect.flow_run_id": str(flow_run.id or "")}, input_shapes=assessment.input_shapes)
     status = "FAILED"
     try:
         futures = {}
@@ -266,8 +278,8 @@ def optimize_flow(
         built: dict[str, object] = {}
         for s in specs:
             _progress("build", s.name)
-            try:
-                built[s.name] = futures[s.name].result()
+            try:  # the shapes it runs at go with the artifact (and into its benchmark keys)
+                built[s.name] = workflow.with_input_shapes(futures[s.name].result(), shapes=assessment.input_shapes)
             except CandidateFailed as exc:
                 logger.warning("%s", exc)
                 built[s.name] = workflow.failed(s, stage="build", error=exc)
@@ -306,8 +318,10 @@ def optimize_flow(
         if chosen is not None:
             links["Registered model"] = f"{name}, alias '{tracking.CANDIDATE_ALIAS}'"
         md = report.markdown(outcomes, selection, title=f"edgeopt optimize: {name} on {prof.name}", links=links)
+        if assessment.input_shapes:
+            md += f"\n\nInput shapes (batch included): {describe_shapes(assessment.input_shapes)}\n"
         tracking.record_selection(data_dir=str(base), run_id=run_id, selection=selection, report_md=md)
-        create_markdown_artifact(markdown=md, key=f"optimize-{prof.name}".lower(),
+        create_markdown_artifact(markdown=md, key=re.sub(r"[^a-z0-9-]+", "-", f"optimize-{prof.name}".lower()),
                                  description=f"Candidates for {name} on {prof.name}")
         frontier = _pareto_rows(table, selection)
         if frontier:
@@ -326,7 +340,7 @@ def optimize_flow(
             profile=prof.name, model_name=name, outcomes=tuple(outcomes), selection=selection,
             experiment_id=exp_id, mlflow_run_id=run_id, mlflow_run_url=url,
             tracking_uri=settings.mlflow_tracking_uri(base), registered_version=version,
-            cached=reused, remeasured=tuple(o.name for o in outcomes if o.benchmark and o.name not in reused),
+            cached=reused, input_shapes=assessment.input_shapes, remeasured=tuple(o.name for o in outcomes if o.benchmark and o.name not in reused),
             flow_run_id=str(flow_run.id) if flow_run.id else None,
             flow_run_url=flow_run.ui_url if flow_run.ui_url and not flow_run.ui_url.startswith("None") else None,
         )

@@ -160,6 +160,13 @@ def fingerprint_task() -> HardwareFingerprint:
     return fingerprint()
 
 
+@task(name="input-shapes", cache_policy=NO_CACHE)
+def input_shapes_task(assessment: Assessment, shapes: list[str], profile: Profile, evaluation: str | None,
+                      seq_len: int) -> Assessment:
+    return workflow.resolve_input_shapes(assessment, shapes=shapes, profile=profile, evaluation=evaluation,
+                                         seq_len=seq_len)
+
+
 @task(name="check-data", cache_policy=NO_CACHE)
 def check_data_task(assessment: Assessment, calibration: str | None, evaluation: str | None) -> None:
     workflow.check_data(assessment, calibration=calibration, evaluation=evaluation)

@@ -15,7 +15,7 @@ from tests.conftest import write_profile
 EDGEOPT = str(Path(sys.executable).parent / "edgeopt")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # shared with test_cli_realworld: one warm Prefect/MLflow home
 def cli_env(tmp_path_factory):
     home = tmp_path_factory.mktemp("cli-home")
     env = {**os.environ, "EDGEOPT_HOME": str(home), "PREFECT_HOME": str(home / "prefect"),

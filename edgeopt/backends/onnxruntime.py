@@ -20,6 +20,7 @@ from edgeopt.backends.base import Backend, Recipe, short_message
 from edgeopt.backends.ort_placement import placement
 from edgeopt.data import file_sha256
 from edgeopt.errors import CandidateFailed, ConfigError
+from edgeopt.input_shapes import probe_feeds
 from edgeopt.records import Artifact
 
 if TYPE_CHECKING:
@@ -220,7 +221,8 @@ class OnnxRuntimeBackend(Backend):
                                 calibration=calibration)
             try:  # loaded and run once as the benchmark will, with the profiler saying where nodes ran
                 opts, providers = _session_options(recipe.runtime_options(), who=candidate)
-                where = placement(str(built), options=opts, providers=providers)
+                where = placement(str(built), options=opts, providers=providers,  # at the run's shapes, if set
+                                  feeds=probe_feeds(assessment.inputs, assessment.input_shapes))
             except CandidateFailed:
                 raise
             except Exception as exc:

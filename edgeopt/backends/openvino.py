@@ -28,6 +28,7 @@ from pydantic import Field, model_validator
 
 from edgeopt.backends.base import Backend, Recipe, short_message
 from edgeopt.errors import BackendUnavailable, CandidateFailed, ConfigError
+from edgeopt.input_shapes import probe_feeds
 from edgeopt.records import Artifact
 
 if TYPE_CHECKING:
@@ -317,7 +318,8 @@ class OpenVinoBackend(Backend):
             notes = Builder(recipe=recipe, assessment=assessment, candidate=candidate).build(
                 src=model.path, out=built, calibration=calibration)
             return finish_ir(built=built, final=final, recipe=recipe, candidate=candidate, model=model,
-                             backend=self.name, notes=notes, tool_versions=self.tool_versions())
+                             backend=self.name, notes=notes, tool_versions=self.tool_versions(),
+                             feeds=probe_feeds(assessment.inputs, assessment.input_shapes))
 
     def load(self, *, path: str, runtime: dict[str, Any]) -> OpenVinoSession:
         """Compile ``path`` (IR folder or its model.xml); nothing else: the harness measures load time."""
@@ -345,11 +347,13 @@ class OpenVinoBackend(Backend):
             del session
 
 
-def check_ir(folder: Path, *, recipe: Any, candidate: str) -> ExecutionReport:
-    """Compile the built IR as the benchmark will, run it once, read back how it executes."""
+def check_ir(folder: Path, *, recipe: Any, candidate: str,
+             feeds: dict[str, np.ndarray] | None = None) -> ExecutionReport:
+    """Compile the built IR as the benchmark will, run it once (on ``feeds``, else dynamic dims at 1),
+    read back how it executes."""
     try:
         session = OpenVinoBackend().load(path=str(folder), runtime=recipe.runtime_options())
-        session.run(session.probe_feeds())
+        session.run(feeds if feeds is not None else session.probe_feeds())
         return session.execution()
     except (CandidateFailed, ConfigError):
         raise
@@ -359,12 +363,13 @@ def check_ir(folder: Path, *, recipe: Any, candidate: str) -> ExecutionReport:
 
 
 def finish_ir(*, built: Path, final: Path, recipe: Any, candidate: str, model: ModelRef, backend: str,
-              notes: list[str], tool_versions: dict[str, str]) -> Artifact:
-    """Check the IR folder ``built`` (compiled and run once), move it to ``final`` and describe it.
+              notes: list[str], tool_versions: dict[str, str], feeds: dict[str, np.ndarray] | None = None) -> Artifact:
+    """Check the IR folder ``built`` (compiled and run once, on ``feeds`` if given: the run's input
+    shapes), move it to ``final`` and describe it.
 
     ``recipe`` is an OpenVINO-style recipe (``precision``, ``device``, ``runtime_options()``).
     """
-    report = check_ir(built, recipe=recipe, candidate=candidate)
+    report = check_ir(built, recipe=recipe, candidate=candidate, feeds=feeds)
     if final.exists():
         shutil.rmtree(final)
     os.replace(built, final)

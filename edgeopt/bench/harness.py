@@ -158,6 +158,7 @@ def measure(
         samples_path=str(samples_path),
         repeat_sample_counts=(summary.samples,),
         sequence=str(payload.get("sequence") or "fixed"),
+        input_shapes={k: tuple(int(d) for d in v) for k, v in (payload.get("input_shapes") or {}).items()},
         seq_len_mean=payload.get("seq_len_mean"),
         inter_op_threads=_optional_int(runtime.get("inter_op_threads")),
         audit_path=payload.get("audit_path"),

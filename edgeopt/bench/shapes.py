@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from edgeopt.errors import DataError
+from edgeopt.input_shapes import INPUT_SHAPES_KEY
 
 __all__ = ["MASK_INPUT", "SEQUENCE_KEY", "pad_outputs", "sequence_length", "split_runtime", "trim"]
 
@@ -31,8 +32,11 @@ MASK_INPUT = "attention_mask"
 
 
 def split_runtime(runtime: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """(the backend's runtime options, the sequence choice or None for fixed-length inputs)."""
-    rest = {k: v for k, v in runtime.items() if k != SEQUENCE_KEY}
+    """(the backend's runtime options, the sequence choice or None for fixed-length inputs).
+
+    The input shapes (``INPUT_SHAPES_KEY``, see ``edgeopt.input_shapes``) are left out too: they shape
+    the data, not the session."""
+    rest = {k: v for k, v in runtime.items() if k not in (SEQUENCE_KEY, INPUT_SHAPES_KEY)}
     choice = runtime.get(SEQUENCE_KEY)
     if not choice or choice.get("mode", "fixed") == "fixed":
         return rest, None

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import edgeopt
+from edgeopt import native_log
 from edgeopt.errors import CandidateFailed, ConfigError, DataError
 
 __all__ = ["classify_exit", "exclusive", "run_worker"]
@@ -157,6 +158,8 @@ def run_worker(job: dict[str, Any], *, work_dir: Path, candidate: str, what: str
         if proc.poll() is None:
             proc.wait()
     elapsed = time.monotonic() - started
+    if native_log.echo_enabled():  # --verbose: the worker's native runtime logs on the terminal too
+        _echo(stderr_path, f"{what} worker for {candidate}")
     where = f"(worker log: {stderr_path})"
     if timed_out:
         raise CandidateFailed("timeout", f"candidate '{candidate}': {what} did not finish within "
@@ -186,6 +189,13 @@ def run_worker(job: dict[str, Any], *, work_dir: Path, candidate: str, what: str
         raise CandidateFailed(reason, f"candidate '{candidate}': {what} failed at {stage} ({reason}): "
                                       f"{message} {where}")
     raise classify_exit(rc, stderr, candidate=candidate, what=what, where=where)
+
+
+def _echo(path: Path, what: str) -> None:
+    text = path.read_text(errors="replace") if path.is_file() else ""
+    if text.strip():
+        sys.stderr.write(f"--- {what}: {path}\n{text.rstrip()}\n---\n")
+        sys.stderr.flush()
 
 
 def _classify_text(text: str) -> str | None:

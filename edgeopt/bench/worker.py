@@ -105,7 +105,7 @@ def _synthetic(signature: tuple[TensorSpec, ...], *, count: int) -> Dataset:
               for k in range(max(1, math.ceil(count / SYNTHETIC_BLOCK)))]
     inputs = {name: np.concatenate([b.inputs[name] for b in blocks])[:count] for name in blocks[0].inputs}
     digest = hashlib.sha256(repr(("blocks", SYNTHETIC_BLOCK, signature)).encode()).hexdigest()
-    return Dataset(None, f"synthetic-{digest[:16]}", inputs)
+    return Dataset(None, f"synthetic-{digest[:16]}", inputs, None, blocks[0].feeds)
 
 
 def _check_finite(outputs: list[np.ndarray], candidate: str, names: list[str] | None = None) -> None:
@@ -130,7 +130,8 @@ def _measure(job: dict[str, Any]) -> dict[str, Any]:
     bs = int(s["batch_size"])
     ds = _dataset(job, count=int(s["eval_samples"])).head(int(s["eval_samples"]))
     count = ds.count
-    feeds = [{k: np.ascontiguousarray(v) for k, v in ds.sample(i * bs, batch_size=bs).items()}
+    feeds = [{k: v if v.flags.c_contiguous else np.ascontiguousarray(v)  # (a 0-d input stays 0-d)
+              for k, v in ds.sample(i * bs, batch_size=bs).items()}
              for i in range(max(1, math.ceil(count / bs)))]
     runtime, sequence = split_runtime(artifact.runtime)
     spans: list[tuple[int, int]] = []  # (full, used) sequence length of each feed
@@ -138,6 +139,7 @@ def _measure(job: dict[str, Any]) -> dict[str, Any]:
         trimmed = [trim(f, sequence) for f in feeds]
         feeds, spans = [t[0] for t in trimmed], [(t[1], t[2]) for t in trimmed]
     lengths = [f["attention_mask"].shape[1] for f in feeds if getattr(f.get("attention_mask"), "ndim", 0) == 2]
+    shapes = {k: list(np.shape(v)) for k, v in feeds[0].items()}  # what the model is fed, batch included
     data_id = ds.sha256
     del ds
     memory.settle()
@@ -228,6 +230,7 @@ def _measure(job: dict[str, Any]) -> dict[str, Any]:
         "timed_end_unix": timed_end_unix,
         "sequence": sequence["mode"] if sequence else "fixed",
         "seq_len_mean": float(np.mean(lengths)) if lengths else None,
+        "input_shapes": shapes,
         "audit_path": audit_path,
         "audit_batches": audit_batches,
         "audit_repeat_ratio": repeat.ratio,

@@ -238,7 +238,8 @@ def _session(job: dict[str, Any]) -> tuple[Any, list[dict[str, np.ndarray]], lis
     backend = _import_toolchain(artifact)
     _stage["now"] = "data"
     ds = _dataset(job, count=MAX_INPUTS).head(MAX_INPUTS)
-    feeds = [{k: np.ascontiguousarray(v) for k, v in ds.sample(i).items()} for i in range(ds.count)]
+    feeds = [{k: v if v.flags.c_contiguous else np.ascontiguousarray(v) for k, v in ds.sample(i).items()}
+             for i in range(ds.count)]  # (a 0-d input stays 0-d)
     runtime, sequence = split_runtime(artifact.runtime)
     if sequence:
         feeds = [trim(f, sequence)[0] for f in feeds]

@@ -64,6 +64,7 @@ class Evaluator(Protocol):
 EVALUATORS: dict[str, Evaluator] = {
     "cnn": evaluate_outputs,
     "encoder": evaluate_outputs,
+    "rnn": evaluate_outputs,
     "other": evaluate_outputs,
 }
 

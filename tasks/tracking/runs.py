@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,8 @@ def _log_json(cl, run_id: str, name: str, payload: Any, artifact_path: str | Non
 
 @task(name="mlflow-start-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=_transient)
 def start_parent_run(*, data_dir: str, experiment: str, run_name: str, assessment: Assessment, profile_name: str,
-                     profile_doc: dict[str, Any], hardware: HardwareFingerprint, tags: dict[str, str]) -> tuple[str, str]:
+                     profile_doc: dict[str, Any], hardware: HardwareFingerprint, tags: dict[str, str],
+                     input_shapes: dict[str, tuple[int, ...]] | None = None) -> tuple[str, str]:
     """Create the parent run; returns (experiment_id, run_id)."""
     from mlflow.entities import Param, RunTag
 
@@ -105,6 +107,9 @@ def start_parent_run(*, data_dir: str, experiment: str, run_name: str, assessmen
         "hardware.ram_mb": str(hardware.ram_mb),
         "hardware.isa": ",".join(hardware.isa_flags),
         **{f"tool.{k}": v for k, v in hardware.tool_versions.items()},
+        # the shapes the inputs ran at, batch included ("scalar" for a 0-d input)
+        **{"input_shape." + re.sub(r"[^\w\-. /]", "_", k): "x".join(map(str, v)) or "scalar"
+           for k, v in (input_shapes or {}).items()},
     }
     cl.log_batch(run.info.run_id, params=[Param(k, v[:500]) for k, v in params.items()],
                  tags=[RunTag("edgeopt.hostname", hardware.hostname)])
@@ -112,6 +117,20 @@ def start_parent_run(*, data_dir: str, experiment: str, run_name: str, assessmen
     _log_json(cl, run.info.run_id, "hardware.json", hardware.model_dump(mode="json"))
     _log_json(cl, run.info.run_id, "profile.json", profile_doc)
     return exp_id, run.info.run_id
+
+
+def _log_files(o: CandidateOutcome) -> list[Path]:
+    """The build log beside the artifact and the benchmark worker's stderr log (non-empty ones)."""
+    found = []
+    if o.artifact:
+        found.append(Path(o.artifact.path).parent / "build.log")
+    if o.benchmark and o.benchmark.samples_path:
+        # pooled samples sit in the bench folder beside the rounds' folders (<candidate>-<key>/): the
+        # newest round's worker log of this candidate stands for them
+        folder = Path(o.benchmark.samples_path).parent
+        rounds = [*folder.glob(f"{o.name}-*/worker.stderr.log"), folder / "worker.stderr.log"]
+        found += sorted((p for p in rounds if p.is_file()), key=lambda p: p.stat().st_mtime)[-1:]
+    return [p for p in found if p.is_file() and p.stat().st_size]
 
 
 def _metrics(o: CandidateOutcome) -> dict[str, float]:
@@ -206,6 +225,8 @@ def log_candidate(*, data_dir: str, experiment_id: str, parent_run_id: str, outc
             cl.log_artifact(rid, path, "build")
     if outcome.benchmark and outcome.benchmark.samples_path and Path(outcome.benchmark.samples_path).exists():
         cl.log_artifact(rid, outcome.benchmark.samples_path, "latency")
+    for log_file in _log_files(outcome):  # native runtime logs of the build and the benchmark workers
+        cl.log_artifact(rid, str(log_file), "logs")
     _log_json(cl, rid, "outcome.json", outcome.model_dump(mode="json"))
     cl.set_terminated(rid, "FAILED" if outcome.failure else "FINISHED")
     return rid
