@@ -22,7 +22,7 @@ demo: $(STAMP)
 
 ## test: the test suite (slow tests included; `heavy` ones, which would push CI past its budget, left out)
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q -m "not heavy"
+	$(BIN)/python -m pytest -q -m "not heavy" --durations=25
 
 ## test-all: every test, the heavy ones too (MiniLM's checkpoint through every encoder route: ~8 min)
 test-all: $(STAMP) browser
