@@ -234,7 +234,7 @@ def build(spec: CandidateSpec, *, assessment: Assessment, calibration: str | Non
     except BackendUnavailable as exc:  # a tool only some recipes need (nncf, optimum-intel)
         raise CandidateFailed("unavailable", f"{spec.name}: {exc}") from exc
     except CandidateFailed as exc:
-        raise CandidateFailed(exc.reason, f"{exc} (build log: {build_log})") from exc
+        raise CandidateFailed(exc.reason, f"{exc} (build log: {build_log})", evidence=exc.evidence) from exc
     if spec.sequence != "fixed":  # carried to the measuring process with the artifact
         artifact = artifact.model_copy(update={"runtime": artifact.runtime | spec.sequence_runtime()})
     write_stamp(out_dir, out_dir.name.removeprefix(f"{spec.name}-"))
