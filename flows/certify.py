@@ -46,7 +46,7 @@ from tasks.certification import (
     soak_task,
     stress_task,
 )
-from tasks.phases import benchmark_slot
+from tasks.phases import benchmark_slot, host_spread_task
 
 log = logging.getLogger(__name__)
 
@@ -257,10 +257,11 @@ def cross_validate_flow(
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         cosine_min = subject.gates.get("cosine_min") or 0.99
+        spread = host_spread_task(prof, hw, str(base))
         with benchmark_slot():  # one measurement at a time on this host, across flows
             cv = cross_validate_task(subject, evaluation, str(out), hw, workflow.bench_settings(prof), rounds,
                                      float(subject.gates.get("confidence", 0.95)), float(cosine_min),
-                                     prof.hardware.threads, str(base / "work" / "bench.lock"))
+                                     prof.hardware.threads, str(base / "work" / "bench.lock"), spread.sd_log)
         logger.info("cross-validation of %s version %s: %s", model_name, subject.version, cv.verdict)
         tracking.log_cross_validation(data_dir=str(base), run_id=run_id, cv=cv, out_dir=str(out))
         from edgeopt.certify import crossval

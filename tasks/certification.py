@@ -93,7 +93,7 @@ def provenance_task(subject: Subject, hardware: HardwareFingerprint, out_dir: st
 @task(name="cross-validate-matrix", **_OPTS)
 def cross_validate_task(subject: Subject, evaluation_path: str | None, out_dir: str, hardware: HardwareFingerprint,
                         settings: BenchSettings, rounds: int, confidence: float, cosine_min: float, threads: int,
-                        lock_path: str) -> CrossValidation:
+                        lock_path: str, run_to_run_sd: float = 0.0) -> CrossValidation:
     from edgeopt.certify import crossval
 
     rh = subject.recorded_hardware
@@ -103,6 +103,6 @@ def cross_validate_task(subject: Subject, evaluation_path: str | None, out_dir: 
     cv = crossval.cross_validate(subject=subject, evaluation_path=evaluation_path, out_dir=Path(out_dir),
                                  hardware=hardware, settings=settings, rounds=rounds, confidence=confidence,
                                  cosine_min=cosine_min, threads=threads, recorded_hardware=recorded,
-                                 lock_path=Path(lock_path))
+                                 lock_path=Path(lock_path), run_to_run_sd=run_to_run_sd)
     crossval.write(cv, out_dir=Path(out_dir))
     return cv

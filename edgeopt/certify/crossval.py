@@ -13,7 +13,8 @@ then, every job in a fresh process (``edgeopt.bench``):
 2. **Speed.** ``rounds`` interleaved rounds (round r: baseline, cells...; odd rounds in reverse order),
    one fresh process per measurement. Per cell: its p50 with an interval over the rounds, and its
    speed-up against the baseline (``edgeopt.intervals.ratio_interval``: paired by round, Student's t over
-   the rounds' ratios). Like for like: every cell and the baseline run with the same intra-op thread
+   the rounds' ratios, never narrower than the host's run-to-run spread ``run_to_run_sd``: two fresh
+   processes of one and the same model differ by that much, see ``edgeopt.reproducibility``). Like for like: every cell and the baseline run with the same intra-op thread
    budget (``threads``) and the artifact's sequence-shape choice.
 3. **Reproducibility**, on the artifact's own runtime and device (its backend and the device or execution
    provider it was built for). The rule:
@@ -201,14 +202,16 @@ def _baseline(subject: Subject, threads: int) -> Artifact:
 def cross_validate(*, subject: Subject, evaluation_path: str | None, out_dir: Path, hardware: HardwareFingerprint,
                    settings: bench.BenchSettings, rounds: int = 3, confidence: float = 0.95, cosine_min: float = 0.99,
                    threads: int | None = None, recorded_hardware: HardwareFingerprint | None = None,
-                   lock_path: Path | None = None,
+                   lock_path: Path | None = None, run_to_run_sd: float = 0.0,
                    progress: Callable[[str], None] = lambda msg: None) -> CrossValidation:
     """Run ``subject.artifact`` on every runtime × device of this host; see the module docstring.
 
     ``threads``: the profile's intra-op thread budget, used when the artifact leaves its own open; every
     cell and the baseline run with the same count (like for like). ``recorded_hardware``: the machine the recorded figures came from (absolute
     p50s are compared only on the same CPU model and ISA). ``lock_path``: one benchmark at a time per
-    machine (``edgeopt.bench.measure``). Files go under ``out_dir`` (``outputs/``, ``bench/``).
+    machine (``edgeopt.bench.measure``). ``run_to_run_sd``: the host's run-to-run standard deviation of a
+    log speed-up (``edgeopt.workflow.host_spread``), the floor under every speed-up interval. Files go
+    under ``out_dir`` (``outputs/``, ``bench/``).
     """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
@@ -253,7 +256,7 @@ def cross_validate(*, subject: Subject, evaluation_path: str | None, out_dir: Pa
         placement = subject.artifact.placement.get("target_share") if is_own else None
         cells.append(_cell(backend, device, outputs.get(name), base_out, samples["baseline"],
                            samples.get(name, []), failures.get(name), cosine_min=cosine_min, confidence=confidence,
-                           placement=placement))
+                           placement=placement, floor_sd=run_to_run_sd))
     agreement = {f"{a}~{b}": float(np.mean(cosine_per_sample(outputs[a], outputs[b])))
                  for a, b in combinations([n for n in variants if n in outputs], 2)}
     own_cell = next(c for c in cells if (c.runtime, c.device) == own)
@@ -282,7 +285,7 @@ def _one_line(exc: BaseException) -> str:
 
 def _cell(backend: str, device: str, out: np.ndarray | None, base_out: np.ndarray, base_rounds: list[np.ndarray],
           rounds: list[np.ndarray], failure: str | None, *, cosine_min: float, confidence: float,
-          placement: Any) -> MatrixCell:
+          placement: Any, floor_sd: float = 0.0) -> MatrixCell:
     fields: dict[str, Any] = {"runtime": backend, "device": device, "placement_share":
                               float(placement) if isinstance(placement, int | float) else None}
     if out is not None:
@@ -293,7 +296,7 @@ def _cell(backend: str, device: str, out: np.ndarray | None, base_out: np.ndarra
     if rounds:
         # the p50 with its interval: the ratio of the cell's latency to a constant 1 ms, paired by round
         p50 = ratio_interval(baseline=rounds, candidate=[np.ones(1)] * len(rounds), confidence=confidence)
-        speed = ratio_interval(baseline=base_rounds, candidate=rounds, confidence=confidence)
+        speed = ratio_interval(baseline=base_rounds, candidate=rounds, confidence=confidence, floor_sd=floor_sd)
         fields |= {"latency_ms_p50": p50.point, "latency_ms_p50_ci": (p50.low, p50.high),
                    "speedup_p50": speed.point, "speedup_ci": (speed.low, speed.high), "rounds": speed.rounds}
     if failure is not None:
