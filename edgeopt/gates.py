@@ -21,6 +21,9 @@ the verdict stands; only settled passes are selected). A verdict without an inte
 samples, or a point-only figure) is settled by its point value. A speed-up's interval is at least as
 wide as this host's run-to-run spread (``run_to_run_sd``, ``edgeopt.reproducibility``), so a speed-up
 settles only when it would hold in another run on this host; the verdict records the spread it used.
+When the same comparison was measured in earlier runs on this host (``earlier_speedups``), the
+speed-up verdict is judged on all of them (``edgeopt.reproducibility.pooled``; ``runs_pooled`` and
+``pooled_point`` say so), so it converges run after run instead of following each run's weather.
 
 A candidate without an evaluation fails its accuracy (and cosine) gate, and a figure that could
 not be measured (NaN, or a memory figure that is not positive) fails its gate: a gate never passes
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -38,7 +42,7 @@ import numpy as np
 from edgeopt.intervals import Interval, memory_reduction_interval, ratio_interval, split_rounds
 from edgeopt.profiles import Budgets, Gates
 from edgeopt.records import BenchmarkResult, CandidateOutcome, EvalResult, GateVerdict
-from edgeopt.reproducibility import settleable
+from edgeopt.reproducibility import pooled, settleable
 
 __all__ = [
     "MemoryBasis",
@@ -52,6 +56,7 @@ __all__ = [
     "rounds",
     "speedup",
     "speedup_interval",
+    "speedup_metric",
     "verdict",
 ]
 
@@ -68,7 +73,8 @@ def _settled(ok: bool) -> str:
 
 
 def verdict(*, gate: str, metric: str, comparator: Comparator, threshold: float, measured: float,
-            interval: Interval | None = None, run_to_run_sd: float | None = None) -> GateVerdict:
+            interval: Interval | None = None, run_to_run_sd: float | None = None,
+            runs_pooled: int | None = None) -> GateVerdict:
     """One verdict; ``margin`` is positive by how much it passed, negative by how much it failed.
 
     With a finite ``interval`` the status follows the interval (see the module doc); without one
@@ -89,8 +95,17 @@ def verdict(*, gate: str, metric: str, comparator: Comparator, threshold: float,
         ci = {"ci_low": interval.low, "ci_high": interval.high, "confidence": interval.confidence}
     if run_to_run_sd is not None:
         ci["run_to_run_sd"] = run_to_run_sd
+    if runs_pooled is not None:
+        ci["runs_pooled"] = runs_pooled
+        if runs_pooled > 1 and interval is not None:
+            ci["pooled_point"] = interval.point
     return GateVerdict(gate=gate, metric=metric, comparator=comparator, threshold=threshold, measured=measured,
                        margin=margin, passed=status == "pass", status=status, **ci)
+
+
+def speedup_metric(percentile: Percentile, baseline: str) -> str:
+    """The speed-up verdict's metric name: its percentile and the baseline it compares with."""
+    return f"speedup {percentile} vs {baseline}"
 
 
 def _quantile(percentile: Percentile) -> float:
@@ -206,21 +221,26 @@ def evaluate_gates(
     gates: Gates,
     budgets: Budgets,
     run_to_run_sd: float = 0.0,
+    earlier_speedups: Sequence[tuple[float, float]] = (),
 ) -> tuple[GateVerdict, ...]:
     """Verdicts of every gate of the profile, then one per budget set, in the order of the module doc.
 
     ``run_to_run_sd``: this host's run-to-run spread of log speed-up, the floor of the speed-up interval.
+    ``earlier_speedups``: (log speed-up, its run's own sd) of the same comparison in earlier runs on this host, pooled
+    with this run's for the speed-up verdict (``edgeopt.reproducibility.pooled``).
     """
     pct, basis = gates.speedup_percentile, gates.memory_basis
-    speed = speedup_interval(candidate_bench=benchmark, baseline_bench=baseline_benchmark, percentile=pct,
-                             confidence=gates.confidence, run_to_run_sd=run_to_run_sd)
+    own = speedup_interval(candidate_bench=benchmark, baseline_bench=baseline_benchmark, percentile=pct,
+                           confidence=gates.confidence, run_to_run_sd=run_to_run_sd)
+    speed, runs = pooled(own, list(earlier_speedups), sd_log=run_to_run_sd)
     memory = memory_interval(candidate_bench=benchmark, baseline_bench=baseline_benchmark, basis=basis,
                              confidence=gates.confidence)
     basis_name = "steady-state model memory" if basis == "steady" else "peak model memory"
     verdicts = [
         _accuracy_verdict(evaluation, gates),
-        verdict(gate="speedup", metric=f"speedup {pct} vs {baseline_benchmark.candidate}", comparator=">=",
-                threshold=gates.speedup_min, measured=speed.point, interval=speed, run_to_run_sd=run_to_run_sd),
+        verdict(gate="speedup", metric=speedup_metric(pct, baseline_benchmark.candidate), comparator=">=",
+                threshold=gates.speedup_min, measured=own.point, interval=speed, run_to_run_sd=run_to_run_sd,
+                runs_pooled=runs),
         verdict(gate="memory", metric=f"memory reduction ({basis_name}) vs {baseline_benchmark.candidate}",
                 comparator=">=", threshold=gates.memory_reduction_min, measured=memory.point, interval=memory),
     ]
@@ -248,8 +268,9 @@ def more_rounds_could_settle(outcome: CandidateOutcome) -> bool:
             continue
         if v.gate != "speedup" or not v.run_to_run_sd:
             return True
-        if settleable(point=v.measured, threshold=v.threshold, sd_log=v.run_to_run_sd,
-                      confidence=v.confidence or 0.95):
+        point = v.pooled_point if v.pooled_point is not None else v.measured
+        if settleable(point=point, threshold=v.threshold, sd_log=v.run_to_run_sd,
+                      confidence=v.confidence or 0.95, runs=v.runs_pooled or 1):
             return True
     return False
 
@@ -257,6 +278,7 @@ def more_rounds_could_settle(outcome: CandidateOutcome) -> bool:
 def outcome_with_gates(
     outcome: CandidateOutcome, *, baseline: CandidateOutcome, gates: Gates, budgets: Budgets,
     run_to_run_sd: float = 0.0,
+    earlier_speedups: Sequence[tuple[float, float]] = (),
 ) -> CandidateOutcome:
     """A copy of ``outcome`` with speed-ups, memory reduction and gate verdicts filled in, against
     ``baseline`` (its like-for-like baseline, named in ``outcome.baseline``).
@@ -273,7 +295,8 @@ def outcome_with_gates(
         )
     bench, base = outcome.benchmark, baseline.benchmark
     verdicts = evaluate_gates(benchmark=bench, evaluation=outcome.evaluation, baseline_benchmark=base,
-                              gates=gates, budgets=budgets, run_to_run_sd=run_to_run_sd)
+                              gates=gates, budgets=budgets, run_to_run_sd=run_to_run_sd,
+                              earlier_speedups=earlier_speedups)
     by_gate = {v.gate: v for v in verdicts}
     speed_p50 = by_gate["speedup"].measured if gates.speedup_percentile == "p50" else speedup(
         candidate_bench=bench, baseline_bench=base, percentile="p50")

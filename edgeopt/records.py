@@ -37,7 +37,7 @@ ModelFormat = Literal["onnx", "hf", "gguf"]
 
 #: bumped whenever a record gains, loses or changes a field: results cached by an older edgeopt
 #: (pickled records of the old shape) are then not reused
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 class Record(BaseModel):
     """Base of every record: immutable, unknown fields rejected."""
@@ -232,10 +232,17 @@ class GateVerdict(Record):
     confidence: float | None = Field(default=None, description="confidence level of [ci_low, ci_high], e.g. 0.95")
     run_to_run_sd: float | None = Field(default=None, description="this host's run-to-run standard deviation of "
                                         "the log ratio, the floor of the interval (speed-up verdicts)")
+    runs_pooled: int | None = Field(default=None, description="runs on this host whose measurements of this "
+                                    "comparison the interval pools, this one included (speed-up verdicts; "
+                                    "edgeopt.reproducibility.pooled); 1 = this run alone")
+    pooled_point: float | None = Field(default=None, description="the ratio pooled over runs_pooled runs (the "
+                                       "geometric mean), the centre of [ci_low, ci_high] when runs_pooled > 1")
 
     def describe(self) -> str:
         word = {"pass": "pass", "fail": "FAIL", "uncertain": "UNCERTAIN"}[self.status]
         ci = f" [{self.ci_low:.4g}, {self.ci_high:.4g}]" if self.ci_low is not None and self.ci_high is not None else ""
+        if (self.runs_pooled or 1) > 1 and self.pooled_point is not None:
+            ci = f" (pooled over {self.runs_pooled} runs on this host: {self.pooled_point:.4g}{ci})"
         return (f"{self.gate}: {self.measured:.4g}{ci} {self.comparator} {self.threshold:.4g} "
                 f"({word}, margin {self.margin:+.4g})")
 

@@ -38,7 +38,8 @@ def _ci(o: CandidateOutcome, gate: str) -> str:
     v = next((v for v in o.verdicts if v.gate == gate), None)
     if v is None or v.ci_low is None or v.ci_high is None:
         return "-"
-    return f"{v.ci_low:.2f}-{v.ci_high:.2f}x"
+    runs = f" ({v.runs_pooled} runs)" if (v.runs_pooled or 1) > 1 else ""
+    return f"{v.ci_low:.2f}-{v.ci_high:.2f}x{runs}"
 
 
 def _mem(value: float | None) -> str:
@@ -95,8 +96,13 @@ def spread_note(outcomes: Sequence[CandidateOutcome]) -> str | None:
     spreads = {v.run_to_run_sd for o in outcomes for v in o.verdicts if v.gate == "speedup" and v.run_to_run_sd}
     if not spreads:
         return None
-    return (f"this host's run-to-run spread of speed-ups (±{math.expm1(max(spreads)):.0%}, ×/÷ e^(z·"
+    pooled = sum(1 for o in outcomes for v in o.verdicts if v.gate == "speedup" and (v.runs_pooled or 1) > 1)
+    note = (f"this host's run-to-run spread of speed-ups (±{math.expm1(max(spreads)):.0%}, ×/÷ e^(z·"
             f"{max(spreads):.3f})): a speed-up verdict settles only when another run here would agree")
+    if pooled:
+        note += (f"; {pooled} speed-up(s) measured in earlier runs here are judged on all those runs "
+                 "(their CI says how many), the band narrowing as 1/√runs")
+    return note
 
 
 def markdown(outcomes: Sequence[CandidateOutcome], selection: Selection, *, title: str, links: dict[str, str]) -> str:

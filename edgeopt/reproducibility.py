@@ -22,6 +22,20 @@ deviations from their own mean::
 A quiet, dedicated host narrows its floor run after run; a noisy one widens it. More rounds in one
 run cannot settle a ratio whose point lies within ``z · s`` of its threshold (``settleable``), so
 the flow does not spend its re-measuring budget on those: they stay ``uncertain``.
+
+**Evidence accumulates over runs** (``pooled``). A comparison measured on this host before (the same
+key: both sides' artifacts as they run, settings, evaluation data, tools, hardware and metric) is
+judged on every distinct measurement of it, not on this run's alone: with this run's log ratio
+``x_0`` and the earlier runs' ``x_1 .. x_m`` (one per run, the latest; a measurement served again
+from the cache is the same measurement and counts once), the verdict's interval is::
+
+    x̄ ± z · sqrt(Σ_i v_i) / n,    n = m + 1,    v_i = max(s², run i's own variance)
+
+i.e. runs are taken as independent draws of the host's ratio with standard deviation ``s``, and a
+run counts with its own (within-run) variance when that is larger (a run measured under heavy load,
+with a wide interval of its own, weighs in with that width: the history stores each run's). A candidate near its threshold
+then moves from ``uncertain`` to a settled verdict as runs accumulate, instead of flipping between
+pass and uncertain with the weather of each run; its band narrows as ``1/sqrt(n)``.
 """
 
 from __future__ import annotations
@@ -35,11 +49,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgeopt.intervals import Interval
 from edgeopt.keys import digest, hardware_identity
 from edgeopt.records import HardwareFingerprint
 
-__all__ = ["PRIOR_DF", "RatioRecord", "Spread", "estimate", "history_path", "read_history", "record",
-           "settleable", "z_value"]
+__all__ = ["PRIOR_DF", "RatioRecord", "Spread", "earlier_runs", "estimate", "history_path", "own_sd", "pooled",
+           "read_history", "record", "settleable", "z_value"]
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +85,14 @@ class Spread:
 
 @dataclass(frozen=True)
 class RatioRecord:
-    """One comparison's speed-up as measured afresh in one run."""
+    """One comparison's speed-up as measured afresh in one run (``measurement``: a digest of the
+    latency samples of both sides, so the same measurement served again is recognised)."""
 
     key: str
     run: str
     log_ratio: float
+    measurement: str = ""
+    sd_log: float = 0.0
 
 
 def history_path(data_dir: Path | str, hw: HardwareFingerprint) -> Path:
@@ -90,7 +108,8 @@ def read_history(path: Path) -> list[RatioRecord]:
     for line in path.read_text().splitlines():
         try:
             d = json.loads(line)
-            rec = RatioRecord(key=str(d["key"]), run=str(d["run"]), log_ratio=float(d["log_ratio"]))
+            rec = RatioRecord(key=str(d["key"]), run=str(d["run"]), log_ratio=float(d["log_ratio"]),
+                              measurement=str(d.get("measurement", "")), sd_log=float(d.get("sd_log", 0.0)))
         except (ValueError, KeyError, TypeError):
             bad += 1
             continue
@@ -101,10 +120,15 @@ def read_history(path: Path) -> list[RatioRecord]:
     return out
 
 
-def record(path: Path, *, run: str, ratios: dict[str, float]) -> int:
-    """Append this run's fresh speed-ups (comparison key -> ratio); non-finite or non-positive ones are
-    left out. Returns how many were written."""
-    lines = [json.dumps({"key": k, "run": run, "log_ratio": math.log(v), "at": round(time.time(), 3)})
+def record(path: Path, *, run: str, ratios: dict[str, float], measurements: dict[str, str] | None = None,
+           sds: dict[str, float] | None = None) -> int:
+    """Append this run's fresh speed-ups (comparison key -> ratio; ``measurements``: comparison key ->
+    digest of the samples; ``sds``: comparison key -> the run's own standard deviation of the log ratio);
+    non-finite or non-positive ratios are left out. Returns how many were written."""
+    measurements, sds = measurements or {}, sds or {}
+    lines = [json.dumps({"key": k, "run": run, "log_ratio": math.log(v), "measurement": measurements.get(k, ""),
+                         "sd_log": sds.get(k, 0.0) if math.isfinite(sds.get(k, 0.0)) else 0.0,
+                         "at": round(time.time(), 3)})
              for k, v in sorted(ratios.items()) if math.isfinite(v) and v > 0]
     if lines:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -138,6 +162,40 @@ def estimate(history: Iterable[RatioRecord], *, prior: float) -> Spread:
     return Spread(sd_log=sd, prior=s0, df=df, comparisons=used)
 
 
+def own_sd(iv: Interval) -> float:
+    """The standard deviation of the log ratio that ``iv`` (a ratio's interval) stands for: its wider half
+    in log terms over z; NaN when it is not a finite positive interval."""
+    if not (iv.finite and iv.point > 0 and iv.low > 0):
+        return math.nan
+    x = math.log(iv.point)
+    return max(x - math.log(iv.low), math.log(iv.high) - x) / z_value(iv.confidence)
+
+
+def earlier_runs(history: Iterable[RatioRecord], key: str, *, run: str,
+                 measurement: str = "") -> list[tuple[float, float]]:
+    """(log ratio, the run's own sd) of comparison ``key`` measured in runs other than ``run`` (the latest
+    per run), leaving out the measurement ``measurement`` itself (a cached result served again)."""
+    per_run: dict[str, tuple[float, float]] = {}
+    for rec in history:
+        if rec.key == key and rec.run != run and not (measurement and rec.measurement == measurement):
+            per_run[rec.run] = (rec.log_ratio, rec.sd_log)
+    return list(per_run.values())
+
+
+def pooled(this: Interval, earlier: list[tuple[float, float]], *, sd_log: float) -> tuple[Interval, int]:
+    """``this`` run's ratio interval pooled with the ``earlier`` runs' (log ratio, own sd) of the same
+    comparison (module doc), and how many runs it pools. ``this`` unchanged when there is nothing
+    earlier, no spread, or ``this`` is not a finite ratio."""
+    if not earlier or not sd_log > 0 or not math.isfinite(own_sd(this)):
+        return this, 1
+    z = z_value(this.confidence)
+    runs = [*earlier, (math.log(this.point), own_sd(this))]
+    n = len(runs)
+    mean = sum(x for x, _ in runs) / n
+    half = z * math.sqrt(sum(max(sd_log, sd if math.isfinite(sd) else 0.0) ** 2 for _, sd in runs)) / n
+    return Interval(math.exp(mean), math.exp(mean - half), math.exp(mean + half), this.confidence, this.rounds), n
+
+
 def z_value(confidence: float) -> float:
     """The two-sided normal quantile of ``confidence`` (1.96 for 0.95)."""
     from scipy.stats import norm
@@ -145,9 +203,10 @@ def z_value(confidence: float) -> float:
     return float(norm.ppf(0.5 + confidence / 2.0))
 
 
-def settleable(*, point: float, threshold: float, sd_log: float, confidence: float) -> bool:
+def settleable(*, point: float, threshold: float, sd_log: float, confidence: float, runs: int = 1) -> bool:
     """Whether more rounds could settle a ratio at ``point``: False when the threshold lies within the
-    run-to-run band ``point · exp(±z · sd_log)``, which no number of rounds in one run narrows."""
+    run-to-run band ``point · exp(±z · sd_log / sqrt(runs))`` (``runs``: how many runs' evidence the
+    ratio pools, ``pooled``), which no number of rounds in this run narrows."""
     if not (point > 0 and threshold > 0 and math.isfinite(point)):
         return True
-    return abs(math.log(point) - math.log(threshold)) > z_value(confidence) * sd_log
+    return abs(math.log(point) - math.log(threshold)) > z_value(confidence) * sd_log / math.sqrt(max(1, runs))

@@ -366,11 +366,13 @@ def failed(spec: CandidateSpec, *, stage: str, error: CandidateFailed, artifact:
 
 
 def with_gates(outcomes: list[CandidateOutcome], *, profile: Profile, kind: str,
-               baselines: dict[str, str] | None = None, run_to_run_sd: float = 0.0) -> list[CandidateOutcome]:
+               baselines: dict[str, str] | None = None, run_to_run_sd: float = 0.0,
+               earlier: dict[str, list[tuple[float, float]]] | None = None) -> list[CandidateOutcome]:
     """Apply the profile's gates for this ``kind`` of model to every successful candidate against its
     like-for-like baseline (``baselines``: candidate name -> baseline variant name; default: the
     first baseline outcome). A candidate whose baseline failed is left without verdicts.
-    ``run_to_run_sd``: this host's run-to-run spread of log speed-up (``edgeopt.reproducibility``)."""
+    ``run_to_run_sd``: this host's run-to-run spread of log speed-up (``edgeopt.reproducibility``);
+    ``earlier``: candidate name -> (log speed-up, own sd) of its comparison in earlier runs (``earlier_speedups``)."""
     by_name = {o.name: o for o in outcomes}
     first = next(o for o in outcomes if o.spec.baseline)
     kind_gates = profile.gates_for(kind)
@@ -381,7 +383,8 @@ def with_gates(outcomes: list[CandidateOutcome], *, profile: Profile, kind: str,
             gated.append(o)
             continue
         gated.append(gates.outcome_with_gates(o, baseline=base, gates=kind_gates, budgets=profile.budgets,
-                                              run_to_run_sd=run_to_run_sd))
+                                              run_to_run_sd=run_to_run_sd,
+                                              earlier_speedups=(earlier or {}).get(o.name, ())))
     return gated
 
 
@@ -393,23 +396,75 @@ def host_spread(*, profile: Profile, hardware: HardwareFingerprint, data_dir: Pa
     return reproducibility.estimate(history, prior=cfg.run_to_run_spread)
 
 
+def _comparison(o: CandidateOutcome, baseline: CandidateOutcome, *, artifacts: dict[str, Artifact],
+                profile: Profile, kind: str, evaluation: str | None,
+                hardware: HardwareFingerprint) -> tuple[str, str] | None:
+    """The key of the speed-up comparison ``o`` vs ``baseline`` (both sides as they ran: artifact, runtime,
+    benchmark settings, evaluation data, tools, hardware; and the gate's metric) and a digest of this
+    measurement of it (both sides' latency samples); None when either side has no artifact."""
+    if o.name not in artifacts or baseline.name not in artifacts:
+        return None
+    metric = gates.speedup_metric(profile.gates_for(kind).speedup_percentile, baseline.name)
+    keys = [bench_key(artifacts[n], profile=profile, evaluation=evaluation, hardware=hardware, group="",
+                      repeat=0) for n in (o.name, baseline.name)]
+    samples = [x.benchmark.samples_path if x.benchmark else None for x in (o, baseline)]
+    measured = digest(*[file_sha256(Path(p)) if p and Path(p).is_file() else None for p in samples])
+    return digest(metric, *keys), measured
+
+
+def earlier_speedups(outcomes: list[CandidateOutcome], *, artifacts: dict[str, Artifact], run: str,
+                     profile: Profile, kind: str, baselines: dict[str, str] | None, evaluation: str | None,
+                     hardware: HardwareFingerprint, data_dir: Path) -> dict[str, list[tuple[float, float]]]:
+    """For each measured candidate, the log speed-ups of the same comparison in earlier runs on this
+    host (``edgeopt.reproducibility.earlier_runs``), to pool with this run's in its verdict; empty when
+    the profile keeps no history."""
+    if not profile.benchmark.run_to_run_history:
+        return {}
+    history = reproducibility.read_history(reproducibility.history_path(data_dir, hardware))
+    if not history:
+        return {}
+    by_name = {o.name: o for o in outcomes}
+    first = next((o for o in outcomes if o.spec.baseline), None)
+    out: dict[str, list[tuple[float, float]]] = {}
+    for o in outcomes:
+        base = by_name.get((baselines or {}).get(o.name, ""), first)
+        if o.spec.baseline or base is None or not (o.ok and base.ok):
+            continue
+        found = _comparison(o, base, artifacts=artifacts, profile=profile, kind=kind, evaluation=evaluation,
+                            hardware=hardware)
+        if found is not None:
+            earlier = reproducibility.earlier_runs(history, found[0], run=run, measurement=found[1])
+            if earlier:
+                out[o.name] = earlier
+    return out
+
+
 def record_speedups(outcomes: list[CandidateOutcome], *, artifacts: dict[str, Artifact], fresh: set[str],
-                    run: str, profile: Profile, evaluation: str | None, hardware: HardwareFingerprint,
+                    run: str, profile: Profile, kind: str, evaluation: str | None, hardware: HardwareFingerprint,
                     data_dir: Path) -> int:
     """Append the gated speed-ups of this run's freshly measured comparisons to the host's history.
 
     A comparison is keyed by both sides as they ran (artifact, runtime, benchmark settings, evaluation
     data, tools) and the gate's metric (its percentile); one served from the cache is not recorded again.
+    Each line carries this run's own ratio and the standard deviation of its own interval (neither floored
+    nor pooled), and a digest of the measurement.
     """
-    ratios = {}
+    ratios, measurements, sds = {}, {}, {}
+    by_name = {o.name: o for o in outcomes}
     for o in outcomes:
         v = next((v for v in o.verdicts if v.gate == "speedup"), None)
-        if v is None or o.baseline is None or not ({o.name, o.baseline} <= fresh) or o.name not in artifacts:
+        if v is None or o.baseline is None or not ({o.name, o.baseline} <= fresh) or o.baseline not in by_name:
             continue
-        keys = [bench_key(artifacts[n], profile=profile, evaluation=evaluation, hardware=hardware, group="",
-                          repeat=0) for n in (o.name, o.baseline)]
-        ratios[digest(v.metric, *keys)] = v.measured
-    return reproducibility.record(reproducibility.history_path(data_dir, hardware), run=run, ratios=ratios)
+        found = _comparison(o, by_name[o.baseline], artifacts=artifacts, profile=profile, kind=kind,
+                            evaluation=evaluation, hardware=hardware)
+        if found is not None:
+            ratios[found[0]], measurements[found[0]] = v.measured, found[1]
+            g = profile.gates_for(kind)  # this run's own interval, before any floor or pooling
+            own = gates.speedup_interval(candidate_bench=o.benchmark, baseline_bench=by_name[o.baseline].benchmark,
+                                         percentile=g.speedup_percentile, confidence=g.confidence)
+            sds[found[0]] = reproducibility.own_sd(own)
+    return reproducibility.record(reproducibility.history_path(data_dir, hardware), run=run, ratios=ratios,
+                                  measurements=measurements, sds=sds)
 
 
 def select(outcomes: list[CandidateOutcome], *, profile: Profile) -> Selection:

@@ -37,6 +37,7 @@ from tasks.phases import (
     build_stale,
     build_task,
     check_data_task,
+    earlier_speedups_task,
     evaluate_task,
     fingerprint_task,
     gate_task,
@@ -158,7 +159,18 @@ def _measure_all(groups, specs, artifacts, *, prof, assessment, hw, evaluation, 
     spread = host_spread_task(prof, hw, str(Path(work).parent))
     logger = get_run_logger()
     logger.info("speed-up intervals are at least this host's %s", spread.describe())
-    outcomes = gate_task(outcomes, prof, assessment.kind, baselines, spread.sd_log)
+    run = str(flow_run.id or uuid.uuid4())
+
+    def gate(outcomes):
+        # each comparison measured in earlier runs on this host is judged on all of them
+        earlier = earlier_speedups_task(outcomes, artifacts, run, prof, assessment.kind, baselines, evaluation, hw,
+                                        str(Path(work).parent))
+        if earlier:
+            logger.info("speed-ups pooled with earlier runs on this host: %s", ", ".join(
+                f"{n} ({len(v)} earlier)" for n, v in sorted(earlier.items())))
+        return gate_task(outcomes, prof, assessment.kind, baselines, spread.sd_log, earlier)
+
+    outcomes = gate(outcomes)
     uncertain = _worth_more_rounds(outcomes)
     extra, done = prof.benchmark.extra_repeats, prof.benchmark.repeats
     while uncertain and extra and done < prof.benchmark.max_repeats:
@@ -175,10 +187,10 @@ def _measure_all(groups, specs, artifacts, *, prof, assessment, hw, evaluation, 
         pooled = {n: pool_task(n, m.results[n]) for n in again if n not in m.failures}
         outcomes = [o.model_copy(update={"benchmark": pooled[o.name]}) if o.name in pooled and o.ok
                     else (m.failures[o.name] if o.name in m.failures and o.name in again else o) for o in outcomes]
-        outcomes = gate_task(outcomes, prof, assessment.kind, baselines, spread.sd_log)
+        outcomes = gate(outcomes)
         uncertain = _worth_more_rounds(outcomes)
     fresh = {n for n in m.results if not m.reused(n)}
-    record_speedups_task(outcomes, artifacts, fresh, str(flow_run.id or uuid.uuid4()), prof, evaluation, hw,
+    record_speedups_task(outcomes, artifacts, fresh, run, prof, assessment.kind, evaluation, hw,
                          str(Path(work).parent))
     return outcomes, m
 

@@ -216,9 +216,10 @@ def audit_task(outcome: CandidateOutcome, outputs: str) -> CandidateOutcome:
 
 @task(name="gate", cache_policy=NO_CACHE)
 def gate_task(outcomes: list[CandidateOutcome], profile: Profile, kind: str,
-              baselines: dict[str, str], run_to_run_sd: float = 0.0) -> list[CandidateOutcome]:
+              baselines: dict[str, str], run_to_run_sd: float = 0.0,
+              earlier: dict[str, list[float]] | None = None) -> list[CandidateOutcome]:
     return workflow.with_gates(outcomes, profile=profile, kind=kind, baselines=baselines,
-                               run_to_run_sd=run_to_run_sd)
+                               run_to_run_sd=run_to_run_sd, earlier=earlier)
 
 
 @task(name="host-spread", cache_policy=NO_CACHE)
@@ -226,12 +227,21 @@ def host_spread_task(profile: Profile, hardware: HardwareFingerprint, data_dir: 
     return workflow.host_spread(profile=profile, hardware=hardware, data_dir=Path(data_dir))
 
 
+@task(name="earlier-speedups", cache_policy=NO_CACHE)
+def earlier_speedups_task(outcomes: list[CandidateOutcome], artifacts: dict[str, Artifact], run: str,
+                          profile: Profile, kind: str, baselines: dict[str, str], evaluation: str | None,
+                          hardware: HardwareFingerprint, data_dir: str) -> dict[str, list[float]]:
+    return workflow.earlier_speedups(outcomes, artifacts=artifacts, run=run, profile=profile, kind=kind,
+                                     baselines=baselines, evaluation=evaluation, hardware=hardware,
+                                     data_dir=Path(data_dir))
+
+
 @task(name="record-speedups", cache_policy=NO_CACHE)
 def record_speedups_task(outcomes: list[CandidateOutcome], artifacts: dict[str, Artifact], fresh: set[str],
-                         run: str, profile: Profile, evaluation: str | None, hardware: HardwareFingerprint,
-                         data_dir: str) -> int:
+                         run: str, profile: Profile, kind: str, evaluation: str | None,
+                         hardware: HardwareFingerprint, data_dir: str) -> int:
     return workflow.record_speedups(outcomes, artifacts=artifacts, fresh=fresh, run=run, profile=profile,
-                                    evaluation=evaluation, hardware=hardware, data_dir=Path(data_dir))
+                                    kind=kind, evaluation=evaluation, hardware=hardware, data_dir=Path(data_dir))
 
 
 @task(name="select", cache_policy=NO_CACHE)

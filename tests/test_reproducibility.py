@@ -17,10 +17,19 @@ import numpy as np
 import pytest
 
 from edgeopt.gates import evaluate_gates, more_rounds_could_settle, verdict
-from edgeopt.intervals import ratio_interval
+from edgeopt.intervals import Interval, ratio_interval
 from edgeopt.profiles import Budgets, Gates
 from edgeopt.records import CandidateOutcome, CandidateSpec
-from edgeopt.reproducibility import PRIOR_DF, RatioRecord, estimate, read_history, record, settleable
+from edgeopt.reproducibility import (
+    PRIOR_DF,
+    RatioRecord,
+    earlier_runs,
+    estimate,
+    pooled,
+    read_history,
+    record,
+    settleable,
+)
 from tests.test_gates import evaluation
 from tests.test_intervals import BASELINE, CLEAR, _bench_with
 
@@ -115,3 +124,78 @@ def test_settleable_is_whether_the_threshold_lies_outside_the_band() -> None:
     mem = mem.model_copy(update={"status": "uncertain", "passed": False})
     assert more_rounds_could_settle(CandidateOutcome(spec=CandidateSpec(name="c", backend="onnxruntime"),
                                                      verdicts=(mem,)))
+
+
+# --- evidence pooled over runs ---------------------------------------------------------------------
+
+
+def test_earlier_runs_are_one_value_per_other_run_without_the_same_measurement() -> None:
+    hist = [RatioRecord("a", "r1", 0.70, "m1"), RatioRecord("a", "r1", 0.72, "m1b", 0.2),  # r1 twice: its latest
+            RatioRecord("a", "r2", 0.80, "m2"), RatioRecord("b", "r2", 1.5, "m9"),
+            RatioRecord("a", "r3", 0.90, "m3"), RatioRecord("a", "now", 0.60, "m4")]
+    assert sorted(earlier_runs(hist, "a", run="now")) == [(0.72, 0.2), (0.80, 0.0), (0.90, 0.0)]
+    # a result served again from the cache is the same measurement: it does not count twice
+    assert sorted(earlier_runs(hist, "a", run="now", measurement="m3")) == [(0.72, 0.2), (0.80, 0.0)]
+    assert earlier_runs(hist, "c", run="now") == []
+
+
+def test_pooled_interval_is_the_mean_of_the_runs_with_a_band_shrinking_as_one_over_root_n() -> None:
+    """Three runs at log ratios 0.70, 0.80 and this one at 0.90 with s = 0.1: centre e^0.80 and half-width
+    z·s/√3 (this run's own interval is narrower than the floor, so it counts with s too)."""
+    s = 0.1
+    this = Interval(math.exp(0.90), math.exp(0.90 - Z95 * s), math.exp(0.90 + Z95 * s), 0.95, 3)
+    iv, n = pooled(this, [(0.70, 0.0), (0.80, 0.05)], sd_log=s)
+    assert n == 3
+    assert iv.point == pytest.approx(math.exp(0.80))
+    assert iv.low == pytest.approx(math.exp(0.80 - Z95 * s / math.sqrt(3)))
+    assert iv.high == pytest.approx(math.exp(0.80 + Z95 * s / math.sqrt(3)))
+    # a noisy run (its own interval wider than the floor) weighs with its own variance
+    wide = Interval(math.exp(0.90), math.exp(0.90 - Z95 * 0.3), math.exp(0.90 + Z95 * 0.3), 0.95, 3)
+    iv_wide, _ = pooled(wide, [(0.70, 0.0), (0.80, 0.0)], sd_log=s)
+    assert iv_wide.low == pytest.approx(math.exp(0.80 - Z95 * math.sqrt(2 * s * s + 0.09) / 3))
+    # ...and so does an earlier run that was measured under load (its own interval stored with it)
+    iv_loaded, _ = pooled(this, [(0.70, 0.3), (0.80, 0.0)], sd_log=s)
+    assert iv_loaded.high == pytest.approx(math.exp(0.80 + Z95 * math.sqrt(2 * s * s + 0.09) / 3))
+    # nothing earlier, no spread, or nothing measured: this run alone
+    assert pooled(this, [], sd_log=s) == (this, 1)
+    assert pooled(this, [(0.7, 0.0)], sd_log=0.0) == (this, 1)
+    assert pooled(Interval.nan(), [(0.7, 0.0)], sd_log=s)[1] == 1
+
+
+def test_a_candidate_at_the_band_edge_converges_instead_of_flipping(tmp_path: Path) -> None:
+    """The issue's flip: a candidate near 2.5x against a 2x gate on a host with s = 0.12. Judged alone a
+    run is uncertain (2.5 / e^(1.96·0.12) = 1.98) or not by the weather; pooled, later runs' verdicts rest
+    on all the runs so far and their band narrows as 1/√n."""
+    s = 0.12
+    base = _bench_with(tmp_path, "baseline", BASELINE).model_copy(update={"rss_steady_mb_repeats": (100.0,) * 3})
+    cand = _bench_with(tmp_path, "cand", CLEAR)
+    x = math.log(next(v for v in evaluate_gates(benchmark=cand, evaluation=evaluation(), baseline_benchmark=base,
+                                                gates=Gates(), budgets=Budgets()) if v.gate == "speedup").measured)
+
+    def speed(earlier):
+        return next(v for v in evaluate_gates(benchmark=cand, evaluation=evaluation(), baseline_benchmark=base,
+                                              gates=Gates(), budgets=Budgets(), run_to_run_sd=s,
+                                              earlier_speedups=earlier) if v.gate == "speedup")
+
+    alone = speed([])
+    assert alone.status == "uncertain" and alone.runs_pooled == 1 and alone.pooled_point is None
+    # two earlier runs at this run's ratio: the band is z·s/√3 = ±15%, clear of 2x (2.5 / 1.15 = 2.18)
+    v = speed([(x, 0.0), (x, 0.0)])
+    assert v.runs_pooled == 3 and v.status == "pass" and v.measured == pytest.approx(math.exp(x))
+    assert v.pooled_point == pytest.approx(math.exp(x)) and v.ci_low == pytest.approx(math.exp(x - Z95 * s / math.sqrt(3)))
+    assert "pooled over 3 runs" in v.describe()
+    # earlier runs far lower pull the pooled verdict down: the evidence, not this run alone, decides
+    low = speed([(math.log(1.3), 0.0), (math.log(1.4), 0.0)])
+    assert low.status == "fail" and low.pooled_point < 2.0 < low.measured
+    # more rounds in this run cannot settle what lies within the pooled band
+    at_edge = speed([(math.log(2.0), 0.0), (math.log(2.0), 0.0)])
+    assert at_edge.status == "uncertain"
+    assert not more_rounds_could_settle(CandidateOutcome(spec=CandidateSpec(name="c", backend="onnxruntime"),
+                                                         verdicts=(at_edge,)))
+
+
+def test_history_lines_carry_the_measurement(tmp_path: Path) -> None:
+    path = tmp_path / "h.jsonl"
+    record(path, run="r1", ratios={"a": 2.0}, measurements={"a": "m1"}, sds={"a": 0.07})
+    back = read_history(path)[0]
+    assert back.measurement == "m1" and back.sd_log == 0.07

@@ -164,6 +164,10 @@ def _metrics(o: CandidateOutcome) -> dict[str, float]:
             m[f"{v.gate}_ci_low"], m[f"{v.gate}_ci_high"] = v.ci_low, v.ci_high
         if v.run_to_run_sd is not None:
             m[f"{v.gate}_run_to_run_sd"] = v.run_to_run_sd
+        if v.runs_pooled is not None:
+            m[f"{v.gate}_runs_pooled"] = float(v.runs_pooled)
+        if v.pooled_point is not None:
+            m[f"{v.gate}_pooled"] = v.pooled_point
     share = o.artifact.placement.get("target_share") if o.artifact else None
     if isinstance(share, int | float):
         m["placement_target_share"] = float(share)

@@ -3,12 +3,14 @@ comparison groups measured together, uncertain verdicts re-measured, registratio
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pytest
 
+from edgeopt import report as report_module
 from flows.optimize import optimize_flow
 from tests.conftest import write_profile
 
@@ -161,6 +163,38 @@ def test_an_uncertain_verdict_within_the_hosts_run_to_run_spread_is_not_re_measu
     assert report.selection.selected is None
     lines = [ln for f in (tmp_path / "data" / "hosts").glob("*.jsonl") for ln in f.read_text().splitlines()]
     assert len(lines) == 1, "one fresh speed-up per comparison of this run"
+
+
+def test_a_re_measured_comparison_is_judged_on_every_run_of_it_on_this_host(mlp, tmp_path):
+    """Run 1 measures a candidate; run 2 re-measures it (refresh): its speed-up verdict pools both runs,
+    centred on their geometric mean; run 3 serves run 2's measurement from the cache: that is the same
+    measurement, so it pools the same two runs (not three)."""
+    fp32 = {"name": "ort-fp32", "backend": "onnxruntime", "recipe": {"precision": "fp32", "graph_optimization": "all"}}
+    profile = write_profile(tmp_path / "p.yaml", candidates=[fp32],
+                            gates={"speedup_min": 0.5, "memory_reduction_min": -1.0, "accuracy_ratio_min": 0.5},
+                            benchmark={"repeats": 2, "extra_repeats": 0, "run_to_run_spread": 0.2})
+
+    reports = []
+
+    def run(refresh: bool):
+        reports.append(optimize_flow(model=str(mlp["model"]), profile=str(profile), evaluation=str(mlp["eval"]),
+                                     data_dir=str(tmp_path / "data"), refresh=refresh))
+        return next(v for v in _by_name(reports[-1])["ort-fp32"].verdicts if v.gate == "speedup")
+
+    first, second, third = run(False), run(True), run(False)
+    # what the table and the report say
+    row = next(r for r in report_module.rows(reports[1].outcomes) if r["candidate"] == "ort-fp32")
+    assert row["speed-up CI"].endswith("(2 runs)")
+    assert "judged on all those runs" in report_module.spread_note(reports[1].outcomes)
+    assert first.runs_pooled == 1 and first.pooled_point is None
+    assert second.runs_pooled == 2
+    assert second.pooled_point == pytest.approx(math.sqrt(first.measured * second.measured), rel=1e-9)
+    assert second.ci_low < second.pooled_point < second.ci_high
+    assert third.runs_pooled == 2 and third.measured == second.measured
+    # the same two runs' centre (the band may differ: run 2's spread went into the host's estimate)
+    assert third.pooled_point == pytest.approx(second.pooled_point, rel=1e-12) and third.status == second.status
+    lines = [ln for f in (tmp_path / "data" / "hosts").glob("*.jsonl") for ln in f.read_text().splitlines()]
+    assert len(lines) == 2, "the cached run is not recorded again"
 
 
 def _loose(tmp_path: Path) -> Path:
