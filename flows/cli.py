@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -31,7 +32,7 @@ err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, widt
 
 
 def _fail(exc: BaseException, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -300,7 +301,7 @@ def main() -> None:
     try:
         app()
     except EdgeOptError as exc:  # pragma: no cover - commands handle their own
-        err.print(f"error: {exc}", highlight=False, soft_wrap=True)
+        err.print(f"error: {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(getattr(exc, "exit_code", 2))
 
 
