@@ -332,7 +332,8 @@ def optimize_flow(
         md = report.markdown(outcomes, selection, title=f"edgeopt optimize: {name} on {prof.name}", links=links)
         if assessment.input_shapes:
             md += f"\n\nInput shapes (batch included): {describe_shapes(assessment.input_shapes)}\n"
-        tracking.record_selection(data_dir=str(base), run_id=run_id, selection=selection, report_md=md)
+        tracking.record_selection(data_dir=str(base), run_id=run_id, selection=selection, report_md=md,
+                                  outcomes=outcomes)
         create_markdown_artifact(markdown=md, key=re.sub(r"[^a-z0-9-]+", "-", f"optimize-{prof.name}".lower()),
                                  description=f"Candidates for {name} on {prof.name}")
         frontier = _pareto_rows(table, selection)
@@ -346,7 +347,7 @@ def optimize_flow(
         if chosen is not None:
             _progress("register", chosen.name)
             version = tracking.register_selected(data_dir=str(base), model_name=name, run_id=child_ids[chosen.name],
-                                                 outcome=chosen, selection=selection)
+                                                 outcome=chosen, selection=selection, assessment=assessment)
         status = "FINISHED"
         return OptimizeReport(
             profile=prof.name, model_name=name, outcomes=tuple(outcomes), selection=selection,

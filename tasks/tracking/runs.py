@@ -11,9 +11,11 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -237,9 +239,25 @@ def log_candidate(*, data_dir: str, experiment_id: str, parent_run_id: str, outc
 
 
 @task(name="mlflow-register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=_transient)
+def signature_tags(assessment: Assessment | None) -> dict[str, str]:
+    """The model's input/output signature as version tags (JSON lists of name, dtype, shape; dynamic dims
+    by their symbol) and the shapes it was measured at."""
+    if assessment is None:
+        return {}
+
+    def spec(ts) -> str:
+        return json.dumps([{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in ts])[:5000]
+
+    tags = {"signature.inputs": spec(assessment.inputs), "signature.outputs": spec(assessment.outputs)}
+    if assessment.input_shapes:
+        tags["signature.measured_shapes"] = json.dumps({k: list(v) for k, v in assessment.input_shapes.items()})[:5000]
+    return tags
+
+
 def register_selected(*, data_dir: str, model_name: str, run_id: str, outcome: CandidateOutcome,
-                      selection: Selection) -> str:
-    """Register the selected candidate's model as a new version with alias ``candidate``.
+                      selection: Selection, assessment: Assessment | None = None) -> str:
+    """Register the selected candidate's model as a new version with alias ``candidate``, its verdicts and
+    the model's input/output signature (``signature_tags``) as tags.
 
     The optimize flow calls this last. A version created here whose alias then cannot be set is
     deleted again, so a failure leaves no new version behind.
@@ -259,7 +277,7 @@ def register_selected(*, data_dir: str, model_name: str, run_id: str, outcome: C
                 return str(existing.version)
     source = f"{cl.get_run(run_id).info.artifact_uri}/model"
     tags = {"edgeopt.candidate": outcome.spec.name, "edgeopt.backend": outcome.spec.backend,
-            **{f"gate.{v.gate}": v.describe() for v in outcome.verdicts}}
+            **{f"gate.{v.gate}": v.describe() for v in outcome.verdicts}, **signature_tags(assessment)}
     if outcome.baseline:
         tags["edgeopt.compared_with"] = outcome.baseline
     if outcome.artifact:
@@ -276,9 +294,11 @@ def register_selected(*, data_dir: str, model_name: str, run_id: str, outcome: C
 
 @task(name="mlflow-record-selection", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
       retry_condition_fn=_transient)
-def record_selection(*, data_dir: str, run_id: str, selection: Selection, report_md: str | None = None) -> None:
-    """The selection (tags + selection.json) and the Markdown report on the parent run."""
-    from mlflow.entities import RunTag
+def record_selection(*, data_dir: str, run_id: str, selection: Selection, report_md: str | None = None,
+                     outcomes: list[CandidateOutcome] | None = None) -> None:
+    """The selection (tags + selection.json), the Markdown report (artifact, and the run's description in
+    the MLflow UI) and the selected candidate's figures as the parent run's metrics (``selected_*``)."""
+    from mlflow.entities import Metric, RunTag
 
     cl = client(data_dir)
     _log_json(cl, run_id, "selection.json", selection.model_dump(mode="json"))
@@ -287,8 +307,30 @@ def record_selection(*, data_dir: str, run_id: str, selection: Selection, report
             p = Path(tmp) / "report.md"
             p.write_text(report_md, encoding="utf-8")
             cl.log_artifact(run_id, str(p))
-    cl.log_batch(run_id, tags=[RunTag("edgeopt.selected", selection.selected or "none"),
-                               RunTag("edgeopt.selection", selection.message[:4000])])
+    chosen = next((o for o in outcomes or [] if o.name == selection.selected), None)
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"selected_{k}", float(v), now, 0) for k, v in _selected_figures(chosen).items()]
+    metrics += [Metric("candidates_passing", float(len(selection.passing)), now, 0)]
+    if outcomes is not None:
+        metrics.append(Metric("candidates_measured", float(sum(1 for o in outcomes if o.benchmark)), now, 0))
+    note = report_md if report_md else selection.message
+    cl.log_batch(run_id, metrics=metrics, tags=[RunTag("edgeopt.selected", selection.selected or "none"),
+                                                RunTag("edgeopt.selection", selection.message[:4000]),
+                                                RunTag("mlflow.note.content", note[:20000])])
+
+
+def _selected_figures(o: CandidateOutcome | None) -> dict[str, float]:
+    """The selected candidate's headline figures (finite ones only)."""
+    if o is None:
+        return {}
+    b, e = o.benchmark, o.evaluation
+    figures = {"speedup_p50": o.speedup_p50, "speedup_p95": o.speedup_p95, "memory_reduction": o.memory_reduction}
+    if b is not None:
+        figures |= {"latency_ms_p50": b.latency_ms_p50, "latency_ms_p95": b.latency_ms_p95,
+                    "rss_steady_mb": b.rss_steady_mb, "size_mb": b.size_bytes / 1e6}
+    if e is not None:
+        figures |= {"accuracy": e.value, "accuracy_baseline": e.baseline}
+    return {k: float(v) for k, v in figures.items() if v is not None and math.isfinite(v)}
 
 
 @task(name="mlflow-end-run", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=_transient)

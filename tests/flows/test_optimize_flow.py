@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlflow
 import pytest
 
 from edgeopt.errors import ConfigError, DataError, ModelError
+from edgeopt.intake import assess
 from flows.optimize import optimize_flow
 from tests.conftest import write_profile
 
@@ -99,6 +101,15 @@ def test_passing_candidate_is_registered_with_alias(mlp, tmp_path):
     assert mv.tags["edgeopt.candidate"] == "ort-int8-dynamic"
     assert "pass" in mv.tags["gate.speedup"]
     assert mv.run_id in {r.info.run_id for r in _children(cl, report).values()}
+    # the version carries the model's signature; the parent run the selection's figures and the report
+    inputs = json.loads(mv.tags["signature.inputs"])
+    assert [(t["name"], t["dtype"]) for t in inputs] == [(t.name, t.dtype) for t in assess(mlp["model"]).inputs]
+    assert json.loads(mv.tags["signature.outputs"]) and "signature.measured_shapes" in mv.tags
+    parent = cl.get_run(report.mlflow_run_id)
+    assert parent.data.metrics["selected_speedup_p50"] == pytest.approx(chosen.speedup_p50)
+    assert parent.data.metrics["selected_latency_ms_p50"] == pytest.approx(chosen.benchmark.latency_ms_p50)
+    assert parent.data.metrics["candidates_passing"] == len(report.selection.passing)
+    assert report.selection.message in parent.data.tags["mlflow.note.content"]
     # the same artifact selected again keeps its version instead of registering a duplicate
     again = optimize_flow(model=str(mlp["model"]), profile=str(profile), evaluation=str(mlp["eval"]),
                           data_dir=str(tmp_path / "data"), model_name="mlp-test")
