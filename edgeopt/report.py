@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from edgeopt.records import BenchmarkResult, CandidateOutcome, Selection
 
-__all__ = ["CLI_COLUMNS", "COLUMNS", "markdown", "rows", "spread_note", "verdict"]
+__all__ = ["CLI_COLUMNS", "COLUMNS", "markdown", "per_sample_note", "rows", "spread_note", "verdict"]
 
 COLUMNS = ("candidate", "runs as", "tokens", "vs", "p50 ms", "p95 ms", "p50 spread", "speed-up p50", "speed-up p95",
            "speed-up CI", "steady MB", "peak MB", "memory -%", "size MB", "accuracy", "fidelity", "verdict")
@@ -97,6 +97,12 @@ def spread_note(outcomes: Sequence[CandidateOutcome]) -> str | None:
         return None
     return (f"this host's run-to-run spread of speed-ups (±{math.expm1(max(spreads)):.0%}, ×/÷ e^(z·"
             f"{max(spreads):.3f})): a speed-up verdict settles only when another run here would agree")
+
+
+def per_sample_note(inputs: Sequence[str]) -> str:
+    """The line that says which inputs ran at each sample's own shape (a folder of per-sample feeds)."""
+    return (f"per-sample shapes: {', '.join(inputs)} ran at each sample's own shape (the shape above is the first "
+            "sample's); the baseline and every candidate ran the same files in the same order")
 
 
 def markdown(outcomes: Sequence[CandidateOutcome], selection: Selection, *, title: str, links: dict[str, str]) -> str:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from edgeopt import backends, bench, gates, intake, pareto, reproducibility
 from edgeopt.comparison import with_threads
-from edgeopt.data import Dataset, file_sha256, load_dataset
+from edgeopt.data import Dataset, load_dataset, path_sha256
+from edgeopt.data_folder import first_sample, is_sample_folder
 from edgeopt.errors import BackendUnavailable, CandidateFailed, ConfigError, DataError, ModelError
 from edgeopt.evaluate import evaluator_for, load_outputs
 from edgeopt.input_shapes import INPUT_SHAPES_KEY, parse_shapes, resolve_shapes, shaped_signature
@@ -112,19 +113,31 @@ def check_data(assessment: Assessment, *, calibration: str | None, evaluation: s
 
 
 def signature(assessment: Assessment) -> tuple:
-    """The model's inputs with the dims resolved for this run fixed (``assessment.input_shapes``)."""
-    return shaped_signature(assessment.inputs, assessment.input_shapes)
+    """The model's inputs with the dims resolved for this run fixed (``assessment.input_shapes``); inputs
+    that run at each sample's own shape (``per_sample_inputs``) keep their dynamic dims."""
+    return shaped_signature(assessment.inputs, _fixed(assessment.input_shapes, assessment))
+
+
+def _fixed(shapes: dict, assessment: Assessment) -> dict:
+    return {k: v for k, v in (shapes or {}).items() if k not in assessment.per_sample_inputs}
 
 
 def resolve_input_shapes(assessment: Assessment, *, shapes: list[str] | tuple[str, ...], profile: Profile,
                          evaluation: str | None, seq_len: int) -> Assessment:
     """The assessment with ``input_shapes`` set (``--shape`` values, the profile's ``input_shapes``, the
     evaluation data's dims, the batch size; see ``edgeopt.input_shapes``); ``ConfigError`` in one line."""
-    data = load_dataset(evaluation, signature=assessment.inputs, role="evaluation").inputs if evaluation else None
-    resolved = resolve_shapes(assessment.inputs, given=parse_shapes(shapes), defaults=profile.default_shapes(),
+    given, defaults = parse_shapes(shapes), profile.default_shapes()
+    per_sample: tuple[str, ...] = ()
+    if is_sample_folder(evaluation):  # a folder of per-sample feeds: the first sample's shapes stand for the run's
+        data = first_sample(evaluation, signature=assessment.inputs)
+        per_sample = tuple(s.name for s in assessment.inputs if s.name not in given and s.name not in defaults
+                           and any(not (isinstance(d, int) and d > 0) for d in s.shape))
+    else:
+        data = load_dataset(evaluation, signature=assessment.inputs, role="evaluation").inputs if evaluation else None
+    resolved = resolve_shapes(assessment.inputs, given=given, defaults=defaults,
                               batch_size=profile.benchmark.batch_size, data=data,
                               seq_len=seq_len if assessment.kind in ("encoder", "llm") else None)
-    return assessment.model_copy(update={"input_shapes": resolved})
+    return assessment.model_copy(update={"input_shapes": resolved, "per_sample_inputs": per_sample})
 
 
 def with_input_shapes(artifact: Artifact, *, shapes: dict[str, tuple[int, ...]]) -> Artifact:
@@ -137,7 +150,8 @@ def with_input_shapes(artifact: Artifact, *, shapes: dict[str, tuple[int, ...]])
 
 
 def _run_signature(artifact: Artifact, assessment: Assessment) -> tuple:
-    return shaped_signature(assessment.inputs, artifact.runtime.get(INPUT_SHAPES_KEY) or assessment.input_shapes)
+    return shaped_signature(assessment.inputs, _fixed(artifact.runtime.get(INPUT_SHAPES_KEY) or assessment.input_shapes,
+                                                      assessment))
 
 
 def build_input(spec: CandidateSpec, *, source: Assessment, converted: Assessment) -> Assessment | None:
@@ -181,8 +195,8 @@ def plan(profile: Profile, *, only: tuple[str, ...] = (), source: Assessment,
 
 
 def data_sha(path: str | None) -> str | None:
-    """sha256 of a data file (None without one)."""
-    return file_sha256(path) if path and Path(path).is_file() else None
+    """sha256 of a data file or of a folder of per-sample files (None without one)."""
+    return path_sha256(path) if path and Path(path).exists() else None
 
 
 def build_key(spec: CandidateSpec, *, assessment: Assessment, calibration: str | None,

@@ -147,6 +147,10 @@ def _print_report(result) -> None:
         from edgeopt.input_shapes import describe
 
         out.print(f"input shapes (batch included): {describe(result.input_shapes)}", highlight=False, soft_wrap=True)
+    if result.per_sample_inputs:
+        from edgeopt.report import per_sample_note
+
+        out.print(per_sample_note(result.per_sample_inputs), highlight=False, soft_wrap=True)
     sources = sorted({o.benchmark.memory_source for o in result.outcomes if o.benchmark and o.benchmark.memory_source})
     if sources:
         out.print(f"memory figures: {'; '.join(sources)}", highlight=False, soft_wrap=True)

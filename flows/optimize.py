@@ -92,6 +92,7 @@ class OptimizeReport(BaseModel):
     cached: tuple[str, ...] = ()
     remeasured: tuple[str, ...] = ()
     input_shapes: dict[str, tuple[int, ...]] = {}
+    per_sample_inputs: tuple[str, ...] = ()
 
 
 def _default_model_name(model: str, profile: str) -> str:
@@ -320,6 +321,8 @@ def optimize_flow(
         md = report.markdown(outcomes, selection, title=f"edgeopt optimize: {name} on {prof.name}", links=links)
         if assessment.input_shapes:
             md += f"\n\nInput shapes (batch included): {describe_shapes(assessment.input_shapes)}\n"
+        if assessment.per_sample_inputs:
+            md += f"\n{report.per_sample_note(assessment.per_sample_inputs)}\n"
         tracking.record_selection(data_dir=str(base), run_id=run_id, selection=selection, report_md=md)
         create_markdown_artifact(markdown=md, key=re.sub(r"[^a-z0-9-]+", "-", f"optimize-{prof.name}".lower()),
                                  description=f"Candidates for {name} on {prof.name}")
@@ -340,7 +343,7 @@ def optimize_flow(
             profile=prof.name, model_name=name, outcomes=tuple(outcomes), selection=selection,
             experiment_id=exp_id, mlflow_run_id=run_id, mlflow_run_url=url,
             tracking_uri=settings.mlflow_tracking_uri(base), registered_version=version,
-            cached=reused, input_shapes=assessment.input_shapes, remeasured=tuple(o.name for o in outcomes if o.benchmark and o.name not in reused),
+            cached=reused, input_shapes=assessment.input_shapes, per_sample_inputs=assessment.per_sample_inputs, remeasured=tuple(o.name for o in outcomes if o.benchmark and o.name not in reused),
             flow_run_id=str(flow_run.id) if flow_run.id else None,
             flow_run_url=flow_run.ui_url if flow_run.ui_url and not flow_run.ui_url.startswith("None") else None,
         )
