@@ -165,6 +165,7 @@ def dense(tmp_path_factory):
     return {"model": make_dense_hw(d / "dense.onnx"), "imgs": d / "imgs", "profile": profile, "dir": d}
 
 
+@pytest.mark.heavy  # ~60-75 s on a loaded 2-core machine; tests/test_data_folder.py covers it without Prefect
 def test_a_folder_of_images_of_different_sizes_calibrates_evaluates_and_measures(cli_env, dense, tmp_path):  # noqa: F811
     import json
 

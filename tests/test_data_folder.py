@@ -94,3 +94,43 @@ def test_bad_sample_files_are_one_line(hw, tmp_path, make, expected):
     with pytest.raises(DataError, match=expected) as info:
         load_dataset(tmp_path / "d", signature=hw["a"].inputs, role="evaluation")
     assert "\n" not in str(info.value)
+
+
+def test_a_dense_model_is_calibrated_measured_and_evaluated_image_by_image(tmp_path):
+    """Without Prefect: ORT static INT8 calibrated on the folder; baseline and candidate measured on the same
+    images in the same order, each at its own size; the masks compared pixel by pixel."""
+    import json
+    from pathlib import Path
+
+    import onnxruntime as ort
+
+    from edgeopt.records import HardwareFingerprint
+    from tests.realworld_models import make_dense_hw
+
+    sizes = [(24, 32), (40, 24), (32, 32)]
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate(sizes):
+        np.savez(imgs / f"{i:03d}.npz", image=rng.standard_normal((1, 3, h, w)).astype(np.float32))
+    prof = load_profile(str(write_profile(tmp_path / "p.yaml", benchmark={
+        "warmup_runs": 1, "min_runs": 10, "min_duration_s": 0.05})))
+    a = workflow.resolve_input_shapes(assess(make_dense_hw(tmp_path / "dense.onnx")), shapes=[], profile=prof,
+                                      evaluation=str(imgs), seq_len=128)
+    hw = HardwareFingerprint(hostname="test-host", os="linux", arch="x86_64", cpu_model="test-cpu",
+                             isa_flags=(), cores_physical=2, cores_logical=2, ram_mb=1024, python="3.11",
+                             tool_versions={"onnxruntime": ort.__version__})
+    specs = [prof.baseline.spec(baseline=True), prof.candidate_specs(("ort-int8-static-minmax",), kind=a.kind)[0]]
+    outputs = {}
+    for spec in specs:
+        art = workflow.build(spec, assessment=a, calibration=str(imgs), work_dir=tmp_path / "work", hardware=hw)
+        result = workflow.measure(art, profile=prof, assessment=a, hardware=hw, evaluation=str(imgs),
+                                  work_dir=tmp_path / "work")
+        fed = json.loads((Path(result.samples_path).parent / "result.json").read_text())["feed_shapes"]
+        assert fed == [{"image": [1, 3, h, w]} for h, w in sorted(sizes)], spec.name
+        outputs[spec.name] = workflow.run_outputs(art, profile=prof, assessment=a, evaluation=str(imgs),
+                                                  work_dir=tmp_path / "work", hardware=hw)
+    ev = workflow.evaluate(specs[1].name, outputs=outputs[specs[1].name], baseline_outputs=outputs[specs[0].name],
+                           assessment=a, evaluation=str(imgs), max_samples=prof.benchmark.max_eval_samples)
+    assert ev.samples == sum(h * w for h, w in sizes)  # one row per pixel, 4 classes each
+    assert 0.5 < ev.top1_agreement <= 1.0
