@@ -30,8 +30,8 @@ import numpy as np
 from edgeopt.errors import DataError
 from edgeopt.records import TensorSpec
 
-__all__ = ["LABELS_KEY", "Dataset", "file_sha256", "is_complete_feed", "load_dataset", "path_sha256",
-           "synthetic_dataset"]
+__all__ = ["LABELS_KEY", "SYNTHETIC_SAMPLES", "Dataset", "file_sha256", "is_complete_feed", "load_dataset",
+           "path_sha256", "synthetic_dataset", "write_synthetic"]
 
 log = logging.getLogger(__name__)
 
@@ -226,3 +226,21 @@ def synthetic_dataset(signature: tuple[TensorSpec, ...], *, count: int = 16, see
         inputs[spec.name] = arr
     digest = hashlib.sha256(repr((seed, count, dynamic_size, signature)).encode()).hexdigest()
     return Dataset(None, f"synthetic-{digest[:16]}", inputs, None, frozenset(feeds))
+
+
+#: samples in the generated calibration/evaluation file of ``--synthetic-data``
+SYNTHETIC_SAMPLES = 32
+
+
+def write_synthetic(signature: tuple[TensorSpec, ...], *, out_dir: Path, count: int = SYNTHETIC_SAMPLES,
+                    seed: int = 0) -> Path:
+    """Generated data at ``signature``'s shapes (floats N(0, 1), integers 0/1) as an ``.npz`` in the layouts
+    ``load_dataset`` reads, named by its digest (``--synthetic-data``: no real inputs, no labels)."""
+    ds = synthetic_dataset(signature, count=count, seed=seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{ds.sha256}.npz"
+    if not path.is_file():
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, **ds.inputs)
+        tmp.replace(path)
+    return path

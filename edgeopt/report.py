@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from edgeopt.records import BenchmarkResult, CandidateOutcome, Selection
 
-__all__ = ["CLI_COLUMNS", "COLUMNS", "markdown", "per_sample_note", "rows", "spread_note", "verdict"]
+__all__ = ["CLI_COLUMNS", "COLUMNS", "markdown", "per_sample_note", "rows", "spread_note", "synthetic_note", "verdict"]
 
 COLUMNS = ("candidate", "runs as", "tokens", "vs", "p50 ms", "p95 ms", "p50 spread", "speed-up p50", "speed-up p95",
            "speed-up CI", "steady MB", "peak MB", "memory -%", "size MB", "accuracy", "fidelity", "verdict")
@@ -103,6 +103,12 @@ def per_sample_note(inputs: Sequence[str]) -> str:
     """The line that says which inputs ran at each sample's own shape (a folder of per-sample feeds)."""
     return (f"per-sample shapes: {', '.join(inputs)} ran at each sample's own shape (the shape above is the first "
             "sample's); the baseline and every candidate ran the same files in the same order")
+
+
+def synthetic_note(roles: Sequence[str]) -> str:
+    """The line that says which data was generated (``--synthetic-data``)."""
+    return (f"{' and '.join(roles)} on generated inputs (--synthetic-data: random N(0, 1) values at the input "
+            "shapes, no labels); accuracy figures compare candidates with the baseline on those, not on real data")
 
 
 def markdown(outcomes: Sequence[CandidateOutcome], selection: Selection, *, title: str, links: dict[str, str]) -> str:

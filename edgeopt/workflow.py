@@ -12,7 +12,7 @@ from pathlib import Path
 
 from edgeopt import backends, bench, gates, intake, pareto, reproducibility
 from edgeopt.comparison import with_threads
-from edgeopt.data import Dataset, load_dataset, path_sha256
+from edgeopt.data import Dataset, load_dataset, path_sha256, write_synthetic
 from edgeopt.data_folder import first_sample, is_sample_folder
 from edgeopt.errors import BackendUnavailable, CandidateFailed, ConfigError, DataError, ModelError
 from edgeopt.evaluate import evaluator_for, load_outputs
@@ -61,6 +61,7 @@ __all__ = [
     "run_outputs",
     "select",
     "signature",
+    "synthetic_data",
     "with_gates",
     "with_input_shapes",
 ]
@@ -110,6 +111,17 @@ def check_data(assessment: Assessment, *, calibration: str | None, evaluation: s
     cal = load_dataset(calibration, signature=sig, role="calibration") if calibration else None
     ev = load_dataset(evaluation, signature=sig, role="evaluation") if evaluation else None
     return cal, ev
+
+
+def synthetic_data(assessment: Assessment, *, work_dir: Path | None) -> str | None:
+    """``--synthetic-data``: a generated ``.npz`` at the shapes resolved for the run (``input_shapes``), for
+    calibration and evaluation when the user has no data (None: only check). ``ConfigError`` when the
+    run has no one shape per input (per-sample data)."""
+    if assessment.per_sample_inputs or any(s.name not in assessment.input_shapes for s in assessment.inputs):
+        raise ConfigError("--synthetic-data generates inputs at one shape per input: give the shapes with "
+                          "--shape NAME=DxDx... (or the profile's input_shapes), not a folder of per-sample data")
+    return None if work_dir is None else str(write_synthetic(signature(assessment),
+                                                            out_dir=work_dir / "data" / "synthetic"))
 
 
 def signature(assessment: Assessment) -> tuple:

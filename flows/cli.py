@@ -52,6 +52,9 @@ def optimize(
     shape: Annotated[list[str] | None, typer.Option("--shape", help="input shape NAME=1x3x640x640 for dynamic dims "
                                                     "(repeatable; NAME=scalar for a 0-d input); the batch dim "
                                                     "takes the profile's batch size")] = None,
+    synthetic_data: Annotated[bool, typer.Option("--synthetic-data", help="calibrate and evaluate on generated "
+                                                 "inputs at the --shape sizes where no data is given (the report "
+                                                 "says so)")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Prefect's logs")] = False,
 ) -> None:
     """Build, benchmark, evaluate and gate every candidate of PROFILE for MODEL; register the winner."""
@@ -93,6 +96,8 @@ def optimize(
                                               seq_len=seq_len or prof.benchmark.seq_len)
             workflow.check_data(a, calibration=str(calibration) if calibration else None,
                                 evaluation=str(eval_data) if eval_data else None)
+            if synthetic_data and not (calibration and eval_data):
+                workflow.synthetic_data(a, work_dir=None)
     except EdgeOptError as exc:
         _fail(exc)
     from flows._env import PrefectAPIUnavailable, ensure_prefect_api
@@ -111,7 +116,8 @@ def optimize(
                                    evaluation=str(eval_data) if eval_data else None,
                                    candidates=list(candidate) if candidate else None, model_name=model_name,
                                    refresh=refresh, allow_hardware_mismatch=allow_hardware_mismatch,
-                                   seq_len=seq_len, shapes=list(shape) if shape else None)
+                                   seq_len=seq_len, shapes=list(shape) if shape else None,
+                                   synthetic_data=synthetic_data)
         except PrefectAPIUnavailable as exc:
             progress.stop()
             if verbose:
@@ -147,6 +153,10 @@ def _print_report(result) -> None:
         from edgeopt.input_shapes import describe
 
         out.print(f"input shapes (batch included): {describe(result.input_shapes)}", highlight=False, soft_wrap=True)
+    if result.synthetic_data:
+        from edgeopt.report import synthetic_note
+
+        out.print(f"synthetic data: {synthetic_note(result.synthetic_data)}", highlight=False, soft_wrap=True)
     if result.per_sample_inputs:
         from edgeopt.report import per_sample_note
 

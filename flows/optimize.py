@@ -50,6 +50,7 @@ from tasks.phases import (
     prepare_model_task,
     record_speedups_task,
     select_task,
+    synthetic_data_task,
 )
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ class OptimizeReport(BaseModel):
     remeasured: tuple[str, ...] = ()
     input_shapes: dict[str, tuple[int, ...]] = {}
     per_sample_inputs: tuple[str, ...] = ()
+    synthetic_data: tuple[str, ...] = ()
 
 
 def _default_model_name(model: str, profile: str) -> str:
@@ -216,6 +218,7 @@ def optimize_flow(
     allow_hardware_mismatch: bool = False,
     seq_len: int | None = None,
     shapes: list[str] | None = None,
+    synthetic_data: bool = False,
 ) -> OptimizeReport:
     """Optimize MODEL for PROFILE on this machine and register the winner (if any) in MLflow.
 
@@ -231,6 +234,8 @@ def optimize_flow(
         allow_hardware_mismatch: run even if this machine does not fit the profile's hardware.
         seq_len: token length for text data (default: the profile's benchmark.seq_len).
         shapes: input shapes as NAME=1x3x640x640 (over the profile's input_shapes) for dynamic dims.
+        synthetic_data: calibrate and evaluate on generated inputs at those shapes where no data is given
+            (said in the report and the MLflow tag ``edgeopt.synthetic_data``).
     """
     refuse_wrong_host(allow_mismatch=allow_hardware_mismatch)
     logger = get_run_logger()
@@ -250,6 +255,12 @@ def optimize_flow(
     shaped = input_shapes_task(assessment, list(shapes or []), prof, evaluation, seq)
     source, assessment = (shaped if source.model.format == "onnx" else source), shaped
     logger.info("input shapes: %s", describe_shapes(assessment.input_shapes))
+    generated = tuple(role for role, path in (("calibration", calibration), ("evaluation", evaluation))
+                      if synthetic_data and path is None)
+    if generated:  # asked for explicitly: generated inputs at the run's shapes, said everywhere
+        made = synthetic_data_task(assessment, work)
+        calibration, evaluation = calibration or made, evaluation or made
+        logger.warning("synthetic data for %s: %s", " and ".join(generated), report.synthetic_note(generated))
     hw = fingerprint_task()
     mismatch = host_mismatches(prof, hw)
     if mismatch and not allow_hardware_mismatch:
@@ -266,7 +277,9 @@ def optimize_flow(
     exp_id, run_id = tracking.start_parent_run(
         data_dir=str(base), experiment=f"edgeopt/{name}", run_name=f"optimize-{prof.name}",
         assessment=source, profile_name=prof.name, profile_doc=prof.model_dump(mode="json"), hardware=hw,
-        tags={"prefect.flow_run_id": str(flow_run.id or "")}, input_shapes=assessment.input_shapes)
+        tags={"prefect.flow_run_id": str(flow_run.id or ""),
+              **({"edgeopt.synthetic_data": ",".join(generated)} if generated else {})},
+        input_shapes=assessment.input_shapes)
     status = "FAILED"
     try:
         futures = {}
@@ -323,6 +336,8 @@ def optimize_flow(
             md += f"\n\nInput shapes (batch included): {describe_shapes(assessment.input_shapes)}\n"
         if assessment.per_sample_inputs:
             md += f"\n{report.per_sample_note(assessment.per_sample_inputs)}\n"
+        if generated:
+            md += f"\n**Synthetic data**: {report.synthetic_note(generated)}\n"
         tracking.record_selection(data_dir=str(base), run_id=run_id, selection=selection, report_md=md)
         create_markdown_artifact(markdown=md, key=re.sub(r"[^a-z0-9-]+", "-", f"optimize-{prof.name}".lower()),
                                  description=f"Candidates for {name} on {prof.name}")
@@ -343,7 +358,8 @@ def optimize_flow(
             profile=prof.name, model_name=name, outcomes=tuple(outcomes), selection=selection,
             experiment_id=exp_id, mlflow_run_id=run_id, mlflow_run_url=url,
             tracking_uri=settings.mlflow_tracking_uri(base), registered_version=version,
-            cached=reused, input_shapes=assessment.input_shapes, per_sample_inputs=assessment.per_sample_inputs, remeasured=tuple(o.name for o in outcomes if o.benchmark and o.name not in reused),
+            cached=reused, input_shapes=assessment.input_shapes, per_sample_inputs=assessment.per_sample_inputs,
+            synthetic_data=generated, remeasured=tuple(o.name for o in outcomes if o.benchmark and o.name not in reused),
             flow_run_id=str(flow_run.id) if flow_run.id else None,
             flow_run_url=flow_run.ui_url if flow_run.ui_url and not flow_run.ui_url.startswith("None") else None,
         )
