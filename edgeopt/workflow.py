@@ -16,7 +16,7 @@ from edgeopt.data import Dataset, load_dataset, path_sha256, write_synthetic
 from edgeopt.data_folder import first_sample, is_sample_folder
 from edgeopt.errors import BackendUnavailable, CandidateFailed, ConfigError, DataError, ModelError
 from edgeopt.evaluate import evaluator_for, load_outputs
-from edgeopt.input_shapes import INPUT_SHAPES_KEY, parse_shapes, resolve_shapes, shaped_signature
+from edgeopt.input_shapes import INPUT_SHAPES_KEY, parse_shapes, resolve_shapes, shape_settings, shaped_signature
 from edgeopt.keys import digest, hardware_identity, result_key, stamp_ok, write_stamp
 from edgeopt.native_log import captured
 from edgeopt.profiles import Profile
@@ -46,6 +46,7 @@ __all__ = [
     "check_data",
     "data_sha",
     "evaluate",
+    "extra_shape_settings",
     "failed",
     "host_spread",
     "measure",
@@ -138,7 +139,7 @@ def resolve_input_shapes(assessment: Assessment, *, shapes: list[str] | tuple[st
                          evaluation: str | None, seq_len: int) -> Assessment:
     """The assessment with ``input_shapes`` set (``--shape`` values, the profile's ``input_shapes``, the
     evaluation data's dims, the batch size; see ``edgeopt.input_shapes``); ``ConfigError`` in one line."""
-    given, defaults = parse_shapes(shapes), profile.default_shapes()
+    given, defaults = parse_shapes(shape_settings(shapes)[0]), profile.default_shapes()
     per_sample: tuple[str, ...] = ()
     if is_sample_folder(evaluation):  # a folder of per-sample feeds: the first sample's shapes stand for the run's
         data = first_sample(evaluation, signature=assessment.inputs)
@@ -150,6 +151,31 @@ def resolve_input_shapes(assessment: Assessment, *, shapes: list[str] | tuple[st
                               batch_size=profile.benchmark.batch_size, data=data,
                               seq_len=seq_len if assessment.kind in ("encoder", "llm") else None)
     return assessment.model_copy(update={"input_shapes": resolved, "per_sample_inputs": per_sample})
+
+
+def extra_shape_settings(assessment: Assessment, *, shapes: list[str] | tuple[str, ...], profile: Profile,
+                         evaluation: str | None, seq_len: int) -> list[tuple[str, dict[str, tuple[int, ...]]]]:
+    """The shape settings after the first (an input given several times with ``--shape``), each as (label,
+    every input's shape); the label names the shapes of the repeated inputs (``1x3x640x640``). Each is
+    checked as the first is; they run on generated inputs, so ``--eval`` data (one shape) is refused."""
+    settings = shape_settings(shapes)
+    if len(settings) == 1:
+        return []
+    if evaluation:
+        raise ConfigError(f"--shape gives {len(settings)} shape settings, measured on generated inputs at each shape; "
+                          "--eval data has one shape: drop --eval (or give one --shape per input)")
+    repeated = [n for n in parse_shapes(settings[0]) if sum(v.partition("=")[0].strip() == n for v in shapes) > 1]
+    out = []
+    for values in settings[1:]:
+        resolved = resolve_shapes(assessment.inputs, given=parse_shapes(values), defaults=profile.default_shapes(),
+                                  batch_size=profile.benchmark.batch_size,
+                                  seq_len=seq_len if assessment.kind in ("encoder", "llm") else None)
+        out.append(("-".join("x".join(map(str, resolved[n])) for n in repeated), resolved))
+    labels = [label for label, _ in out]
+    first = "-".join("x".join(map(str, assessment.input_shapes[n])) for n in repeated)
+    if len(set(labels)) != len(labels) or first in labels:
+        raise ConfigError(f"--shape: the shape settings repeat one another ({', '.join([first, *labels])}); give each once")
+    return out
 
 
 def with_input_shapes(artifact: Artifact, *, shapes: dict[str, tuple[int, ...]]) -> Artifact:

@@ -96,6 +96,9 @@ def optimize(
                                               seq_len=seq_len or prof.benchmark.seq_len)
             workflow.check_data(a, calibration=str(calibration) if calibration else None,
                                 evaluation=str(eval_data) if eval_data else None)
+            workflow.extra_shape_settings(a, shapes=list(shape or []), profile=prof,
+                                          evaluation=str(eval_data) if eval_data else None,
+                                          seq_len=seq_len or prof.benchmark.seq_len)
             if synthetic_data and not (calibration and eval_data):
                 workflow.synthetic_data(a, work_dir=None)
     except EdgeOptError as exc:
@@ -153,6 +156,10 @@ def _print_report(result) -> None:
         from edgeopt.input_shapes import describe
 
         out.print(f"input shapes (batch included): {describe(result.input_shapes)}", highlight=False, soft_wrap=True)
+    if result.shape_settings:
+        out.print(f"shape settings: rows -{', -'.join(result.shape_settings)} measure each candidate at those shapes "
+                  "against the baseline at the same shape; a candidate passes only if it passes at every shape "
+                  "(gate every-shape)", highlight=False, soft_wrap=True)
     if result.synthetic_data:
         from edgeopt.report import synthetic_note
 
