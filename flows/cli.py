@@ -94,11 +94,11 @@ def optimize(
             a = workflow.resolve_input_shapes(a, shapes=list(shape or []), profile=prof,
                                               evaluation=str(eval_data) if eval_data else None,
                                               seq_len=seq_len or prof.benchmark.seq_len)
-            workflow.check_data(a, calibration=str(calibration) if calibration else None,
-                                evaluation=str(eval_data) if eval_data else None)
             workflow.extra_shape_settings(a, shapes=list(shape or []), profile=prof,
                                           evaluation=str(eval_data) if eval_data else None,
                                           seq_len=seq_len or prof.benchmark.seq_len)
+            workflow.check_data(a, calibration=str(calibration) if calibration else None,
+                                evaluation=str(eval_data) if eval_data else None)
             if synthetic_data and not (calibration and eval_data):
                 workflow.synthetic_data(a, work_dir=None)
     except EdgeOptError as exc:

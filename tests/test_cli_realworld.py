@@ -192,3 +192,13 @@ def test_a_per_sample_file_that_disagrees_with_a_fixed_shape_is_one_line(cli_env
     assert ("001.npz: input 'image' has shape [1, 3, 40, 24], the run needs (batch, 3, 24, 32) (dim 2 is 24): "
             "this input takes one shape, so every sample must have it") in _one_error_line(r)
     assert len(_registered(Path(cli_env["EDGEOPT_HOME"]))) == before
+
+
+def test_several_shapes_with_eval_data_of_one_shape_is_one_line(cli_env, dense):  # noqa: F811
+    before = len(_registered(Path(cli_env["EDGEOPT_HOME"])))
+    r = run(cli_env, "optimize", dense["model"], "--profile", dense["profile"], "--eval", dense["imgs"],
+            "--shape", "image=1x3x24x32", "--shape", "image=1x3x48x48")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert ("--shape gives 2 shape settings, measured on generated inputs at each shape; --eval data has one "
+            "shape: drop --eval (or give one --shape per input)") in _one_error_line(r)
+    assert len(_registered(Path(cli_env["EDGEOPT_HOME"]))) == before
