@@ -28,7 +28,7 @@ from edgeopt.errors import ConfigError
 from edgeopt.records import TensorSpec
 
 __all__ = ["INPUT_SHAPES_KEY", "SHAPE_SETTING_KEY", "batch_axis", "describe", "parse_shapes", "probe_feeds",
-           "resolve_shapes", "shape_settings", "shaped_signature"]
+           "registered_signature", "resolve_shapes", "shape_settings", "shaped_signature"]
 
 #: the runtime key that carries the shapes an artifact is measured at
 INPUT_SHAPES_KEY = "input_shapes"
@@ -198,3 +198,14 @@ def probe_feeds(inputs: tuple[TensorSpec, ...], shapes: Mapping[str, Iterable[in
         else:
             feeds[spec.name] = (np.zeros if "type" in spec.name else np.ones)(shape, dtype=dtype)
     return feeds
+
+
+def registered_signature(inputs: tuple[TensorSpec, ...], *, runtime: Mapping, input_shapes: Mapping[str, Iterable[int]],
+                         per_sample_inputs: Iterable[str] = ()) -> tuple[TensorSpec, ...]:
+    """The inputs of a registered artifact at the shapes it was optimized and measured at: its
+    ``runtime["input_shapes"]`` (else the run's ``input_shapes``), for certification and cross-validation
+    (generated inputs and data checks at those shapes, not at 1 for every open dim); inputs that ran at
+    each sample's own shape keep their open dims."""
+    shapes = runtime.get(INPUT_SHAPES_KEY) or input_shapes or {}
+    skip = set(per_sample_inputs)
+    return shaped_signature(inputs, {k: v for k, v in shapes.items() if k not in skip})

@@ -16,7 +16,13 @@ from edgeopt.data import Dataset, load_dataset, path_sha256, write_synthetic
 from edgeopt.data_folder import first_sample, is_sample_folder
 from edgeopt.errors import BackendUnavailable, CandidateFailed, ConfigError, DataError, ModelError
 from edgeopt.evaluate import evaluator_for, load_outputs
-from edgeopt.input_shapes import INPUT_SHAPES_KEY, parse_shapes, resolve_shapes, shape_settings, shaped_signature
+from edgeopt.input_shapes import (
+    INPUT_SHAPES_KEY,
+    parse_shapes,
+    resolve_shapes,
+    shape_settings,
+    shaped_signature,
+)
 from edgeopt.keys import digest, hardware_identity, result_key, stamp_ok, write_stamp
 from edgeopt.native_log import captured
 from edgeopt.profiles import Profile

@@ -81,8 +81,8 @@ def test_inputs_of_one_sample_must_agree_on_shared_dims(tmp_path):
 @pytest.mark.parametrize("make, expected", [
     (lambda d: None, r"a folder with no \.npz files; save one file per sample"),
     (lambda d: np.savez(d / "0.npz", x=np.zeros((3, 32, 32), np.float32)),
-     r"0\.npz: input 'x' has shape \[3, 32, 32\], the model expects \(batch, 3, height, width\); each file holds "
-     r"one sample at the input's full shape, batch included$"),
+     (r"0\.npz: input 'x' has shape \[3, 32, 32\], the model expects \(batch, 3, height, width\); each file holds "
+     r"one sample at the input's full shape, batch included$")),
     (lambda d: np.savez(d / "0.npz", x=np.zeros((1, 4, 32, 32), np.float32)),
      r"0\.npz: input 'x' has shape \[1, 4, 32, 32\], the run needs \(batch, 3, height, width\) \(dim 1 is 3\)"),
     (lambda d: np.savez(d / "0.npz", image=np.zeros((1, 3, 32, 32), np.float32)),

@@ -39,8 +39,8 @@ def test_extra_settings_are_resolved_and_labelled(hw):
 
 
 @pytest.mark.parametrize("shapes, evaluation, expected", [
-    (["x=1x3x32x32", "x=1x3x64x64"], "eval.npz", r"--shape gives 2 shape settings, measured on generated inputs at "
-     r"each shape; --eval data has one shape: drop --eval \(or give one --shape per input\)$"),
+    (["x=1x3x32x32", "x=1x3x64x64"], "eval.npz", (r"--shape gives 2 shape settings, measured on generated inputs at "
+     r"each shape; --eval data has one shape: drop --eval \(or give one --shape per input\)$")),
     (["x=1x3x32x32", "x=1x3x32x32"], None, r"the shape settings repeat one another \(1x3x32x32, 1x3x32x32\)"),
     (["x=1x3x32x32", "x=1x4x64x64"], None, r"--shape x=1x4x64x64: dim 1 is fixed at 3 in the model"),
 ])
