@@ -134,3 +134,4 @@ def test_a_dense_model_is_calibrated_measured_and_evaluated_image_by_image(tmp_p
                            assessment=a, evaluation=str(imgs), max_samples=prof.benchmark.max_eval_samples)
     assert ev.samples == sum(h * w for h, w in sizes)  # one row per pixel, 4 classes each
     assert 0.5 < ev.top1_agreement <= 1.0
+
