@@ -145,6 +145,7 @@ def resolve_input_shapes(assessment: Assessment, *, shapes: list[str] | tuple[st
                          evaluation: str | None, seq_len: int) -> Assessment:
     """The assessment with ``input_shapes`` set (``--shape`` values, the profile's ``input_shapes``, the
     evaluation data's dims, the batch size; see ``edgeopt.input_shapes``); ``ConfigError`` in one line."""
+    shapes = _with_profile_lists(assessment, shapes, profile, evaluation)
     given, defaults = parse_shapes(shape_settings(shapes)[0]), profile.default_shapes()
     per_sample: tuple[str, ...] = ()
     if is_sample_folder(evaluation):  # a folder of per-sample feeds: the first sample's shapes stand for the run's
@@ -159,11 +160,25 @@ def resolve_input_shapes(assessment: Assessment, *, shapes: list[str] | tuple[st
     return assessment.model_copy(update={"input_shapes": resolved, "per_sample_inputs": per_sample})
 
 
+def _with_profile_lists(assessment: Assessment, shapes, profile: Profile, evaluation: str | None) -> list[str]:
+    """``--shape`` values plus the profile's lists of shapes (``input_shapes: {x: [A, B]}``) for the model's
+    inputs that ``--shape`` leaves alone, as if each were given on the command line (with ``--eval`` data,
+    the lists' first entries serve as defaults instead)."""
+    shapes = list(shapes)
+    if evaluation:
+        return shapes
+    given = {v.partition("=")[0].strip() for v in shapes}
+    names = {s.name for s in assessment.inputs}
+    return shapes + [v for name, values in profile.shape_lists().items() if name in names and name not in given
+                     for v in values]
+
+
 def extra_shape_settings(assessment: Assessment, *, shapes: list[str] | tuple[str, ...], profile: Profile,
                          evaluation: str | None, seq_len: int) -> list[tuple[str, dict[str, tuple[int, ...]]]]:
     """The shape settings after the first (an input given several times with ``--shape``), each as (label,
     every input's shape); the label names the shapes of the repeated inputs (``1x3x640x640``). Each is
     checked as the first is; they run on generated inputs, so ``--eval`` data (one shape) is refused."""
+    shapes = _with_profile_lists(assessment, shapes, profile, evaluation)
     settings = shape_settings(shapes)
     if len(settings) == 1:
         return []

@@ -73,3 +73,14 @@ def test_a_candidate_passes_only_if_it_passes_at_every_shape(own, other, expecte
     assert every.gate == "every-shape" and every.status == expected
     assert out[0].passed is (expected == "pass")
     assert out[1] is variant  # the variant's own row keeps its own verdicts
+
+
+def test_a_profile_list_of_shapes_makes_settings_unless_eval_data_or_shape_decide(hw):
+    prof = load_profile(str(write_profile(hw["dir"] / "lists.yaml"))).model_copy(
+        update={"input_shapes": {"x": ["1x3x32x32", "1x3x64x64"], "other": ["1x1", "1x2"]}})
+    a = workflow.resolve_input_shapes(hw["a"], shapes=[], profile=prof, evaluation=None, seq_len=128)
+    assert a.input_shapes == {"x": (1, 3, 32, 32)}
+    assert workflow.extra_shape_settings(a, shapes=[], profile=prof, evaluation=None, seq_len=128) == [
+        ("1x3x64x64", {"x": (1, 3, 64, 64)})]  # ('other' is not an input of this model: ignored)
+    assert workflow.extra_shape_settings(a, shapes=["x=1x3x48x48"], profile=prof, evaluation=None, seq_len=128) == []
+    assert workflow.extra_shape_settings(a, shapes=[], profile=prof, evaluation="eval.npz", seq_len=128) == []
