@@ -428,8 +428,19 @@ def evaluate(candidate: str, *, outputs: str, baseline_outputs: str, assessment:
                                        baseline_outputs=load_outputs(baseline_outputs),
                                        attention_mask=data.inputs["attention_mask"])
     evaluator = evaluator_for(assessment.kind)
-    return evaluator(candidate=candidate, outputs=load_outputs(outputs),
-                     baseline_outputs=load_outputs(baseline_outputs), labels=labels)
+    out, base = load_outputs(outputs), load_outputs(baseline_outputs)
+    if assessment.kind == "cnn" and out.ndim == 4 and base.ndim == 4:  # a dense prediction [N, C, H, W]
+        out, base = _pixel_rows(out), _pixel_rows(base)
+        labels = None if labels is None else labels.reshape(-1)
+    return evaluator(candidate=candidate, outputs=out, baseline_outputs=base, labels=labels)
+
+
+def _pixel_rows(arr):
+    """``[N, C, H, W]`` → ``[N * H * W, C]``: one row per pixel, its classes last, so top-1 is per pixel over the
+    channel axis (as ``edgeopt.bench.worker`` writes outputs of per-sample images of varying size)."""
+    import numpy as np
+
+    return np.moveaxis(arr, 1, -1).reshape(-1, arr.shape[1])
 
 
 def failed(spec: CandidateSpec, *, stage: str, error: CandidateFailed, artifact: Artifact | None = None) -> CandidateOutcome:

@@ -135,3 +135,19 @@ def test_a_dense_model_is_calibrated_measured_and_evaluated_image_by_image(tmp_p
     assert ev.samples == sum(h * w for h, w in sizes)  # one row per pixel, 4 classes each
     assert 0.5 < ev.top1_agreement <= 1.0
 
+
+
+def test_a_dense_prediction_is_compared_pixel_by_pixel_over_its_classes(tmp_path):
+    """A mask ``[N, C, H, W]`` of one size: top-1 over the class axis at each pixel (not over the width)."""
+    from tests.realworld_models import make_dense_hw
+
+    a = assess(make_dense_hw(tmp_path / "dense.onnx"))
+    base = np.random.default_rng(0).standard_normal((2, 4, 3, 5)).astype(np.float32)
+    cand = base.copy()
+    pixel = cand[1, :, 2, 4]
+    cand[1, :, 2, 4] = pixel[[1, 2, 3, 0]] if pixel.argmax() != pixel[[1, 2, 3, 0]].argmax() else -pixel
+    np.savez(tmp_path / "base.npz", output_0=base)
+    np.savez(tmp_path / "cand.npz", output_0=cand)
+    ev = workflow.evaluate("c", outputs=str(tmp_path / "cand.npz"), baseline_outputs=str(tmp_path / "base.npz"),
+                           assessment=a, evaluation=None, max_samples=64)
+    assert ev.samples == 2 * 3 * 5 and ev.top1_agreement == pytest.approx(1 - 1 / 30)
