@@ -151,3 +151,24 @@ def test_a_dense_prediction_is_compared_pixel_by_pixel_over_its_classes(tmp_path
     ev = workflow.evaluate("c", outputs=str(tmp_path / "cand.npz"), baseline_outputs=str(tmp_path / "base.npz"),
                            assessment=a, evaluation=None, max_samples=64)
     assert ev.samples == 2 * 3 * 5 and ev.top1_agreement == pytest.approx(1 - 1 / 30)
+
+
+@pytest.mark.heavy  # ~10-20 s: NNCF's quantization and an OpenVINO inference process
+def test_nncf_calibrates_on_a_folder_of_images_of_different_sizes(tmp_path):
+    from tests.realworld_models import make_dense_hw
+
+    sizes = [(32, 48), (64, 40), (48, 48)]
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate(sizes):
+        np.savez(imgs / f"{i:03d}.npz", image=rng.standard_normal((1, 3, h, w)).astype(np.float32))
+    prof = load_profile(str(write_profile(tmp_path / "p.yaml", candidates=[
+        {"name": "ov-int8", "backend": "openvino", "recipe": {"precision": "int8"}}])))
+    a = workflow.resolve_input_shapes(assess(make_dense_hw(tmp_path / "dense.onnx")), shapes=[], profile=prof,
+                                      evaluation=str(imgs), seq_len=128)
+    spec = prof.candidate_specs(("ov-int8",), kind=a.kind)[0]
+    art = workflow.build(spec, assessment=a, calibration=str(imgs), work_dir=tmp_path / "work")
+    assert "int8" in art.precision
+    out = workflow.run_outputs(art, profile=prof, assessment=a, evaluation=str(imgs), work_dir=tmp_path / "work")
+    assert np.load(out)["output_0"].shape == (sum(h * w for h, w in sizes), 4)  # each image at its own size
