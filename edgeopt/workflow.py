@@ -12,7 +12,7 @@ from pathlib import Path
 
 from edgeopt import backends, bench, gates, intake, pareto, reproducibility
 from edgeopt.comparison import with_threads
-from edgeopt.data import Dataset, load_dataset, path_sha256, write_synthetic
+from edgeopt.data import Dataset, file_sha256, load_dataset, path_sha256, write_synthetic
 from edgeopt.data_folder import first_sample, is_sample_folder
 from edgeopt.errors import BackendUnavailable, CandidateFailed, ConfigError, DataError, ModelError
 from edgeopt.evaluate import evaluator_for, load_outputs
@@ -255,7 +255,9 @@ def plan(profile: Profile, *, only: tuple[str, ...] = (), source: Assessment,
 
 def data_sha(path: str | None) -> str | None:
     """sha256 of a data file or of a folder of per-sample files (None without one)."""
-    return path_sha256(path) if path and Path(path).exists() else None
+    if not path or not Path(path).exists():
+        return None
+    return file_sha256(path) if Path(path).is_file() else path_sha256(path)
 
 
 def build_key(spec: CandidateSpec, *, assessment: Assessment, calibration: str | None,
