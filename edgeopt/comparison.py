@@ -14,6 +14,13 @@ variants are named after the baseline: ``baseline-fp32`` (the profile's setting:
 profile threads), ``baseline-fp32-seq-dynamic``, ``baseline-fp32-seq-bucketed``, ``baseline-fp32-t2``...
 A candidate and its baseline variant form a **comparison group**: when any member of a group is
 (re)measured, every member is, interleaved (``group_digest`` goes into every member's key).
+
+**Shape settings** (several ``--shape`` values for one input, e.g. two resolutions) are settings too:
+each candidate is measured once per extra shape as a variant named ``<candidate>-<shape>``
+(``shape_variants``), the same artifact with ``runtime["input_shapes"]`` at that shape, against a
+baseline variant at that shape (``baseline-fp32-1x3x640x640``). The first shape is the candidate's own
+row; ``combine_shape_verdicts`` then makes every variant's gates part of its verdict (it passes only
+if it passes at every shape).
 """
 
 from __future__ import annotations
@@ -22,10 +29,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgeopt.bench.shapes import SEQUENCE_KEY
+from edgeopt.input_shapes import INPUT_SHAPES_KEY, SHAPE_SETTING_KEY
 from edgeopt.keys import digest
-from edgeopt.records import Artifact, CandidateSpec
+from edgeopt.records import Artifact, CandidateOutcome, CandidateSpec, GateVerdict
 
-__all__ = ["Group", "Setting", "comparison_groups", "setting_of", "with_threads"]
+__all__ = ["Group", "Setting", "combine_shape_verdicts", "comparison_groups", "setting_of", "shape_variants",
+           "with_threads"]
 
 #: runtime keys by which a backend takes a number of parallel streams / inter-op threads
 _INTER_KEYS = ("inter_op_threads", "num_streams")
@@ -39,10 +48,13 @@ class Setting:
     buckets: tuple[int, ...] = ()
     intra_threads: int = 1
     inter_threads: int = 1
+    #: an extra shape setting: its label (``1x3x640x640``) and every input's shape ('' / () for the run's own)
+    shape: str = ""
+    shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     def suffix(self, default: Setting) -> str:
         """The variant's name suffix ('' for the profile's own setting)."""
-        parts = []
+        parts = [self.shape] if self.shape else []
         if self.sequence != "fixed":
             parts.append(f"seq-{self.sequence}")
             if self.buckets and self.sequence == "bucketed":
@@ -54,7 +66,8 @@ class Setting:
     def describe(self) -> str:
         seq = self.sequence + (f" {list(self.buckets)}" if self.buckets else "")
         inter = f" x {self.inter_threads} inter-op" if self.inter_threads != 1 else ""
-        return f"{seq} shapes, {self.intra_threads} thread(s){inter}"
+        at = f" at {self.shape}" if self.shape else ""
+        return f"{seq} shapes{at}, {self.intra_threads} thread(s){inter}"
 
 
 def with_threads(artifact: Artifact, *, threads: int) -> Artifact:
@@ -76,8 +89,10 @@ def setting_of(artifact: Artifact, *, threads: int) -> Setting:
     mode = choice.get("mode", "fixed")
     parallel = runtime.get("execution_mode") == "parallel" or runtime.get("num_streams")
     inter = next((int(runtime[k]) for k in _INTER_KEYS if runtime.get(k)), 1) if parallel else 1
+    label = str(runtime.get(SHAPE_SETTING_KEY) or "")
+    shapes = tuple((k, tuple(int(d) for d in v)) for k, v in (runtime.get(INPUT_SHAPES_KEY) or {}).items()) if label else ()
     return Setting(sequence=mode, buckets=tuple(sorted(choice.get("buckets") or ())) if mode == "bucketed" else (),
-                   intra_threads=int(runtime["intra_op_threads"]), inter_threads=inter)
+                   intra_threads=int(runtime["intra_op_threads"]), inter_threads=inter, shape=label, shapes=shapes)
 
 
 def _baseline_runtime(base: dict[str, Any], setting: Setting) -> dict[str, Any]:
@@ -87,6 +102,8 @@ def _baseline_runtime(base: dict[str, Any], setting: Setting) -> dict[str, Any]:
         runtime.update(execution_mode="parallel", inter_op_threads=setting.inter_threads)
     if setting.sequence != "fixed":
         runtime[SEQUENCE_KEY] = {"mode": setting.sequence, "buckets": list(setting.buckets)}
+    if setting.shape:
+        runtime.update({INPUT_SHAPES_KEY: {k: list(v) for k, v in setting.shapes}, SHAPE_SETTING_KEY: setting.shape})
     return runtime
 
 
@@ -131,3 +148,42 @@ def comparison_groups(baseline: CandidateSpec, baseline_artifact: Artifact,
         groups.append(Group(setting=setting, baseline=spec, artifact=art, members=tuple(members),
                             digest=digest(member_ids)))
     return groups
+
+
+def shape_variants(candidates: dict[str, tuple[CandidateSpec, Artifact]],
+                   settings: list[tuple[str, dict[str, tuple[int, ...]]]]) -> dict[str, tuple[CandidateSpec, Artifact]]:
+    """Each built candidate once more per extra shape setting (``(label, shapes)``): the same artifact, named
+    ``<candidate>-<label>``, measured at those shapes (its own setting, so its own baseline variant)."""
+    out = {}
+    for label, shapes in settings:
+        for name, (spec, art) in candidates.items():
+            vname = f"{name}-{label}"
+            runtime = art.runtime | {INPUT_SHAPES_KEY: {k: list(v) for k, v in shapes.items()}, SHAPE_SETTING_KEY: label}
+            out[vname] = (spec.model_copy(update={"name": vname}),
+                          art.model_copy(update={"candidate": vname, "runtime": runtime}))
+    return out
+
+
+def combine_shape_verdicts(outcomes: list[CandidateOutcome], variants: dict[str, str]) -> list[CandidateOutcome]:
+    """Each candidate's outcome with a ``every-shape`` verdict: how many of its shape settings (its own and
+    its variants', ``variants``: variant name -> candidate name) passed every gate. It passes only when all
+    did; uncertain when none failed and some are uncertain; a failed measurement is a failed setting."""
+    by_name = {o.name: o for o in outcomes}
+    members: dict[str, list[CandidateOutcome]] = {}
+    for vname, cname in variants.items():
+        if vname in by_name:
+            members.setdefault(cname, []).append(by_name[vname])
+    out = []
+    for o in outcomes:
+        if o.name not in members or not o.ok or not o.verdicts:
+            out.append(o)
+            continue
+        settings = [o, *members[o.name]]
+        passed = sum(1 for m in settings if m.passed)
+        uncertain = all(m.passed or m.uncertain for m in settings) and passed < len(settings)
+        status = "pass" if passed == len(settings) else "uncertain" if uncertain else "fail"
+        verdict = GateVerdict(gate="every-shape", metric="shape settings passing", comparator=">=",
+                              threshold=float(len(settings)), measured=float(passed),
+                              margin=float(passed - len(settings)), passed=status == "pass", status=status)
+        out.append(o.model_copy(update={"verdicts": (*o.verdicts, verdict)}))
+    return out

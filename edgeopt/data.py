@@ -11,6 +11,9 @@ its rank:
   batch included (``state: [N, 2, 1, 128]`` for ``[2, batch, 128]``, ``sr: [N]`` for a scalar): each
   sample is fed as it is. For inputs whose batch is not the first axis, scalars, and recurrent states
   (give the initial state of each sample this way, e.g. zeros).
+
+A **folder** of ``.npz`` files holds one sample per file (each input at its full shape, batch included),
+for inputs of varying size; see ``edgeopt.data_folder``.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ import numpy as np
 from edgeopt.errors import DataError
 from edgeopt.records import TensorSpec
 
-__all__ = ["LABELS_KEY", "Dataset", "file_sha256", "is_complete_feed", "load_dataset", "path_sha256",
-           "synthetic_dataset"]
+__all__ = ["LABELS_KEY", "SYNTHETIC_SAMPLES", "Dataset", "file_sha256", "is_complete_feed", "load_dataset",
+           "path_sha256", "synthetic_dataset", "write_synthetic"]
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +63,8 @@ def path_sha256(path: str | Path) -> str:
 
 @dataclass(frozen=True)
 class Dataset:
-    """Validated samples for a model's inputs (first axis = sample)."""
+    """Validated samples for a model's inputs (first axis = sample; for a folder of per-sample feeds, an
+    object array of each sample's own array)."""
 
     path: str | None
     sha256: str
@@ -86,6 +90,11 @@ class Dataset:
         labels = None if self.labels is None else self.labels[:count]
         return Dataset(self.path, self.sha256, {k: v[:count] for k, v in self.inputs.items()}, labels, self.feeds)
 
+    @property
+    def per_sample(self) -> bool:
+        """A folder of per-sample feeds (each sample at its own shape)."""
+        return any(v.dtype == object for v in self.inputs.values())
+
 
 def _dims_match(expected: tuple[int | str, ...], got: tuple[int, ...]) -> bool:
     """Samples layout: the data's first axis is the sample axis; it stands for the model's batch axis."""
@@ -110,8 +119,14 @@ def load_dataset(path: str | Path, *, signature: tuple[TensorSpec, ...], role: R
     Raises ``DataError`` with one line naming the file, the input and what to change.
     """
     p = Path(path)
+    if p.is_dir():  # one sample per file, each at its own shape
+        from edgeopt.data_folder import load_folder
+
+        loaded = load_folder(p, signature=signature, role=role)
+        return Dataset(str(p.resolve()), path_sha256(p), loaded["inputs"], loaded["labels"],
+                       frozenset(loaded["inputs"]))
     if not p.is_file():
-        raise DataError(f"{role} data {p}: no such file; pass an existing .npz file")
+        raise DataError(f"{role} data {p}: no such file; pass an existing .npz file or a folder of per-sample .npz files")
     if p.suffix != ".npz" or not zipfile.is_zipfile(p):
         raise DataError(
             f"{role} data {p}: not a .npz file; save one array per model input with numpy.savez "
@@ -211,3 +226,21 @@ def synthetic_dataset(signature: tuple[TensorSpec, ...], *, count: int = 16, see
         inputs[spec.name] = arr
     digest = hashlib.sha256(repr((seed, count, dynamic_size, signature)).encode()).hexdigest()
     return Dataset(None, f"synthetic-{digest[:16]}", inputs, None, frozenset(feeds))
+
+
+#: samples in the generated calibration/evaluation file of ``--synthetic-data``
+SYNTHETIC_SAMPLES = 32
+
+
+def write_synthetic(signature: tuple[TensorSpec, ...], *, out_dir: Path, count: int = SYNTHETIC_SAMPLES,
+                    seed: int = 0) -> Path:
+    """Generated data at ``signature``'s shapes (floats N(0, 1), integers 0/1) as an ``.npz`` in the layouts
+    ``load_dataset`` reads, named by its digest (``--synthetic-data``: no real inputs, no labels)."""
+    ds = synthetic_dataset(signature, count=count, seed=seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{ds.sha256}.npz"
+    if not path.is_file():
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, **ds.inputs)
+        tmp.replace(path)
+    return path

@@ -27,11 +27,13 @@ import numpy as np
 from edgeopt.errors import ConfigError
 from edgeopt.records import TensorSpec
 
-__all__ = ["INPUT_SHAPES_KEY", "batch_axis", "describe", "parse_shapes", "probe_feeds", "resolve_shapes",
-           "shaped_signature"]
+__all__ = ["INPUT_SHAPES_KEY", "SHAPE_SETTING_KEY", "batch_axis", "describe", "parse_shapes", "probe_feeds",
+           "registered_signature", "resolve_shapes", "shape_settings", "shaped_signature"]
 
 #: the runtime key that carries the shapes an artifact is measured at
 INPUT_SHAPES_KEY = "input_shapes"
+#: the runtime key that marks an artifact measured at one of several shape settings (its label, e.g. ``1x3x640x640``)
+SHAPE_SETTING_KEY = "shape_setting"
 _BATCH_SYMBOL = re.compile(r"^(n|b|bs|batch|batch_size|batchsize|.*batch.*)$", re.IGNORECASE)
 _SHAPE = re.compile(r"^\d+(x\d+)*$")
 
@@ -63,6 +65,25 @@ def parse_shapes(values: Iterable[str], *, source: str = "--shape") -> Shapes:
             raise ConfigError(f"{source} {value!r}: input '{name}' is given twice")
         shapes[name] = parsed
     return shapes
+
+
+def shape_settings(values: Iterable[str]) -> list[list[str]]:
+    """``--shape`` values split into shape settings: an input given k times (``--shape image=1x3x320x320
+    --shape image=1x3x640x640``) makes k settings, each with one of its shapes and every input given once;
+    ``[values]`` when no input is repeated. ``ConfigError`` when repeated inputs disagree in count."""
+    values = list(values)
+    by_name: dict[str, list[str]] = {}
+    for v in values:
+        by_name.setdefault(v.partition("=")[0].strip(), []).append(v)
+    counts = {n: len(vs) for n, vs in by_name.items() if len(vs) > 1}
+    if not counts:
+        return [values]
+    if len(set(counts.values())) != 1:
+        raise ConfigError("--shape: inputs given several times make one benchmark setting per shape, so each must "
+                          "be given the same number of times (got " + ", ".join(f"{n} x{c}" for n, c in counts.items())
+                          + ")")
+    k = next(iter(counts.values()))
+    return [[vs[i] if len(vs) > 1 else vs[0] for vs in by_name.values()] for i in range(k)]
 
 
 def batch_axis(spec: TensorSpec) -> int | None:
@@ -177,3 +198,14 @@ def probe_feeds(inputs: tuple[TensorSpec, ...], shapes: Mapping[str, Iterable[in
         else:
             feeds[spec.name] = (np.zeros if "type" in spec.name else np.ones)(shape, dtype=dtype)
     return feeds
+
+
+def registered_signature(inputs: tuple[TensorSpec, ...], *, runtime: Mapping, input_shapes: Mapping[str, Iterable[int]],
+                         per_sample_inputs: Iterable[str] = ()) -> tuple[TensorSpec, ...]:
+    """The inputs of a registered artifact at the shapes it was optimized and measured at: its
+    ``runtime["input_shapes"]`` (else the run's ``input_shapes``), for certification and cross-validation
+    (generated inputs and data checks at those shapes, not at 1 for every open dim); inputs that ran at
+    each sample's own shape keep their open dims."""
+    shapes = runtime.get(INPUT_SHAPES_KEY) or input_shapes or {}
+    skip = set(per_sample_inputs)
+    return shaped_signature(inputs, {k: v for k, v in shapes.items() if k not in skip})

@@ -203,27 +203,36 @@ class Profile(_Strict):
     baseline: CandidateConfig = Field(default_factory=lambda: CandidateConfig(**_DEFAULT_BASELINE),
                                       description="the reference every candidate is compared with")
     candidates: tuple[CandidateConfig, ...] = Field(description="recipes to try (at least one)")
-    input_shapes: dict[str, str] = Field(
+    input_shapes: dict[str, str | list[str]] = Field(
         default_factory=dict, description="default shape per input name for models with dynamic dims, e.g. "
-        "{input: 1x3x640x640}; --shape overrides it, and inputs a model does not have are ignored "
-        "(see edgeopt.input_shapes)")
+        "{input: 1x3x640x640}, or a list of shapes measured as separate settings ({input: [1x3x320x320, "
+        "1x3x640x640]}; with --eval data, the first); --shape overrides it, and inputs a model does not have "
+        "are ignored (see edgeopt.input_shapes)")
 
     @field_validator("input_shapes")
     @classmethod
-    def _shapes_parse(cls, v: dict[str, str]) -> dict[str, str]:
+    def _shapes_parse(cls, v: dict[str, str | list[str]]) -> dict[str, str | list[str]]:
         from edgeopt.input_shapes import parse_shapes
 
         try:
-            parse_shapes([f"{k}={s}" for k, s in v.items()], source="input_shapes")
+            for k, s in v.items():
+                for one in ([s] if isinstance(s, str) else s or [""]):
+                    parse_shapes([f"{k}={one}"], source="input_shapes")
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
         return v
 
     def default_shapes(self) -> dict[str, tuple[int, ...]]:
-        """``input_shapes`` parsed: input name -> dims."""
+        """``input_shapes`` parsed: input name -> dims (the first of a list)."""
         from edgeopt.input_shapes import parse_shapes
 
-        return parse_shapes([f"{k}={s}" for k, s in self.input_shapes.items()], source="input_shapes")
+        return parse_shapes([f"{k}={s if isinstance(s, str) else s[0]}" for k, s in self.input_shapes.items()],
+                            source="input_shapes")
+
+    def shape_lists(self) -> dict[str, list[str]]:
+        """The inputs given several shapes in ``input_shapes``: name -> ``NAME=DxD...`` values."""
+        return {k: [f"{k}={one}" for one in s] for k, s in self.input_shapes.items()
+                if not isinstance(s, str) and len(s) > 1}
 
     @field_validator("candidates")
     @classmethod

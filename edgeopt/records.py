@@ -85,6 +85,9 @@ class Assessment(Record):
         default_factory=dict, description="the full shape each input runs at, batch included (from --shape, the "
         "profile's input_shapes, the evaluation data and the batch size; see edgeopt.input_shapes); empty until "
         "resolved for a run")
+    per_sample_inputs: tuple[str, ...] = Field(
+        default=(), description="inputs that run at each sample's own shape (evaluation data given as a folder of "
+        "per-sample .npz feeds, see edgeopt.data_folder); input_shapes holds their first sample's shape")
     quantizable_ops: tuple[str, ...] = Field(default=(), description="op types the INT8 paths cover")
     unquantizable_ops: tuple[str, ...] = Field(default=(), description="op types they leave in float")
     int8_coverage: float = Field(default=0.0, description="share of nodes whose op the INT8 paths cover")

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from edgeopt.records import BenchmarkResult, CandidateOutcome, Selection
 
-__all__ = ["CLI_COLUMNS", "COLUMNS", "markdown", "rows", "spread_note", "verdict"]
+__all__ = ["CLI_COLUMNS", "COLUMNS", "markdown", "per_sample_note", "rows", "shape_settings_note", "spread_note", "synthetic_note", "verdict"]
 
 COLUMNS = ("candidate", "runs as", "tokens", "vs", "p50 ms", "p95 ms", "p50 spread", "speed-up p50", "speed-up p95",
            "speed-up CI", "steady MB", "peak MB", "memory -%", "size MB", "accuracy", "fidelity", "verdict")
@@ -103,6 +103,28 @@ def spread_note(outcomes: Sequence[CandidateOutcome]) -> str | None:
         note += (f"; {pooled} speed-up(s) measured in earlier runs here are judged on all those runs "
                  "(their CI says how many), the band narrowing as 1/√runs")
     return note
+
+
+def per_sample_note(inputs: Sequence[str]) -> str:
+    """The line that says which inputs ran at each sample's own shape (a folder of per-sample feeds)."""
+    return (f"per-sample shapes: {', '.join(inputs)} ran at each sample's own shape (the shape above is the first "
+            "sample's); the baseline and every candidate ran the same files in the same order")
+
+
+def shape_settings_note(first: dict, extra: Sequence[tuple[str, dict]]) -> str:
+    """The line that says which shape settings were measured and how they combine into a verdict."""
+    from edgeopt.input_shapes import describe
+
+    labels = ", ".join(f"-{label} ({describe(at)})" for label, at in extra)
+    return (f"shape settings: each candidate's own row at {describe(first)}, its rows {labels} at the other shapes, "
+            "each against the baseline at the same shape; a candidate passes only if it passes at every shape "
+            "(gate every-shape)")
+
+
+def synthetic_note(roles: Sequence[str]) -> str:
+    """The line that says which data was generated (``--synthetic-data``)."""
+    return (f"{' and '.join(roles)} on generated inputs (--synthetic-data: random N(0, 1) values at the input "
+            "shapes, no labels); accuracy figures compare candidates with the baseline on those, not on real data")
 
 
 def markdown(outcomes: Sequence[CandidateOutcome], selection: Selection, *, title: str, links: dict[str, str]) -> str:

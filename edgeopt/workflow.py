@@ -12,10 +12,17 @@ from pathlib import Path
 
 from edgeopt import backends, bench, gates, intake, pareto, reproducibility
 from edgeopt.comparison import with_threads
-from edgeopt.data import Dataset, file_sha256, load_dataset
+from edgeopt.data import Dataset, file_sha256, load_dataset, path_sha256, write_synthetic
+from edgeopt.data_folder import first_sample, is_sample_folder
 from edgeopt.errors import BackendUnavailable, CandidateFailed, ConfigError, DataError, ModelError
 from edgeopt.evaluate import evaluator_for, load_outputs
-from edgeopt.input_shapes import INPUT_SHAPES_KEY, parse_shapes, resolve_shapes, shaped_signature
+from edgeopt.input_shapes import (
+    INPUT_SHAPES_KEY,
+    parse_shapes,
+    resolve_shapes,
+    shape_settings,
+    shaped_signature,
+)
 from edgeopt.keys import digest, hardware_identity, result_key, stamp_ok, write_stamp
 from edgeopt.native_log import captured
 from edgeopt.profiles import Profile
@@ -45,6 +52,7 @@ __all__ = [
     "check_data",
     "data_sha",
     "evaluate",
+    "extra_shape_settings",
     "failed",
     "host_spread",
     "measure",
@@ -60,6 +68,7 @@ __all__ = [
     "run_outputs",
     "select",
     "signature",
+    "synthetic_data",
     "with_gates",
     "with_input_shapes",
 ]
@@ -111,20 +120,83 @@ def check_data(assessment: Assessment, *, calibration: str | None, evaluation: s
     return cal, ev
 
 
+def synthetic_data(assessment: Assessment, *, work_dir: Path | None) -> str | None:
+    """``--synthetic-data``: a generated ``.npz`` at the shapes resolved for the run (``input_shapes``), for
+    calibration and evaluation when the user has no data (None: only check). ``ConfigError`` when the
+    run has no one shape per input (per-sample data)."""
+    if assessment.per_sample_inputs or any(s.name not in assessment.input_shapes for s in assessment.inputs):
+        raise ConfigError("--synthetic-data generates inputs at one shape per input: give the shapes with "
+                          "--shape NAME=DxDx... (or the profile's input_shapes), not a folder of per-sample data")
+    return None if work_dir is None else str(write_synthetic(signature(assessment),
+                                                            out_dir=work_dir / "data" / "synthetic"))
+
+
 def signature(assessment: Assessment) -> tuple:
-    """The model's inputs with the dims resolved for this run fixed (``assessment.input_shapes``)."""
-    return shaped_signature(assessment.inputs, assessment.input_shapes)
+    """The model's inputs with the dims resolved for this run fixed (``assessment.input_shapes``); inputs
+    that run at each sample's own shape (``per_sample_inputs``) keep their dynamic dims."""
+    return shaped_signature(assessment.inputs, _fixed(assessment.input_shapes, assessment))
+
+
+def _fixed(shapes: dict, assessment: Assessment) -> dict:
+    return {k: v for k, v in (shapes or {}).items() if k not in assessment.per_sample_inputs}
 
 
 def resolve_input_shapes(assessment: Assessment, *, shapes: list[str] | tuple[str, ...], profile: Profile,
                          evaluation: str | None, seq_len: int) -> Assessment:
     """The assessment with ``input_shapes`` set (``--shape`` values, the profile's ``input_shapes``, the
     evaluation data's dims, the batch size; see ``edgeopt.input_shapes``); ``ConfigError`` in one line."""
-    data = load_dataset(evaluation, signature=assessment.inputs, role="evaluation").inputs if evaluation else None
-    resolved = resolve_shapes(assessment.inputs, given=parse_shapes(shapes), defaults=profile.default_shapes(),
+    shapes = _with_profile_lists(assessment, shapes, profile, evaluation)
+    given, defaults = parse_shapes(shape_settings(shapes)[0]), profile.default_shapes()
+    per_sample: tuple[str, ...] = ()
+    if is_sample_folder(evaluation):  # a folder of per-sample feeds: the first sample's shapes stand for the run's
+        data = first_sample(evaluation, signature=assessment.inputs)
+        per_sample = tuple(s.name for s in assessment.inputs if s.name not in given and s.name not in defaults
+                           and any(not (isinstance(d, int) and d > 0) for d in s.shape))
+    else:
+        data = load_dataset(evaluation, signature=assessment.inputs, role="evaluation").inputs if evaluation else None
+    resolved = resolve_shapes(assessment.inputs, given=given, defaults=defaults,
                               batch_size=profile.benchmark.batch_size, data=data,
                               seq_len=seq_len if assessment.kind in ("encoder", "llm") else None)
-    return assessment.model_copy(update={"input_shapes": resolved})
+    return assessment.model_copy(update={"input_shapes": resolved, "per_sample_inputs": per_sample})
+
+
+def _with_profile_lists(assessment: Assessment, shapes, profile: Profile, evaluation: str | None) -> list[str]:
+    """``--shape`` values plus the profile's lists of shapes (``input_shapes: {x: [A, B]}``) for the model's
+    inputs that ``--shape`` leaves alone, as if each were given on the command line (with ``--eval`` data,
+    the lists' first entries serve as defaults instead)."""
+    shapes = list(shapes)
+    if evaluation:
+        return shapes
+    given = {v.partition("=")[0].strip() for v in shapes}
+    names = {s.name for s in assessment.inputs}
+    return shapes + [v for name, values in profile.shape_lists().items() if name in names and name not in given
+                     for v in values]
+
+
+def extra_shape_settings(assessment: Assessment, *, shapes: list[str] | tuple[str, ...], profile: Profile,
+                         evaluation: str | None, seq_len: int) -> list[tuple[str, dict[str, tuple[int, ...]]]]:
+    """The shape settings after the first (an input given several times with ``--shape``), each as (label,
+    every input's shape); the label names the shapes of the repeated inputs (``1x3x640x640``). Each is
+    checked as the first is; they run on generated inputs, so ``--eval`` data (one shape) is refused."""
+    shapes = _with_profile_lists(assessment, shapes, profile, evaluation)
+    settings = shape_settings(shapes)
+    if len(settings) == 1:
+        return []
+    if evaluation:
+        raise ConfigError(f"--shape gives {len(settings)} shape settings, measured on generated inputs at each shape; "
+                          "--eval data has one shape: drop --eval (or give one --shape per input)")
+    repeated = [n for n in parse_shapes(settings[0]) if sum(v.partition("=")[0].strip() == n for v in shapes) > 1]
+    out = []
+    for values in settings[1:]:
+        resolved = resolve_shapes(assessment.inputs, given=parse_shapes(values), defaults=profile.default_shapes(),
+                                  batch_size=profile.benchmark.batch_size,
+                                  seq_len=seq_len if assessment.kind in ("encoder", "llm") else None)
+        out.append(("-".join("x".join(map(str, resolved[n])) for n in repeated), resolved))
+    labels = [label for label, _ in out]
+    first = "-".join("x".join(map(str, assessment.input_shapes[n])) for n in repeated)
+    if len(set(labels)) != len(labels) or first in labels:
+        raise ConfigError(f"--shape: the shape settings repeat one another ({', '.join([first, *labels])}); give each once")
+    return out
 
 
 def with_input_shapes(artifact: Artifact, *, shapes: dict[str, tuple[int, ...]]) -> Artifact:
@@ -137,7 +209,8 @@ def with_input_shapes(artifact: Artifact, *, shapes: dict[str, tuple[int, ...]])
 
 
 def _run_signature(artifact: Artifact, assessment: Assessment) -> tuple:
-    return shaped_signature(assessment.inputs, artifact.runtime.get(INPUT_SHAPES_KEY) or assessment.input_shapes)
+    return shaped_signature(assessment.inputs, _fixed(artifact.runtime.get(INPUT_SHAPES_KEY) or assessment.input_shapes,
+                                                      assessment))
 
 
 def build_input(spec: CandidateSpec, *, source: Assessment, converted: Assessment) -> Assessment | None:
@@ -181,8 +254,10 @@ def plan(profile: Profile, *, only: tuple[str, ...] = (), source: Assessment,
 
 
 def data_sha(path: str | None) -> str | None:
-    """sha256 of a data file (None without one)."""
-    return file_sha256(path) if path and Path(path).is_file() else None
+    """sha256 of a data file or of a folder of per-sample files (None without one)."""
+    if not path or not Path(path).exists():
+        return None
+    return file_sha256(path) if Path(path).is_file() else path_sha256(path)
 
 
 def build_key(spec: CandidateSpec, *, assessment: Assessment, calibration: str | None,
@@ -355,8 +430,19 @@ def evaluate(candidate: str, *, outputs: str, baseline_outputs: str, assessment:
                                        baseline_outputs=load_outputs(baseline_outputs),
                                        attention_mask=data.inputs["attention_mask"])
     evaluator = evaluator_for(assessment.kind)
-    return evaluator(candidate=candidate, outputs=load_outputs(outputs),
-                     baseline_outputs=load_outputs(baseline_outputs), labels=labels)
+    out, base = load_outputs(outputs), load_outputs(baseline_outputs)
+    if assessment.kind == "cnn" and out.ndim == 4 and base.ndim == 4:  # a dense prediction [N, C, H, W]
+        out, base = _pixel_rows(out), _pixel_rows(base)
+        labels = None if labels is None else labels.reshape(-1)
+    return evaluator(candidate=candidate, outputs=out, baseline_outputs=base, labels=labels)
+
+
+def _pixel_rows(arr):
+    """``[N, C, H, W]`` → ``[N * H * W, C]``: one row per pixel, its classes last, so top-1 is per pixel over the
+    channel axis (as ``edgeopt.bench.worker`` writes outputs of per-sample images of varying size)."""
+    import numpy as np
+
+    return np.moveaxis(arr, 1, -1).reshape(-1, arr.shape[1])
 
 
 def failed(spec: CandidateSpec, *, stage: str, error: CandidateFailed, artifact: Artifact | None = None) -> CandidateOutcome:

@@ -79,6 +79,9 @@ def _npz(path: str | None, role: str) -> str | None:
     if path is None:
         return None
     p = Path(path).expanduser().resolve()
+    if p.is_dir():
+        raise DataError(f"{role} data {path}: certification takes one .npz of the model's inputs; a folder of "
+                        "per-sample feeds is not supported by its checks yet (pass an .npz at the optimized shapes)")
     if not p.is_file():
         raise DataError(f"{role} data {path} does not exist; pass the .npz the model was optimized with")
     if is_text_data(p):

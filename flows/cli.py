@@ -53,6 +53,9 @@ def optimize(
     shape: Annotated[list[str] | None, typer.Option("--shape", help="input shape NAME=1x3x640x640 for dynamic dims "
                                                     "(repeatable; NAME=scalar for a 0-d input); the batch dim "
                                                     "takes the profile's batch size")] = None,
+    synthetic_data: Annotated[bool, typer.Option("--synthetic-data", help="calibrate and evaluate on generated "
+                                                 "inputs at the --shape sizes where no data is given (the report "
+                                                 "says so)")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="show Prefect's logs")] = False,
 ) -> None:
     """Build, benchmark, evaluate and gate every candidate of PROFILE for MODEL; register the winner."""
@@ -92,8 +95,13 @@ def optimize(
             a = workflow.resolve_input_shapes(a, shapes=list(shape or []), profile=prof,
                                               evaluation=str(eval_data) if eval_data else None,
                                               seq_len=seq_len or prof.benchmark.seq_len)
+            workflow.extra_shape_settings(a, shapes=list(shape or []), profile=prof,
+                                          evaluation=str(eval_data) if eval_data else None,
+                                          seq_len=seq_len or prof.benchmark.seq_len)
             workflow.check_data(a, calibration=str(calibration) if calibration else None,
                                 evaluation=str(eval_data) if eval_data else None)
+            if synthetic_data and not (calibration and eval_data):
+                workflow.synthetic_data(a, work_dir=None)
     except EdgeOptError as exc:
         _fail(exc)
     from flows._env import PrefectAPIUnavailable, ensure_prefect_api
@@ -112,7 +120,8 @@ def optimize(
                                    evaluation=str(eval_data) if eval_data else None,
                                    candidates=list(candidate) if candidate else None, model_name=model_name,
                                    refresh=refresh, allow_hardware_mismatch=allow_hardware_mismatch,
-                                   seq_len=seq_len, shapes=list(shape) if shape else None)
+                                   seq_len=seq_len, shapes=list(shape) if shape else None,
+                                   synthetic_data=synthetic_data)
         except PrefectAPIUnavailable as exc:
             progress.stop()
             if verbose:
@@ -148,6 +157,18 @@ def _print_report(result) -> None:
         from edgeopt.input_shapes import describe
 
         out.print(f"input shapes (batch included): {describe(result.input_shapes)}", highlight=False, soft_wrap=True)
+    if result.shape_settings:
+        out.print(f"shape settings: rows -{', -'.join(result.shape_settings)} measure each candidate at those shapes "
+                  "against the baseline at the same shape; a candidate passes only if it passes at every shape "
+                  "(gate every-shape)", highlight=False, soft_wrap=True)
+    if result.synthetic_data:
+        from edgeopt.report import synthetic_note
+
+        out.print(f"synthetic data: {synthetic_note(result.synthetic_data)}", highlight=False, soft_wrap=True)
+    if result.per_sample_inputs:
+        from edgeopt.report import per_sample_note
+
+        out.print(per_sample_note(result.per_sample_inputs), highlight=False, soft_wrap=True)
     sources = sorted({o.benchmark.memory_source for o in result.outcomes if o.benchmark and o.benchmark.memory_source})
     if sources:
         out.print(f"memory figures: {'; '.join(sources)}", highlight=False, soft_wrap=True)

@@ -21,7 +21,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict
 
 from edgeopt import report, settings, workflow
-from edgeopt.comparison import comparison_groups
+from edgeopt.comparison import combine_shape_verdicts, comparison_groups, shape_variants
 from edgeopt.errors import CandidateFailed, ConfigError, EdgeOptError
 from edgeopt.gates import more_rounds_could_settle
 from edgeopt.input_shapes import describe as describe_shapes
@@ -51,6 +51,7 @@ from tasks.phases import (
     prepare_model_task,
     record_speedups_task,
     select_task,
+    synthetic_data_task,
 )
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,9 @@ class OptimizeReport(BaseModel):
     cached: tuple[str, ...] = ()
     remeasured: tuple[str, ...] = ()
     input_shapes: dict[str, tuple[int, ...]] = {}
+    per_sample_inputs: tuple[str, ...] = ()
+    synthetic_data: tuple[str, ...] = ()
+    shape_settings: tuple[str, ...] = ()
 
 
 def _default_model_name(model: str, profile: str) -> str:
@@ -104,11 +108,12 @@ def _default_model_name(model: str, profile: str) -> str:
 
 
 def _outputs_and_eval(names, m: Measurements, *, specs, artifacts, prof, assessment, hw, evaluation, work,
-                      refresh, reference: str) -> list[CandidateOutcome]:
+                      refresh, reference: str, refs: dict[str, str] | None = None) -> list[CandidateOutcome]:
     """Pool each member's rounds, run its outputs over the evaluation data, audit its timed outputs
-    against them, and evaluate it against the ``reference`` baseline's outputs (first in ``names``)."""
+    against them, and evaluate it against the ``reference`` baseline's outputs (first in ``names``), or
+    against the baseline named in ``refs`` (a shape setting's members: the baseline at their shapes)."""
     outcomes: list[CandidateOutcome] = []
-    reference_outputs: str | None = None
+    baseline_outputs: dict[str, str] = {}
     for name in names:
         spec, art = specs[name], artifacts.get(name)
         if name in m.failures:
@@ -122,12 +127,13 @@ def _outputs_and_eval(names, m: Measurements, *, specs, artifacts, prof, assessm
         except CandidateFailed as exc:
             outcomes.append(workflow.failed(spec, stage="evaluate", error=exc, artifact=art))
             continue
-        if name == reference:
-            reference_outputs = outputs
+        if spec.baseline:
+            baseline_outputs[name] = outputs
         outcome = audit_task(outcome, outputs)
         if outcome.ok:
             try:
-                ev = evaluate_task(name, outputs, reference_outputs, assessment, evaluation,
+                ev = evaluate_task(name, outputs, baseline_outputs.get((refs or {}).get(name, reference)),
+                                   assessment, evaluation,
                                    prof.benchmark.max_eval_samples)
                 outcome = outcome.model_copy(update={"evaluation": ev})
             except CandidateFailed as exc:
@@ -151,7 +157,8 @@ def _measure_all(groups, specs, artifacts, *, prof, assessment, hw, evaluation, 
     names = [g.baseline.name for g in groups] + [n for g in groups for n in g.members]
     order = {n: i for i, n in enumerate(specs)}
     names = names[:len(groups)] + sorted(names[len(groups):], key=order.__getitem__)
-    outcomes = _outputs_and_eval(names, m, reference=reference, **kw)
+    refs = {n: g.baseline.name for g in groups if g.setting.shape for n in g.names}
+    outcomes = _outputs_and_eval(names, m, reference=reference, refs=refs, **kw)
     if not next(o for o in outcomes if o.name == reference).ok:
         f = next(o for o in outcomes if o.name == reference).failure
         raise EdgeOptError(f"the baseline {reference} failed ({f.reason}): {f.message}; nothing is registered")
@@ -227,6 +234,7 @@ def optimize_flow(
     allow_hardware_mismatch: bool = False,
     seq_len: int | None = None,
     shapes: list[str] | None = None,
+    synthetic_data: bool = False,
 ) -> OptimizeReport:
     """Optimize MODEL for PROFILE on this machine and register the winner (if any) in MLflow.
 
@@ -242,6 +250,8 @@ def optimize_flow(
         allow_hardware_mismatch: run even if this machine does not fit the profile's hardware.
         seq_len: token length for text data (default: the profile's benchmark.seq_len).
         shapes: input shapes as NAME=1x3x640x640 (over the profile's input_shapes) for dynamic dims.
+        synthetic_data: calibrate and evaluate on generated inputs at those shapes where no data is given
+            (said in the report and the MLflow tag ``edgeopt.synthetic_data``).
     """
     refuse_wrong_host(allow_mismatch=allow_hardware_mismatch)
     logger = get_run_logger()
@@ -261,6 +271,18 @@ def optimize_flow(
     shaped = input_shapes_task(assessment, list(shapes or []), prof, evaluation, seq)
     source, assessment = (shaped if source.model.format == "onnx" else source), shaped
     logger.info("input shapes: %s", describe_shapes(assessment.input_shapes))
+    # an input given several --shape values: one benchmark setting per shape, the first one the candidates' own
+    extra_shapes = workflow.extra_shape_settings(assessment, shapes=list(shapes or []), profile=prof,
+                                                 evaluation=evaluation, seq_len=seq)
+    for label, at in extra_shapes:
+        logger.info("shape setting %s: %s", label, describe_shapes(at))
+    generated = tuple(role for role, path in (("calibration", calibration), ("evaluation", evaluation))
+                      if synthetic_data and path is None)
+    if generated:  # asked for explicitly: generated inputs at the run's shapes, said everywhere
+        # calibration from a generated file; evaluation (and benchmark) inputs are generated by each measuring
+        # process at its own setting's shapes, as without data
+        calibration = calibration or synthetic_data_task(assessment, work)
+        logger.warning("synthetic data for %s: %s", " and ".join(generated), report.synthetic_note(generated))
     hw = fingerprint_task()
     mismatch = host_mismatches(prof, hw)
     if mismatch and not allow_hardware_mismatch:
@@ -277,7 +299,9 @@ def optimize_flow(
     exp_id, run_id = tracking.start_parent_run(
         data_dir=str(base), experiment=f"edgeopt/{name}", run_name=f"optimize-{prof.name}",
         assessment=source, profile_name=prof.name, profile_doc=prof.model_dump(mode="json"), hardware=hw,
-        tags={"prefect.flow_run_id": str(flow_run.id or "")}, input_shapes=assessment.input_shapes)
+        tags={"prefect.flow_run_id": str(flow_run.id or ""),
+              **({"edgeopt.synthetic_data": ",".join(generated)} if generated else {})},
+        input_shapes=assessment.input_shapes)
     status = "FAILED"
     try:
         futures = {}
@@ -301,20 +325,27 @@ def optimize_flow(
             raise EdgeOptError(f"the baseline {base_spec.name} could not be built ({f.reason}): {f.message}; "
                                "nothing is registered")
         ready = {s.name: (s, built[s.name]) for s in planned if not isinstance(built[s.name], CandidateOutcome)}
+        variants = shape_variants(ready, extra_shapes)  # each candidate at each extra shape: its own setting
+        of_candidate = {f"{n}-{label}": n for label, _ in extra_shapes for n in ready}
+        ready = ready | variants
         groups = comparison_groups(base_spec, built[base_spec.name], ready, threads=prof.hardware.threads)
         for g in groups[1:]:
             logger.info("baseline %s: %s, for %s", g.baseline.name, g.setting.describe(), ", ".join(g.members))
-        all_specs = {g.baseline.name: g.baseline for g in groups} | {s.name: s for s in planned}
+        all_specs = {g.baseline.name: g.baseline for g in groups} | {s.name: s for s in planned} | \
+            {n: s for n, (s, _) in variants.items()}
         artifacts = {g.baseline.name: g.artifact for g in groups} | {n: a for n, (_, a) in ready.items()}
         with benchmark_slot():
             measured, m = _measure_all(groups, all_specs, artifacts, prof=prof, assessment=assessment, hw=hw,
                                        evaluation=evaluation, work=work, refresh=refresh)
+        measured = combine_shape_verdicts(measured, of_candidate)  # it passes only if it passes at every shape
         failed_builds = [built[s.name] for s in planned if isinstance(built[s.name], CandidateOutcome)]
-        order = {n: i for i, n in enumerate([g.baseline.name for g in groups] + [s.name for s in planned])}
+        named = [s.name for s in planned]
+        named = [x for n in named for x in (n, *(v for v, c in of_candidate.items() if c == n))]
+        order = {n: i for i, n in enumerate([g.baseline.name for g in groups] + named)}
         outcomes = sorted([*measured, *failed_builds], key=lambda o: order[o.name])
 
         _progress("select", prof.name)
-        selection = select_task(outcomes, prof)
+        selection = select_task([o for o in outcomes if o.name not in of_candidate], prof)
         table = report.rows(outcomes, selection)
         for row in table:
             logger.info("%s: %s", row["candidate"], "; ".join(f"{k} {row[k]}" for k in report.CLI_COLUMNS[1:]
@@ -332,6 +363,12 @@ def optimize_flow(
         md = report.markdown(outcomes, selection, title=f"edgeopt optimize: {name} on {prof.name}", links=links)
         if assessment.input_shapes:
             md += f"\n\nInput shapes (batch included): {describe_shapes(assessment.input_shapes)}\n"
+        if assessment.per_sample_inputs:
+            md += f"\n{report.per_sample_note(assessment.per_sample_inputs)}\n"
+        if generated:
+            md += f"\n**Synthetic data**: {report.synthetic_note(generated)}\n"
+        if extra_shapes:
+            md += f"\n{report.shape_settings_note(assessment.input_shapes, extra_shapes)}\n"
         tracking.record_selection(data_dir=str(base), run_id=run_id, selection=selection, report_md=md,
                                   outcomes=outcomes)
         create_markdown_artifact(markdown=md, key=re.sub(r"[^a-z0-9-]+", "-", f"optimize-{prof.name}".lower()),
@@ -353,7 +390,8 @@ def optimize_flow(
             profile=prof.name, model_name=name, outcomes=tuple(outcomes), selection=selection,
             experiment_id=exp_id, mlflow_run_id=run_id, mlflow_run_url=url,
             tracking_uri=settings.mlflow_tracking_uri(base), registered_version=version,
-            cached=reused, input_shapes=assessment.input_shapes, remeasured=tuple(o.name for o in outcomes if o.benchmark and o.name not in reused),
+            cached=reused, input_shapes=assessment.input_shapes, per_sample_inputs=assessment.per_sample_inputs,
+            synthetic_data=generated, shape_settings=tuple(label for label, _ in extra_shapes), remeasured=tuple(o.name for o in outcomes if o.benchmark and o.name not in reused),
             flow_run_id=str(flow_run.id) if flow_run.id else None,
             flow_run_url=flow_run.ui_url if flow_run.ui_url and not flow_run.ui_url.startswith("None") else None,
         )

@@ -167,6 +167,11 @@ def input_shapes_task(assessment: Assessment, shapes: list[str], profile: Profil
                                          seq_len=seq_len)
 
 
+@task(name="synthetic-data", cache_policy=NO_CACHE)
+def synthetic_data_task(assessment: Assessment, work_dir: str) -> str:
+    return workflow.synthetic_data(assessment, work_dir=Path(work_dir))
+
+
 @task(name="check-data", cache_policy=NO_CACHE)
 def check_data_task(assessment: Assessment, calibration: str | None, evaluation: str | None) -> None:
     workflow.check_data(assessment, calibration=calibration, evaluation=evaluation)

@@ -5,6 +5,7 @@
 - ``make_dynamic_hw``: a CNN with input ``[batch, 3, height, width]``.
 - ``make_failing_reshape``: loads, then fails at run time inside ONNX Runtime (a native error line).
 - ``make_stateful``: a GRU with a ``state`` input ``[1, batch, 16]`` (batch not leading) and a scalar ``sr``.
+- ``make_dense_hw``: a dense-prediction CNN, ``image [batch, 3, height, width]`` → ``mask [batch, 4, height, width]``.
 """
 
 from __future__ import annotations
@@ -126,4 +127,21 @@ def make_failing_reshape(path: Path) -> Path:
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, "n"])],
                               initializer=[numpy_helper.from_array(np.array([3, -1], np.int64), "s")])
+    return _save(graph, path)
+
+
+def make_dense_hw(path: Path, *, seed: int = 0) -> Path:
+    """A dense-prediction CNN: Conv(3→8, 3×3) + Relu + Conv(8→4, 1×1) over ``image [batch, 3, height, width]``,
+    output ``mask [batch, 4, height, width]`` (4 classes per pixel)."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(_w(rng, 8, 3, 3, 3), "w1"), numpy_helper.from_array(_w(rng, 8), "b1"),
+             numpy_helper.from_array(_w(rng, 4, 8, 1, 1), "w2"), numpy_helper.from_array(_w(rng, 4), "b2")]
+    nodes = [
+        helper.make_node("Conv", ["image", "w1", "b1"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Conv", ["r", "w2", "b2"], ["mask"]),
+    ]
+    graph = helper.make_graph(nodes, "dense_hw", [
+        helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, "height", "width"])],
+        [helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", 4, "height", "width"])], initializer=inits)
     return _save(graph, path)

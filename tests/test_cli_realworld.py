@@ -145,3 +145,60 @@ def test_stateful_model_with_a_scalar_input_is_calibrated_and_measured(cli_env, 
         assert o["benchmark"]["input_shapes"] == {"x": [10, 1, 8], "state": [1, 1, 16], "sr": []}
         # outputs of complete feeds are compared row by row along their first axis: 12 samples x 10 steps
         assert o["evaluation"]["samples"] == 12 * 10
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    import numpy as np
+
+    from tests.realworld_models import make_dense_hw
+
+    d = tmp_path_factory.mktemp("dense")
+    rng = np.random.default_rng(0)
+    (d / "imgs").mkdir()
+    for i, (h, w) in enumerate([(24, 32), (40, 24), (32, 32)]):  # one image per file, each at its own size
+        np.savez(d / "imgs" / f"{i:03d}.npz", image=rng.standard_normal((1, 3, h, w)).astype(np.float32))
+    profile = write_profile(d / "p.yaml", candidates=[
+        {"name": "ort-int8-static-minmax", "backend": "onnxruntime",
+         "recipe": {"precision": "int8", "quantization": "static", "calibration_method": "minmax"}}],
+        benchmark={"warmup_runs": 1, "min_runs": 10, "min_duration_s": 0.05})
+    return {"model": make_dense_hw(d / "dense.onnx"), "imgs": d / "imgs", "profile": profile, "dir": d}
+
+
+@pytest.mark.heavy  # ~60-75 s on a loaded 2-core machine; tests/test_data_folder.py covers it without Prefect
+def test_a_folder_of_images_of_different_sizes_calibrates_evaluates_and_measures(cli_env, dense, tmp_path):  # noqa: F811
+    import json
+
+    r = run(cli_env, "optimize", dense["model"], "--profile", dense["profile"], "--eval", dense["imgs"],
+            "--calibration", dense["imgs"], "--json", tmp_path / "r.json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "per-sample shapes: image ran at each sample's own shape" in r.stdout
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["per_sample_inputs"] == ["image"]
+    sizes = [{"image": [1, 3, h, w]} for h, w in [(24, 32), (32, 32), (40, 24)]]
+    for o in report["outcomes"]:  # the static INT8 build was calibrated on the folder
+        assert o["failure"] is None, o["failure"]
+        result = json.loads((Path(o["benchmark"]["samples_path"]).parent / "result.json").read_text())
+        assert result["feed_shapes"] == sizes, o["spec"]["name"]  # each image measured at its own size
+        # the mask is compared pixel by pixel with the baseline's, on the same images
+        assert o["evaluation"]["samples"] == 24 * 32 + 40 * 24 + 32 * 32
+
+
+def test_a_per_sample_file_that_disagrees_with_a_fixed_shape_is_one_line(cli_env, dense):  # noqa: F811
+    before = len(_registered(Path(cli_env["EDGEOPT_HOME"])))
+    r = run(cli_env, "optimize", dense["model"], "--profile", dense["profile"], "--eval", dense["imgs"],
+            "--shape", "image=1x3x24x32")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert ("001.npz: input 'image' has shape [1, 3, 40, 24], the run needs (batch, 3, 24, 32) (dim 2 is 24): "
+            "this input takes one shape, so every sample must have it") in _one_error_line(r)
+    assert len(_registered(Path(cli_env["EDGEOPT_HOME"]))) == before
+
+
+def test_several_shapes_with_eval_data_of_one_shape_is_one_line(cli_env, dense):  # noqa: F811
+    before = len(_registered(Path(cli_env["EDGEOPT_HOME"])))
+    r = run(cli_env, "optimize", dense["model"], "--profile", dense["profile"], "--eval", dense["imgs"],
+            "--shape", "image=1x3x24x32", "--shape", "image=1x3x48x48")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert ("--shape gives 2 shape settings, measured on generated inputs at each shape; --eval data has one "
+            "shape: drop --eval (or give one --shape per input)") in _one_error_line(r)
+    assert len(_registered(Path(cli_env["EDGEOPT_HOME"]))) == before

@@ -59,3 +59,33 @@ def test_synthetic_data_makes_complete_feeds_where_the_first_axis_is_not_a_batch
     ds = synthetic_dataset(sig, count=4)
     assert ds.feeds == {"x", "state", "sr"}
     assert {k: v.shape for k, v in ds.sample(0).items()} == {"x": (10, 1, 8), "state": (1, 1, 16), "sr": ()}
+
+
+def test_each_sample_runs_from_the_initial_state_it_gives(stateful, tmp_path):
+    """The state input of each complete feed is the state that sample's run starts from (zeros for a fresh
+    one, or a state carried over from earlier audio): the outputs are those of the model run from it."""
+    import onnxruntime as ort
+
+    from edgeopt.data import file_sha256
+    from edgeopt.records import Artifact
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((4, 10, 1, 8)).astype(np.float32)
+    state = np.stack([np.zeros((1, 1, 16), np.float32), np.ones((1, 1, 16), np.float32),
+                      np.zeros((1, 1, 16), np.float32), rng.standard_normal((1, 1, 16)).astype(np.float32)])
+    np.savez(tmp_path / "states.npz", x=x, state=state, sr=np.full((4,), 0.5, np.float32))
+    prof = load_profile(str(write_profile(tmp_path / "p.yaml")))
+    a = workflow.resolve_input_shapes(stateful["a"], shapes=[], profile=prof, evaluation=str(tmp_path / "states.npz"),
+                                      seq_len=128)
+    model = a.model.path  # the model itself as an ONNX Runtime artifact, as the optimize flow's baseline
+    art = Artifact(candidate="baseline-fp32", backend="onnxruntime", path=model, sha256=file_sha256(model),
+                   size_bytes=a.model.size_bytes, parent_sha256=a.model.sha256, precision="fp32",
+                   runtime={"intra_op_threads": 1}, placement={"target": "CPUExecutionProvider"})
+    out = np.load(workflow.run_outputs(art, profile=prof, assessment=a, evaluation=str(tmp_path / "states.npz"),
+                                       work_dir=tmp_path / "work"))["output_0"].reshape(4, 10, 1, 16)
+    sess = ort.InferenceSession(a.model.path, providers=["CPUExecutionProvider"])
+    for i in range(4):
+        expected = sess.run(["y"], {"x": x[i], "state": state[i], "sr": np.array(0.5, np.float32)})[0]
+        np.testing.assert_allclose(out[i], expected, rtol=1e-5, atol=1e-6)
+    # the state matters: sample 1 run from a zero state instead of its own would differ
+    assert not np.allclose(out[1], sess.run(["y"], {"x": x[1], "state": state[0], "sr": np.array(0.5, np.float32)})[0])

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from edgeopt.errors import DataError
-from edgeopt.input_shapes import INPUT_SHAPES_KEY
+from edgeopt.input_shapes import INPUT_SHAPES_KEY, SHAPE_SETTING_KEY
 
 __all__ = ["MASK_INPUT", "SEQUENCE_KEY", "pad_outputs", "sequence_length", "split_runtime", "trim"]
 
@@ -36,7 +36,7 @@ def split_runtime(runtime: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
 
     The input shapes (``INPUT_SHAPES_KEY``, see ``edgeopt.input_shapes``) are left out too: they shape
     the data, not the session."""
-    rest = {k: v for k, v in runtime.items() if k not in (SEQUENCE_KEY, INPUT_SHAPES_KEY)}
+    rest = {k: v for k, v in runtime.items() if k not in (SEQUENCE_KEY, INPUT_SHAPES_KEY, SHAPE_SETTING_KEY)}
     choice = runtime.get(SEQUENCE_KEY)
     if not choice or choice.get("mode", "fixed") == "fixed":
         return rest, None

@@ -140,6 +140,8 @@ def _measure(job: dict[str, Any]) -> dict[str, Any]:
         feeds, spans = [t[0] for t in trimmed], [(t[1], t[2]) for t in trimmed]
     lengths = [f["attention_mask"].shape[1] for f in feeds if getattr(f.get("attention_mask"), "ndim", 0) == 2]
     shapes = {k: list(np.shape(v)) for k, v in feeds[0].items()}  # what the model is fed, batch included
+    # every distinct set of shapes fed (per-sample data: each sample at its own)
+    feed_shapes = sorted({tuple((k, tuple(np.shape(v))) for k, v in sorted(f.items())) for f in feeds})
     data_id = ds.sha256
     del ds
     memory.settle()
@@ -231,6 +233,7 @@ def _measure(job: dict[str, Any]) -> dict[str, Any]:
         "sequence": sequence["mode"] if sequence else "fixed",
         "seq_len_mean": float(np.mean(lengths)) if lengths else None,
         "input_shapes": shapes,
+        "feed_shapes": [{k: list(v) for k, v in fs} for fs in feed_shapes],
         "audit_path": audit_path,
         "audit_batches": audit_batches,
         "audit_repeat_ratio": repeat.ratio,
@@ -281,8 +284,7 @@ def _infer(job: dict[str, Any]) -> dict[str, Any]:
         chunks.append(outs)
     arrays = {}
     for i in range(len(chunks[0])):
-        parts = [np.asarray(c[i]) for c in chunks]
-        arrays[f"output_{i}"] = np.concatenate(parts, axis=0) if parts[0].ndim > 0 else np.stack(parts)
+        arrays[f"output_{i}"] = _joined([np.asarray(c[i]) for c in chunks], artifact.candidate, i)
     _check_finite(list(arrays.values()), artifact.candidate, names)
     if names:
         arrays["output_names"] = np.asarray(names, dtype=str)
@@ -294,6 +296,21 @@ def _infer(job: dict[str, Any]) -> dict[str, Any]:
         np.savez(fh, **arrays)
     os.replace(tmp, out_path)
     return {"samples": count, "outputs": len(chunks[0]), "out_path": str(out_path)}
+
+
+def _joined(parts: list[np.ndarray], candidate: str, index: int) -> np.ndarray:
+    """One output of every batch as rows: concatenated along the first axis; outputs whose sizes vary with
+    the sample (a dense prediction ``[batch, C, H, W]`` of per-sample images) become one row per position,
+    ``[batch * H * W, C]`` (channels last), so each position compares with the baseline's."""
+    if parts[0].ndim == 0:
+        return np.stack(parts)
+    if len({p.shape[1:] for p in parts}) == 1:
+        return np.concatenate(parts, axis=0)
+    if all(p.ndim >= 3 for p in parts) and len({p.shape[1] for p in parts}) == 1:
+        return np.concatenate([np.moveaxis(p, 1, -1).reshape(-1, p.shape[1]) for p in parts], axis=0)
+    raise CandidateFailed("accuracy", f"candidate '{candidate}': output_{index} has shapes "
+                          f"{sorted({p.shape for p in parts})} for different samples, which cannot be compared "
+                          "position by position")
 
 
 # ------------------------------------------------------------------------------------------- main

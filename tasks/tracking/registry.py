@@ -29,6 +29,7 @@ from prefect.cache_policies import NONE as NO_CACHE
 from edgeopt.certify.records import Certification, CrossValidation, Subject
 from edgeopt.data import path_sha256
 from edgeopt.errors import RegistryError
+from edgeopt.input_shapes import registered_signature
 from edgeopt.profiles import Profile
 from edgeopt.records import Artifact, Assessment
 from tasks.tracking.runs import _transient, client
@@ -144,7 +145,10 @@ def resolve_subject(*, data_dir: str, model_name: str, dest: str, version: str |
     p = cl.get_run(parent).data.params
     return Subject(
         model_name=model_name, version=str(mv.version), artifact=artifact, baseline=baseline,
-        signature=assessment.inputs, kind=assessment.kind, profile=profile.name,
+        # at the shapes it was optimized at (stored with the version: its artifact's runtime, the run's assessment)
+        signature=registered_signature(assessment.inputs, runtime=artifact.runtime, input_shapes=assessment.input_shapes,
+                                       per_sample_inputs=assessment.per_sample_inputs),
+        kind=assessment.kind, profile=profile.name,
         profile_doc=profile.model_dump(mode="json"),
         gates=profile.gates_for(assessment.kind).model_dump(mode="json"),
         recorded={k: float(v) for k, v in run.data.metrics.items()},
