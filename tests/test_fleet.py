@@ -101,8 +101,19 @@ def test_automations_validate_against_prefect():
 
     doc = yaml.safe_load((REPO / "deployments" / "automations.yaml").read_text(encoding="utf-8"))
     entries = fleet_setup.expand(doc)
+    lost = [e for e in entries if e["name"] == "edgeopt-flow-run-lost"]
+    entries = [e for e in entries if e not in lost]
     assert sorted(e["name"] for e in entries) == sorted(
         f"edgeopt-{kind}-{p}" for kind in ("nightly-failed", "drift") for p in POOLS)
+    # a run whose heartbeats stop is marked Crashed (which the nightly-failed automations report): after
+    # more than two missed heartbeats of every deployment's run
+    assert len(lost) == 1
+    zombie = AutomationCore.model_validate(lost[0])
+    assert zombie.trigger.posture == "Proactive" and zombie.actions[0].type == "change-flow-run-state"
+    assert zombie.actions[0].state.value == "CRASHED"
+    for d in _deployments():
+        beat = int(d["work_pool"]["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"])
+        assert 30 <= beat and zombie.trigger.within.total_seconds() > 2 * beat, d["name"]
     deployments = {f"{next(t for t in d['tags'] if t in FLOWS)}/{d['name']}" for d in _deployments()}
     for e in entries:
         for action in e["actions"]:
