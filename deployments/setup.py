@@ -10,7 +10,7 @@
    (run this again after ``prefect deploy --all``).
 
 Idempotent; one process (a ``prefect`` command per object would take a few seconds each). Exit code 0
-unless the API refused something.
+unless the API refused something (1), PREFECT_API_URL is not set (2) or no server answers there (4).
 """
 
 from __future__ import annotations
@@ -108,6 +108,13 @@ def main(argv: list[str] | None = None) -> int:
         if not PREFECT_API_URL.value():
             print("setup: set PREFECT_API_URL to the Prefect server first", file=sys.stderr)
             return 2
+    from flows._env import PrefectAPIUnavailable, ensure_prefect_api
+
+    try:  # an unreachable server is one line naming its URL, not a traceback half-way through
+        ensure_prefect_api()
+    except PrefectAPIUnavailable as exc:
+        print(f"setup: {exc}", file=sys.stderr)
+        return PrefectAPIUnavailable.exit_code
     ensure_pools_and_limits(args.host or [socket.gethostname()])
     created, skipped, failed = apply(yaml.safe_load(args.file.read_text(encoding="utf-8")))
     if created:

@@ -148,8 +148,12 @@ def test_unreachable_server_is_one_line_naming_the_url(tiny, tmp_path):
                 "COLUMNS": "200", "NO_COLOR": "1"})
     for args in (["fleet", "status"], ["optimize", str(tiny["model"]), "--profile", "intel-cpu",
                                        "--allow-hardware-mismatch"],
-                 ["certify", "m", "--version", "1", "--eval", str(tiny["eval"])]):
-        r = subprocess.run([EDGEOPT, *args], env=env, capture_output=True, text=True, timeout=180, check=False)
+                 ["certify", "m", "--version", "1", "--eval", str(tiny["eval"])],
+                 ["nightly", str(tiny["model"]), "--eval", str(tiny["eval"])],
+                 ["drift", str(tiny["eval"]), "--calibration", str(tiny["eval"]), "--model", str(tiny["model"])],
+                 [sys.executable, str(REPO / "deployments" / "setup.py")]):
+        cmd = args if args[0] == sys.executable else [EDGEOPT, *args]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, check=False)
         assert r.returncode == 4, (args, r.stdout, r.stderr)
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and url in lines[0] and "Traceback" not in r.stderr, (args, r.stderr)

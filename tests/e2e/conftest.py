@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,7 @@ def sh(args: list[str], env: dict, timeout: float, cwd: Path = REPO) -> subproce
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
+def fleet():
     if PG is None:
         pytest.skip("PostgreSQL is not installed (no initdb on PATH or under /usr/lib/postgresql): "
                     "apt-get install postgresql")
@@ -49,12 +50,10 @@ def fleet(tmp_path_factory):
     branch = sh(["git", "rev-parse", "--abbrev-ref", "HEAD"], dict(os.environ), 30).stdout.strip()
     if not branch or branch == "HEAD":
         pytest.skip("the deployment clones a branch; this checkout has none (detached HEAD)")
-    tmp = tmp_path_factory.mktemp("fleet")
-    if os.geteuid() == 0:  # PostgreSQL runs as `postgres`: it must reach its data folder
-        for p in [tmp, *tmp.parents]:
-            if p == Path("/"):
-                break
-            os.chmod(p, os.stat(p).st_mode | 0o005)
+    # not under pytest's base folder: another pytest session of this user resets that folder to 0700,
+    # and PostgreSQL, which runs as `postgres` when we are root, then loses its data folder mid-run
+    tmp = Path(tempfile.mkdtemp(prefix="edgeopt-e2e-fleet-"))
+    os.chmod(tmp, 0o755)
     clone = tmp / "repo"
     r = sh(["git", "clone", "--quiet", "--branch", branch, str(REPO), str(clone)], dict(os.environ), 120)
     assert r.returncode == 0, r.stderr
@@ -82,7 +81,9 @@ def fleet(tmp_path_factory):
     finally:
         down = sh(["bash", script, "down"], env, 180)
         pids = list((tmp / "fleet" / "pids").glob("*.pid")) if (tmp / "fleet" / "pids").is_dir() else []
-        assert down.returncode == 0 and not pids, (down.stdout + down.stderr, pids)
+        if down.returncode == 0 and not pids:
+            shutil.rmtree(tmp, ignore_errors=True)
+        assert down.returncode == 0 and not pids, (down.stdout + down.stderr, pids, f"left for a look: {tmp}")
 
 
 @pytest.fixture(scope="module")
