@@ -136,8 +136,9 @@ def night(fleet, client):
     env = fleet["env"]
     entry = zoo.build("digits-resnet", out_dir=fleet["home"] / "zoo")
     profile = write_profile(fleet["tmp"] / "nightly-short.yaml", gates=LOOSE, candidates=[DYNAMIC, FP32])
-    r = sh([str(BIN / "prefect"), "--no-prompt", "deploy", "-n", NIGHTLY, "-n", f"notify/notify-{POOL}",
-            "-n", f"drift/digits-resnet-{POOL}"], env, 300)
+    # `-n digits-resnet-<pool>` is the nightly and the drift deployment (prefect deploy matches names only)
+    r = sh([str(BIN / "prefect"), "--no-prompt", "deploy", "-n", f"digits-resnet-{POOL}", "-n", f"notify-{POOL}"],
+           env, 300)
     assert r.returncode == 0, r.stdout + r.stderr
     r = sh([str(BIN / "python"), "deployments/setup.py"], env, 180)
     assert r.returncode == 0, r.stdout + r.stderr
