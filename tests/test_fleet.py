@@ -163,3 +163,24 @@ def test_unreachable_server_is_one_line_naming_the_url(tiny, tmp_path):
     r = subprocess.run([EDGEOPT, "fleet", "status"], env=env, capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 2 and "PREFECT_API_URL is not set" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_setup_keeps_an_automation_that_did_not_change():
+    """Replacing an unchanged automation would make its trigger forget what it has seen (the heartbeats of
+    a run about to be declared lost); one that changed is replaced."""
+    sys.path.insert(0, str(REPO / "deployments"))
+    try:
+        import setup as fleet_setup
+    finally:
+        sys.path.pop(0)
+    from prefect.events.schemas.automations import Automation, AutomationCore
+
+    doc = yaml.safe_load((REPO / "deployments" / "automations.yaml").read_text(encoding="utf-8"))
+    entry = next(e for e in fleet_setup.expand(doc) if e["name"] == "edgeopt-flow-run-lost")
+    core = AutomationCore.model_validate(entry)
+    dumped = core.model_dump(mode="json")
+    dumped["trigger"]["expect"] = sorted(dumped["trigger"]["expect"], reverse=True)  # a set, in another order
+    stored = Automation.model_validate({**dumped, "id": str(uuid.uuid4())})
+    assert fleet_setup._same(stored, core)
+    changed = AutomationCore.model_validate({**entry, "trigger": {**entry["trigger"], "within": 120}})
+    assert not fleet_setup._same(stored, changed)

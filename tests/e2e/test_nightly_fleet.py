@@ -81,7 +81,7 @@ def _family(client, run_id) -> list:
 def _task_runs(client, run_ids) -> list:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(run_ids))), limit=500)
+    return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(run_ids))), limit=200)
 
 
 def _triggered(client, deployment: str, after, where=lambda fr: True, timeout: float = 240):
@@ -258,6 +258,8 @@ def test_worker_killed_mid_night(fleet, client, night):
 
     up = sh(["bash", fleet["script"], "up"], fleet["env"], 300)  # what a user runs: starts what is not running
     assert up.returncode == 0 and f"worker-{POOL} started" in up.stderr, up.stderr
+    # the automations were kept, not re-created: the lost-run one still remembers the killed run's heartbeats
+    assert "unchanged (" in up.stderr and "edgeopt-flow-run-lost" in up.stderr.split("unchanged (")[1], up.stderr
     rerun, wall = _run(client, NIGHTLY, params, timeout=900)
     print(f"re-run: {wall:.0f} s, {rerun.state.name}")
     assert rerun.state.is_completed(), (rerun.state.name, rerun.state.message, _logs(client, rerun.id)[-3000:])
