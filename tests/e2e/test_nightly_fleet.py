@@ -236,12 +236,12 @@ def test_worker_killed_mid_night(fleet, client, night):
     since = datetime.now(UTC) - timedelta(seconds=5)
     params = {**night["params"], "candidates": None}  # both candidates: a changed night
     killed = run_deployment(NIGHTLY, timeout=0, parameters=params)
-    # mid-run: the new candidate's build has finished, the measuring goes on
+    # mid-run: the new candidate has been built and measured once (a fresh build and a fresh measurement)
     deadline = time.monotonic() + 600
     while True:
         family = _family(client, killed.id)
         done = {t.name: t for t in _task_runs(client, [f.id for f in family]) if t.state and t.state.is_completed()}
-        if f"build-{FP32['name']}" in done:
+        if f"build-{FP32['name']}" in done and any(n.startswith(f"benchmark-{FP32['name']}-") for n in done):
             break
         assert family[0].state is None or not family[0].state.is_final(), family[0].state
         assert time.monotonic() < deadline, "the new candidate was never built"
@@ -250,7 +250,8 @@ def test_worker_killed_mid_night(fleet, client, night):
     assert len(pids) >= 2, "the worker and its flow-run process"
     done = {t.name for t in _task_runs(client, [f.id for f in _family(client, killed.id)])
             if t.state and t.state.is_completed() and t.name.startswith(("build-", "benchmark-"))}
-    print(f"killed {pids}; finished before: {sorted(done)}")
+    where = sorted(f.name for f in _family(client, killed.id))
+    print(f"killed {pids} (flow runs {where}); finished before: {sorted(done)}")
     assert client.read_flow_run(killed.id).state.is_running()
     # nothing half-written: the champion did not move, every version is whole
     assert _alias(cl, "champion") == night["champion"]
