@@ -98,7 +98,7 @@ def main() -> int:
         api = f"http://127.0.0.1:{ports['FLEET_PREFECT_PORT']}/api"
         env.update({"PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{ports['FLEET_MLFLOW_PORT']}",
                     "PREFECT_HOME": str(tmp / "fleet" / "worker")})
-        dep = _sh([str(BIN / "prefect"), "--no-prompt", "deploy", "-n", "optimize/optimize-intel-cpu"], env, 300)
+        dep = _sh([str(BIN / "prefect"), "--no-prompt", "deploy", "-n", "optimize-intel-cpu"], env, 300)
         if dep.returncode != 0:
             print(dep.stdout + dep.stderr, file=sys.stderr)
             return 1
