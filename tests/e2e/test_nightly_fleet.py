@@ -10,7 +10,8 @@ re-run completes reusing every build and measurement that finished, and nothing 
 an alias moved; a drift event starts re-optimization with the production sample as calibration
 (automation); the Prefect UI's flow-run page (with its log) and the MLflow run page in headless Chromium.
 
-Heavy (about 12 minutes here, on 2 busy cores): ``make test-e2e`` runs it.
+Heavy (19 minutes here on 2 cores shared with other jobs, load 7-15; about 9 of them start the fleet and
+train the CNN): ``make test-e2e`` runs it.
 """
 
 from __future__ import annotations
@@ -161,10 +162,12 @@ def test_first_night_promotes_or_says_why(fleet, client, night):
     # the nightly's verdict, the optimize subflow's candidate table and Pareto table, the MLflow link
     verdict = arts["nightly-nightly-short"].data
     assert "optimize-nightly-short" in arts and DYNAMIC["name"] in arts["optimize-nightly-short"].data
+    assert "data:image/svg+xml;base64," in arts["pareto-chart-nightly-short"].data
     assert "mlflow-run" in arts and fleet["tracking"] in arts["mlflow-run"].data
     cl = _mlflow(fleet)
     (run,) = _nightly_runs(cl)
     result = run.data.tags["nightly.result"]
+    print(f"first night's result: {result}: {run.data.tags['nightly.reason']}")
     assert result in FIRST_RESULTS and run.data.tags["nightly.reason"], run.data.tags
     assert run.data.tags["prefect.flow_run_id"] == str(fr.id)
     assert f"**{result}**" in verdict and run.data.tags["nightly.reason"][:60] in verdict, verdict
