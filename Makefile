@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: demo test test-all browser bench bench-integrity prefect-ui mlflow-ui fleet-up fleet-down fleet-status lint clean
+.PHONY: demo test test-all test-e2e browser bench bench-integrity prefect-ui mlflow-ui fleet-up fleet-down fleet-status lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ test: $(STAMP) browser
 ## test-all: every test, the heavy ones too (MiniLM's checkpoint through every encoder route: ~8 min)
 test-all: $(STAMP) browser
 	$(BIN)/python -m pytest -q
+
+## test-e2e: the heavy end-to-end tests of the fleet (tests/e2e: the nightly deployment twice, a worker killed
+## mid-run, the automations, both UIs in Chromium) on a fleet they start and stop; CI runs it after `make test`
+test-e2e: $(STAMP) browser
+	$(BIN)/python -m pytest -q -m heavy tests/e2e --durations=0
 
 ## browser: headless Chromium for the certification report's browser test (Debian's package, when root)
 browser:

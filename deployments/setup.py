@@ -5,12 +5,12 @@
 1. the four work pools (process workers): intel-cpu, apple-silicon, nvidia-gpu, arm64;
 2. one benchmark slot per measuring host: the global concurrency limit ``edgeopt-benchmark-<host>``
    (default: this host; name every measuring host of the fleet);
-3. the automations of ``deployments/automations.yaml``: one of the same name is replaced; one whose
-   run-deployment action names a deployment that does not exist yet is skipped with one line saying so
-   (run this again after ``prefect deploy --all``).
+3. the automations of ``deployments/automations.yaml``: one of the same name is kept when it is the same,
+   else replaced; one whose run-deployment action names a deployment that does not exist yet is skipped
+   with one line saying so (run this again after ``prefect deploy --all``).
 
 Idempotent; one process (a ``prefect`` command per object would take a few seconds each). Exit code 0
-unless the API refused something.
+unless the API refused something (1), PREFECT_API_URL is not set (2) or no server answers there (4).
 """
 
 from __future__ import annotations
@@ -35,13 +35,29 @@ def expand(doc: dict) -> list[dict]:
     return out
 
 
-def apply(doc: dict) -> tuple[list[str], list[str], list[str]]:
-    """Create each automation (replacing one of the same name); returns (created, skipped, failed)."""
+def _canonical(value):
+    """A dumped automation without the ids the server or the schema generated."""
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items() if k != "id"}
+    if isinstance(value, list):  # sets (e.g. a trigger's expected events) come back in any order
+        items = [_canonical(v) for v in value]
+        return sorted(items) if all(isinstance(v, str) for v in items) else items
+    return value
+
+
+def _same(existing, automation) -> bool:
+    fields = set(type(automation).model_fields)
+    return _canonical(existing.model_dump(mode="json", include=fields)) == _canonical(automation.model_dump(mode="json"))
+
+
+def apply(doc: dict) -> tuple[list[str], list[str], list[str], list[str]]:
+    """Create each automation (replacing one of the same name that differs); returns (created, unchanged,
+    skipped, failed)."""
     from prefect.client.orchestration import get_client
     from prefect.events.schemas.automations import AutomationCore
     from prefect.exceptions import ObjectNotFound
 
-    created, skipped, failed = [], [], []
+    created, unchanged, skipped, failed = [], [], [], []
     with get_client(sync_client=True) as client:
         for entry in expand(doc):
             missing = []
@@ -58,13 +74,19 @@ def apply(doc: dict) -> tuple[list[str], list[str], list[str]]:
                 continue
             try:
                 automation = AutomationCore.model_validate(entry)
-                for old in client.read_automations_by_name(automation.name):
+                olds = client.read_automations_by_name(automation.name)
+                if len(olds) == 1 and _same(olds[0], automation):
+                    # kept, not replaced: a new automation would forget what its trigger has seen (the
+                    # heartbeats of a run that is about to be declared lost)
+                    unchanged.append(automation.name)
+                    continue
+                for old in olds:
                     client.delete_automation(old.id)
                 client.create_automation(automation)
                 created.append(automation.name)
             except Exception as exc:  # noqa: BLE001 - one bad entry does not stop the others
                 failed.append(f"{entry['name']}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
-    return created, skipped, failed
+    return created, unchanged, skipped, failed
 
 
 POOLS = ("intel-cpu", "apple-silicon", "nvidia-gpu", "arm64")
@@ -108,10 +130,19 @@ def main(argv: list[str] | None = None) -> int:
         if not PREFECT_API_URL.value():
             print("setup: set PREFECT_API_URL to the Prefect server first", file=sys.stderr)
             return 2
+    from flows._env import PrefectAPIUnavailable, ensure_prefect_api
+
+    try:  # an unreachable server is one line naming its URL, not a traceback half-way through
+        ensure_prefect_api()
+    except PrefectAPIUnavailable as exc:
+        print(f"setup: {exc}", file=sys.stderr)
+        return PrefectAPIUnavailable.exit_code
     ensure_pools_and_limits(args.host or [socket.gethostname()])
-    created, skipped, failed = apply(yaml.safe_load(args.file.read_text(encoding="utf-8")))
+    created, unchanged, skipped, failed = apply(yaml.safe_load(args.file.read_text(encoding="utf-8")))
     if created:
         print(f"automations: {len(created)} created or replaced ({', '.join(created)})")
+    if unchanged:
+        print(f"automations: {len(unchanged)} unchanged ({', '.join(unchanged)})")
     if skipped:
         print(f"automations: {len(skipped)} waiting for their deployments (`prefect deploy --all`, then run this "
               f"again): {'; '.join(skipped)}")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import math
 from collections.abc import Sequence
+from html import escape
 
 from edgeopt.records import BenchmarkResult, CandidateOutcome, Selection
 
-__all__ = ["CLI_COLUMNS", "COLUMNS", "markdown", "per_sample_note", "rows", "shape_settings_note", "spread_note", "synthetic_note", "verdict"]
+__all__ = ["CLI_COLUMNS", "COLUMNS", "markdown", "pareto_chart_markdown", "pareto_chart_svg", "per_sample_note",
+           "rows", "shape_settings_note", "spread_note", "synthetic_note", "verdict"]
 
 COLUMNS = ("candidate", "runs as", "tokens", "vs", "p50 ms", "p95 ms", "p50 spread", "speed-up p50", "speed-up p95",
            "speed-up CI", "steady MB", "peak MB", "memory -%", "size MB", "accuracy", "fidelity", "verdict")
@@ -163,4 +166,70 @@ def markdown(outcomes: Sequence[CandidateOutcome], selection: Selection, *, titl
         lines += ["", f"Pareto frontier (p95 latency, quality, model RSS, size): {', '.join(selection.frontier)}"]
     if links:
         lines += [""] + [f"- {k}: {v}" for k, v in links.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _chart_points(outcomes: Sequence[CandidateOutcome]) -> tuple[str, list[tuple[str, float, float]]]:
+    """(y label, [(name, p50 ms, y)]) of the measured candidates: y is the quality metric when every one
+    has it, else the size in MB."""
+    measured = [o for o in outcomes if o.benchmark is not None and not o.failure]
+    if measured and all(o.evaluation is not None for o in measured):
+        label = measured[0].evaluation.metric.replace("_", " ")
+        return label, [(o.name, o.benchmark.latency_ms_p50, o.evaluation.value) for o in measured]
+    return "size MB", [(o.name, o.benchmark.latency_ms_p50, o.benchmark.size_bytes / 1e6) for o in measured]
+
+
+def pareto_chart_svg(outcomes: Sequence[CandidateOutcome], selection: Selection, *, title: str = "") -> str | None:
+    """A scatter of the measured candidates (p50 latency against quality, or size) as a standalone SVG:
+    the Pareto frontier filled, the others hollow, the selected one in orange. None with nothing measured."""
+    ylabel, pts = _chart_points(outcomes)
+    if not pts:
+        return None
+    w, h, left, right, top, bottom = 640, 400, 70, 190, 40, 50
+    xs, ys = [p[1] for p in pts], [p[2] for p in pts]
+    x0, x1 = min(0.0, min(xs)), max(xs) * 1.1 or 1.0
+    pad = (max(ys) - min(ys)) * 0.1 or abs(max(ys)) * 0.05 or 1.0
+    y0, y1 = min(ys) - pad, max(ys) + pad
+
+    def sx(v: float) -> float:
+        return left + (v - x0) / (x1 - x0) * (w - left - right)
+
+    def sy(v: float) -> float:
+        return h - bottom - (v - y0) / (y1 - y0) * (h - top - bottom)
+
+    out = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
+           'font-family="sans-serif" font-size="12">'), f'<rect width="{w}" height="{h}" fill="white"/>',
+           f'<text x="{left}" y="22" font-size="14">{escape(title or "Pareto frontier")}</text>',
+           f'<line x1="{left}" y1="{h - bottom}" x2="{w - right}" y2="{h - bottom}" stroke="black"/>',
+           f'<line x1="{left}" y1="{top}" x2="{left}" y2="{h - bottom}" stroke="black"/>',
+           f'<text x="{(left + w - right) / 2}" y="{h - 12}" text-anchor="middle">p50 latency (ms)</text>',
+           (f'<text x="16" y="{(top + h - bottom) / 2}" text-anchor="middle" '
+           f'transform="rotate(-90 16 {(top + h - bottom) / 2})">{escape(ylabel)}</text>')]
+    for i in range(5):
+        xv, yv = x0 + (x1 - x0) * i / 4, y0 + (y1 - y0) * i / 4
+        out.append(f'<text x="{sx(xv):.1f}" y="{h - bottom + 16}" text-anchor="middle">{xv:.3g}</text>')
+        out.append(f'<text x="{left - 6}" y="{sy(yv) + 4:.1f}" text-anchor="end">{yv:.3g}</text>')
+    for name, xv, yv in pts:
+        on = name in selection.frontier
+        color = "#e8710a" if name == selection.selected else "#1a73e8"
+        out.append(f'<circle cx="{sx(xv):.1f}" cy="{sy(yv):.1f}" r="6" stroke="{color}" stroke-width="2" '
+                   f'fill="{color if on else "white"}"><title>{escape(name)}</title></circle>')
+        out.append(f'<text x="{sx(xv) + 9:.1f}" y="{sy(yv) + 4:.1f}">{escape(name)}'
+                   f'{" (selected)" if name == selection.selected else ""}</text>')
+    out.append(f'<text x="{w - right + 10}" y="{top + 10}">filled: on the frontier</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def pareto_chart_markdown(outcomes: Sequence[CandidateOutcome], selection: Selection, *, title: str) -> str | None:
+    """The chart as Markdown (an embedded SVG image) with its points listed below it, for a Prefect artifact."""
+    svg = pareto_chart_svg(outcomes, selection, title=title)
+    if svg is None:
+        return None
+    ylabel, pts = _chart_points(outcomes)
+    data = base64.b64encode(svg.encode("utf-8")).decode("ascii")
+    lines = [f"# {title}", "", f"![Pareto chart: p50 latency against {ylabel}](data:image/svg+xml;base64,{data})", "",
+             f"| candidate | p50 ms | {ylabel} | frontier |", "|---|---|---|---|"]
+    lines += [f"| {n} | {x:.3f} | {y:.4g} | {'selected' if n == selection.selected else ('yes' if n in selection.frontier else '')} |"
+              for n, x, y in pts]
     return "\n".join(lines) + "\n"

@@ -13,6 +13,7 @@ flow only emits the event).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -23,7 +24,7 @@ from prefect.settings import PREFECT_API_URL
 from pydantic import BaseModel, ConfigDict
 
 from edgeopt import settings, workflow
-from flows._pools import refuse_wrong_host
+from flows._pools import POOL_ENV, refuse_wrong_host
 from flows.nightly import NightlyReport, nightly_flow
 from flows.optimize import _default_model_name
 from tasks.nightly import drift_task
@@ -111,8 +112,12 @@ def drift_flow(
                                       f"{summary}\n")
     event, nightly = None, None
     if report.drifted:
+        # the automation of the run's pool picks the event up: a deployment's run carries its pool in
+        # EDGEOPT_POOL (its profile may be a file of any name); outside a pool, the profile's name
+        pool = os.environ.get(POOL_ENV, "").strip() or prof.name
         emit_event(event=DRIFT_EVENT, resource={"prefect.resource.id": f"edgeopt.model.{name}",
-                                                "prefect.resource.name": name, "edgeopt.profile": prof.name},
+                                                "prefect.resource.name": name, "edgeopt.profile": prof.name,
+                                                "edgeopt.pool": pool},
                    payload={"model": model, "profile": profile, "model_name": name, "production": production,
                             "calibration": calibration, "evaluation": evaluation or "", "summary": summary})
         event = DRIFT_EVENT

@@ -378,6 +378,10 @@ def optimize_flow(
             create_table_artifact(table=frontier, key=f"pareto-{prof.name}".lower(),
                                   description=f"Pareto frontier of {name} on {prof.name}: the candidates no other "
                                   "beats on latency, memory, size and accuracy at once; the selected one first")
+        chart = report.pareto_chart_markdown(outcomes, selection, title=f"Pareto frontier: {name} on {prof.name}")
+        if chart:
+            create_markdown_artifact(markdown=chart, key=re.sub(r"[^a-z0-9-]+", "-", f"pareto-chart-{prof.name}".lower()),
+                                     description=f"Pareto chart of {name} on {prof.name}")
         create_link_artifact(link=url, link_text="MLflow run", key="mlflow-run")
         # Registration is the last step: nothing is registered or aliased unless everything else succeeded.
         version = None

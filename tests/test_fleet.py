@@ -101,8 +101,19 @@ def test_automations_validate_against_prefect():
 
     doc = yaml.safe_load((REPO / "deployments" / "automations.yaml").read_text(encoding="utf-8"))
     entries = fleet_setup.expand(doc)
+    lost = [e for e in entries if e["name"] == "edgeopt-flow-run-lost"]
+    entries = [e for e in entries if e not in lost]
     assert sorted(e["name"] for e in entries) == sorted(
         f"edgeopt-{kind}-{p}" for kind in ("nightly-failed", "drift") for p in POOLS)
+    # a run whose heartbeats stop is marked Crashed (which the nightly-failed automations report): after
+    # more than two missed heartbeats of every deployment's run
+    assert len(lost) == 1
+    zombie = AutomationCore.model_validate(lost[0])
+    assert zombie.trigger.posture == "Proactive" and zombie.actions[0].type == "change-flow-run-state"
+    assert zombie.actions[0].state.value == "CRASHED"
+    for d in _deployments():
+        beat = int(d["work_pool"]["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"])
+        assert 30 <= beat and zombie.trigger.within.total_seconds() > 2 * beat, d["name"]
     deployments = {f"{next(t for t in d['tags'] if t in FLOWS)}/{d['name']}" for d in _deployments()}
     for e in entries:
         for action in e["actions"]:
@@ -137,8 +148,12 @@ def test_unreachable_server_is_one_line_naming_the_url(tiny, tmp_path):
                 "COLUMNS": "200", "NO_COLOR": "1"})
     for args in (["fleet", "status"], ["optimize", str(tiny["model"]), "--profile", "intel-cpu",
                                        "--allow-hardware-mismatch"],
-                 ["certify", "m", "--version", "1", "--eval", str(tiny["eval"])]):
-        r = subprocess.run([EDGEOPT, *args], env=env, capture_output=True, text=True, timeout=180, check=False)
+                 ["certify", "m", "--version", "1", "--eval", str(tiny["eval"])],
+                 ["nightly", str(tiny["model"]), "--eval", str(tiny["eval"])],
+                 ["drift", str(tiny["eval"]), "--calibration", str(tiny["eval"]), "--model", str(tiny["model"])],
+                 [sys.executable, str(REPO / "deployments" / "setup.py")]):
+        cmd = args if args[0] == sys.executable else [EDGEOPT, *args]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, check=False)
         assert r.returncode == 4, (args, r.stdout, r.stderr)
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and url in lines[0] and "Traceback" not in r.stderr, (args, r.stderr)
@@ -148,3 +163,24 @@ def test_unreachable_server_is_one_line_naming_the_url(tiny, tmp_path):
     r = subprocess.run([EDGEOPT, "fleet", "status"], env=env, capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 2 and "PREFECT_API_URL is not set" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_setup_keeps_an_automation_that_did_not_change():
+    """Replacing an unchanged automation would make its trigger forget what it has seen (the heartbeats of
+    a run about to be declared lost); one that changed is replaced."""
+    sys.path.insert(0, str(REPO / "deployments"))
+    try:
+        import setup as fleet_setup
+    finally:
+        sys.path.pop(0)
+    from prefect.events.schemas.automations import Automation, AutomationCore
+
+    doc = yaml.safe_load((REPO / "deployments" / "automations.yaml").read_text(encoding="utf-8"))
+    entry = next(e for e in fleet_setup.expand(doc) if e["name"] == "edgeopt-flow-run-lost")
+    core = AutomationCore.model_validate(entry)
+    dumped = core.model_dump(mode="json")
+    dumped["trigger"]["expect"] = sorted(dumped["trigger"]["expect"], reverse=True)  # a set, in another order
+    stored = Automation.model_validate({**dumped, "id": str(uuid.uuid4())})
+    assert fleet_setup._same(stored, core)
+    changed = AutomationCore.model_validate({**entry, "trigger": {**entry["trigger"], "within": 120}})
+    assert not fleet_setup._same(stored, changed)

@@ -10,97 +10,18 @@ Everything listens on 127.0.0.1 on ports the OS hands out; every wait has a dead
 
 from __future__ import annotations
 
-import glob
-import os
-import shutil
 import socket
-import subprocess
-import sys
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import write_profile
+from tests.e2e.conftest import BIN, CHROMIUM, sh
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-PG = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))), None)
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 MODEL_NAME = "digits-tiny-fleet"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _sh(args: list[str], env: dict, timeout: float, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
-
-
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
-    if PG is None:
-        pytest.skip("PostgreSQL is not installed (no initdb on PATH or under /usr/lib/postgresql): "
-                    "apt-get install postgresql")
-    if os.geteuid() == 0 and shutil.which("runuser") is None:
-        pytest.skip("running as root needs runuser to start PostgreSQL as the postgres user")
-    from flows._pools import fitting_pools
-
-    if "intel-cpu" not in fitting_pools():
-        pytest.skip("this host does not fit the intel-cpu pool (x86-64 with AVX2); the test runs its worker")
-    branch = _sh(["git", "rev-parse", "--abbrev-ref", "HEAD"], dict(os.environ), 30).stdout.strip()
-    if not branch or branch == "HEAD":
-        pytest.skip("the deployment clones a branch; this checkout has none (detached HEAD)")
-    tmp = tmp_path_factory.mktemp("fleet")
-    if os.geteuid() == 0:  # PostgreSQL runs as `postgres`: it must reach its data folder
-        for p in [tmp, *tmp.parents]:
-            if p == Path("/"):
-                break
-            os.chmod(p, os.stat(p).st_mode | 0o005)
-    clone = tmp / "repo"
-    r = _sh(["git", "clone", "--quiet", "--branch", branch, str(REPO), str(clone)], dict(os.environ), 120)
-    assert r.returncode == 0, r.stderr
-    home = tmp / "home"
-    ports = {"FLEET_PG_PORT": _free_port(), "FLEET_PREFECT_PORT": _free_port(), "FLEET_MLFLOW_PORT": _free_port()}
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PREFECT_", "MLFLOW_TRACKING", "EDGEOPT_"))}
-    env.update({k: str(v) for k, v in ports.items()})
-    env.update({"FLEET_DIR": str(tmp / "fleet"), "FLEET_BIN": str(BIN), "FLEET_POOLS": "intel-cpu arm64",
-                "FLEET_DEPLOY": "0", "EDGEOPT_HOME": str(home), "EDGEOPT_GIT_URL": str(clone),
-                "EDGEOPT_GIT_BRANCH": branch, "PATH": f"{BIN}:{env.get('PATH', '')}",
-                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "COLUMNS": "200",
-                "NO_COLOR": "1"})
-    script = str(REPO / "deployments" / "fleet.sh")
-    try:
-        up = _sh(["bash", script, "up"], env, 300)
-        assert up.returncode == 0, up.stdout + up.stderr
-        api = f"http://127.0.0.1:{ports['FLEET_PREFECT_PORT']}/api"
-        tracking = f"http://127.0.0.1:{ports['FLEET_MLFLOW_PORT']}"
-        assert f"export PREFECT_API_URL={api} MLFLOW_TRACKING_URI={tracking}" in up.stdout, up.stdout
-        env.update({"PREFECT_API_URL": api, "MLFLOW_TRACKING_URI": tracking,
-                    "PREFECT_HOME": str(tmp / "fleet" / "worker")})
-        yield {"env": env, "tmp": tmp, "home": home, "api": api, "tracking": tracking, "up": up,
-               "ui": f"http://127.0.0.1:{ports['FLEET_PREFECT_PORT']}", "script": script}
-    finally:
-        down = _sh(["bash", script, "down"], env, 180)
-        pids = list((tmp / "fleet" / "pids").glob("*.pid")) if (tmp / "fleet" / "pids").is_dir() else []
-        assert down.returncode == 0 and not pids, (down.stdout + down.stderr, pids)
-
-
-@pytest.fixture(scope="module")
-def client(fleet):
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings({PREFECT_API_URL: fleet["api"]}), get_client(sync_client=True) as c:
-        yield c
-
 
 @pytest.fixture(scope="module")
 def deployed_run(fleet, client):
@@ -112,7 +33,7 @@ def deployed_run(fleet, client):
     profile = write_profile(fleet["tmp"] / "fleet-short.yaml", candidates=[
         {"name": "ort-int8-dynamic", "backend": "onnxruntime", "recipe": {"precision": "int8", "quantization": "dynamic"}}],
         gates={"speedup_min": 1.0, "accuracy_ratio_min": 0.9})
-    r = _sh([str(BIN / "prefect"), "--no-prompt", "deploy", "-n", "optimize-intel-cpu", "-n", "optimize-arm64"],
+    r = sh([str(BIN / "prefect"), "--no-prompt", "deploy", "-n", "optimize-intel-cpu", "-n", "optimize-arm64"],
             env, 240)
     assert r.returncode == 0, r.stdout + r.stderr
     from prefect.deployments import run_deployment
@@ -136,7 +57,7 @@ def deployed_run(fleet, client):
 def test_fleet_up_prints_the_settings_and_is_idempotent(fleet):
     up = fleet["up"]
     assert "postgres started" in up.stderr and "worker-intel-cpu started" in up.stderr, up.stderr
-    again = _sh(["bash", fleet["script"], "up"], fleet["env"], 240)
+    again = sh(["bash", fleet["script"], "up"], fleet["env"], 240)
     assert again.returncode == 0, again.stderr
     for part in ("postgres", "prefect-server", "mlflow-server", "worker-intel-cpu"):
         assert f"{part} already running" in again.stderr, again.stderr
@@ -149,7 +70,7 @@ def test_pools_limit_and_server_on_postgres(fleet, client):
     assert all(p.type == "process" for p in client.read_work_pools())
     assert client.read_global_concurrency_limit_by_name(f"edgeopt-benchmark-{socket.gethostname()}").limit == 1
     # the server's database is PostgreSQL: its tables exist in the `prefect` database
-    psql = _sh(["psql", "-h", "127.0.0.1", "-p", fleet["env"]["FLEET_PG_PORT"], "-U", "edgeopt", "-d", "prefect",
+    psql = sh(["psql", "-h", "127.0.0.1", "-p", fleet["env"]["FLEET_PG_PORT"], "-U", "edgeopt", "-d", "prefect",
                 "-tAc", "select count(*) from flow_run"], fleet["env"], 30, cwd=fleet["tmp"])
     assert psql.returncode == 0 and psql.stdout.strip().isdigit(), psql.stdout + psql.stderr
 
@@ -208,13 +129,13 @@ def test_a_run_on_a_host_that_does_not_fit_its_pool_is_refused(fleet, client, de
 
 def test_fleet_status_and_the_cli_against_the_servers(fleet, deployed_run, client):
     env = fleet["env"]
-    status = _sh([str(BIN / "edgeopt"), "fleet", "status"], env, 120)
+    status = sh([str(BIN / "edgeopt"), "fleet", "status"], env, 120)
     assert status.returncode == 0, status.stdout + status.stderr
     for text in ("intel-cpu", "optimize/optimize-intel-cpu", "Completed", socket.gethostname()):
         assert text in status.stdout, (text, status.stdout)
     # a run from the CLI with PREFECT_API_URL set: the terminal stays quiet, the log reaches the server
     model = fleet["home"] / "zoo" / "digits-tiny" / "model.onnx"
-    r = _sh([str(BIN / "edgeopt"), "optimize", str(model), "--profile", str(fleet["tmp"] / "fleet-short.yaml"),
+    r = sh([str(BIN / "edgeopt"), "optimize", str(model), "--profile", str(fleet["tmp"] / "fleet-short.yaml"),
              "--eval", str(model.parent / "eval.npz"), "--model-name", MODEL_NAME], env, 300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "benchmark: " not in r.stdout + r.stderr and "Finished in state" not in r.stdout + r.stderr
@@ -234,11 +155,11 @@ def test_prefect_ui_shows_the_flow_run(fleet, deployed_run, tmp_path):
             "--disable-background-networking", "--disable-component-update", "--disable-sync",
             "--disable-extensions", "--hide-scrollbars", "--window-size=1400,1000",
             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=20000"]
-    dom = _sh([*base, "--dump-dom", url], fleet["env"], 120, cwd=tmp_path)
+    dom = sh([*base, "--dump-dom", url], fleet["env"], 120, cwd=tmp_path)
     assert dom.returncode == 0, dom.stderr[-2000:]
     # the single-page app rendered the run: its name and its final state are on the page
     assert run.name in dom.stdout, dom.stdout[-3000:]
     assert "Completed" in dom.stdout, dom.stdout[-3000:]
     png = tmp_path / "flow-run.png"
-    shot = _sh([*base, f"--screenshot={png}", url], fleet["env"], 120, cwd=tmp_path)
+    shot = sh([*base, f"--screenshot={png}", url], fleet["env"], 120, cwd=tmp_path)
     assert shot.returncode == 0 and png.is_file() and png.stat().st_size > 10_000, shot.stderr[-2000:]
