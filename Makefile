@@ -20,16 +20,19 @@ demo: $(STAMP)
 	$(BIN)/edgeopt optimize .edgeopt/zoo/digits-resnet/model.onnx --profile intel-cpu \
 		--calibration .edgeopt/zoo/digits-resnet/calibration.npz --eval .edgeopt/zoo/digits-resnet/eval.npz
 
-## test: the test suite (slow tests included; `heavy` ones, which would push CI past its budget, left out)
+## test: the default suite (slow tests included; `heavy` ones, which would push CI past its budget, left out),
+## then, in a session of its own, the fleet's smoke E2E (tests/e2e without the heavy nightly ones: a real
+## PostgreSQL-backed Prefect server, MLflow server and worker; ~5 min). CI (.ci/run) runs this.
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q -m "not heavy" --durations=25
+	$(BIN)/python -m pytest -q -m "not heavy" --ignore=tests/e2e --durations=25
+	$(BIN)/python -m pytest -q -m "not heavy" tests/e2e --durations=10
 
 ## test-all: every test, the heavy ones too (MiniLM's checkpoint through every encoder route: ~8 min)
 test-all: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
 ## test-e2e: the heavy end-to-end tests of the fleet (tests/e2e: the nightly deployment twice, a worker killed
-## mid-run, the automations, both UIs in Chromium) on a fleet they start and stop; CI runs it after `make test`
+## mid-run, the automations, both UIs in Chromium) on a fleet they start and stop (not in CI yet)
 test-e2e: $(STAMP) browser
 	$(BIN)/python -m pytest -q -m heavy tests/e2e --durations=0
 
