@@ -24,6 +24,7 @@ __all__ = [
     "GateStatus",
     "GateVerdict",
     "HardwareFingerprint",
+    "LLMInfo",
     "ModelKind",
     "ModelRef",
     "Record",
@@ -37,7 +38,7 @@ ModelFormat = Literal["onnx", "hf", "gguf"]
 
 #: bumped whenever a record gains, loses or changes a field: results cached by an older edgeopt
 #: (pickled records of the old shape) are then not reused
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 class Record(BaseModel):
     """Base of every record: immutable, unknown fields rejected."""
@@ -60,6 +61,27 @@ class ModelRef(Record):
     format: ModelFormat
     sha256: str
     size_bytes: int
+
+
+class LLMInfo(Record):
+    """What a language model is, read from its config (Hugging Face) or its metadata (GGUF)."""
+
+    architecture: str = Field(description="e.g. 'LlamaForCausalLM' or the GGUF 'general.architecture'")
+    family: str = Field(description="llama-like family: 'llama', 'qwen2', 'phi3', ...")
+    context_length: int
+    vocab_size: int
+    layers: int
+    hidden_size: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    kv_cache_bytes_per_token: int = Field(description="K and V of every layer at F16: 2 x layers x kv_heads x "
+                                          "head_dim x 2 bytes")
+    tokenizer: str = Field(description="tokenizer found: files beside the checkpoint, or the GGUF's embedded "
+                           "'tokenizer.ggml.model'")
+    tensor_types: dict[str, int] = Field(default_factory=dict, description="weight type -> number of tensors "
+                                         "(e.g. {'F16': 26, 'F32': 9})")
+    file_type: str = Field(default="", description="GGUF 'general.file_type' (e.g. 'MOSTLY_Q4_K_M'); '' for HF")
 
 
 class Assessment(Record):
@@ -88,6 +110,8 @@ class Assessment(Record):
     quantizable_ops: tuple[str, ...] = Field(default=(), description="op types the INT8 paths cover")
     unquantizable_ops: tuple[str, ...] = Field(default=(), description="op types they leave in float")
     int8_coverage: float = Field(default=0.0, description="share of nodes whose op the INT8 paths cover")
+    llm: LLMInfo | None = Field(default=None, description="language models: architecture, context, vocabulary, "
+                                "KV-cache bytes per token, weight types")
 
 
 class HardwareFingerprint(Record):
