@@ -38,7 +38,7 @@ MAX_TOKEN_BYTES = 16
 VOCAB = 1024
 SEQ_LEN = 128
 BATCH = 8
-STEPS = 240
+STEPS = 300
 SEED = 0
 #: text kept in calibration.txt / eval.txt (characters; whole paragraphs)
 TEXT_CHARS = 24_000
@@ -146,8 +146,8 @@ def build_into(name: str, folder: Path, *, description: str, progress: Callable[
             eval_ids = tok(texts["eval"])["input_ids"]
             data = torch.tensor(train_ids)
             gen = torch.Generator().manual_seed(SEED)
-            opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01, betas=(0.9, 0.95))
-            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
+            opt = torch.optim.AdamW(model.parameters(), lr=6e-3, weight_decay=0.01, betas=(0.9, 0.95))
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=6e-3, total_steps=steps, pct_start=0.1)
             model.train()
             for step in range(steps):
                 starts = torch.randint(0, len(data) - SEQ_LEN - 1, (BATCH,), generator=gen)
@@ -160,7 +160,7 @@ def build_into(name: str, folder: Path, *, description: str, progress: Callable[
                 opt.step()
                 sched.step()
                 if step % 10 == 0 or step == steps - 1:
-                    say(f"step {step + 1}/{steps} loss {float(loss):.3f}")
+                    say(f"step {step + 1}/{steps} loss {float(loss.detach()):.3f}")
             model.eval()
             ppl, top1 = _eval(model, eval_ids, torch)
             if steps >= STEPS and not ppl < len(tok) / 10:
