@@ -23,6 +23,7 @@ __all__ = [
     "Failure",
     "GateStatus",
     "GateVerdict",
+    "GenerationResult",
     "HardwareFingerprint",
     "LLMInfo",
     "ModelKind",
@@ -223,6 +224,32 @@ class BenchmarkResult(Record):
                                              "(with changing shapes, a same-shaped one); far below 1 means results "
                                              "are cached (audit)")
     hardware: HardwareFingerprint
+
+
+class GenerationResult(Record):
+    """A language model's generation benchmark (edgeopt.bench.generate): same prompt, same number of
+    generated tokens and same threads for every candidate of a run."""
+
+    candidate: str
+    prompt_tokens: int
+    gen_tokens: int = Field(description="tokens generated per repeat (EOS does not stop it)")
+    repeats: int
+    threads: int
+    prompt_tps: float = Field(description="prompt processing tokens/s (median over repeats)")
+    gen_tps: float = Field(description="generation tokens/s after the first token (median over repeats)")
+    ttft_ms: float = Field(description="time to first token from an empty KV cache (median)")
+    token_ms_p50: float
+    token_ms_p95: float
+    token_ms_p99: float
+    token_samples: int = Field(description="per-token latencies behind the percentiles")
+    rss_peak_mb: float = Field(description="peak RSS of the measuring process (MB)")
+    rss_model_mb: float = Field(description="RSS the loaded model added (MB), mapped weights included")
+    load_time_ms: float
+    size_bytes: int
+    gen_tps_rounds: tuple[float, ...] = Field(default=(), description="generation tokens/s of every repeat")
+    bytes_per_token: int | None = Field(default=None, description="weights + KV cache read per generated token")
+    bandwidth_gbps: float | None = Field(default=None, description="measured read bandwidth at these threads")
+    bandwidth_fraction: float | None = Field(default=None, description="gen_tps x bytes_per_token / bandwidth")
 
 
 class EvalResult(Record):
