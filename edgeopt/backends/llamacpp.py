@@ -265,9 +265,8 @@ def open_llama(path: str, runtime: dict[str, Any], *, logits_all: bool = False) 
 class LlamaSession:
     """A loaded GGUF: ``run({"input_ids": [batch, seq]})`` -> logits [batch, seq, vocab] (float32)."""
 
-    input_names = ["input_ids"]
-
     def __init__(self, path: str, runtime: dict[str, Any]) -> None:
+        self.input_names = ["input_ids"]
         self.llm = open_llama(path, runtime, logits_all=True)
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

@@ -115,7 +115,7 @@ def convert_hf_to_gguf(folder: str | Path, out_path: str | Path, *,
         raise ModelError(f"model {src}: no *.safetensors weights to convert")
     for file in weight_files:
         with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 - safe_open is no dict
                 if key.endswith("rotary_emb.inv_freq"):
                     continue
                 name = names.get_name(key, try_suffixes=(".weight", ".bias"))
