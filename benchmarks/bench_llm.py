@@ -132,6 +132,7 @@ def main() -> None:
     ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "llm.json")
     args = ap.parse_args()
     from edgeopt.hardware import fingerprint
@@ -139,7 +140,7 @@ def main() -> None:
 
     zoo_dir, work = data_dir() / "zoo", data_dir() / "bench-llm"
     started = time.time()
-    q_rows, meta = quality(zoo_dir, work)
+    q_rows, meta = ([], {}) if args.skip_quality else quality(zoo_dir, work)
     s_rows = [] if args.skip_speed else speed(zoo_dir, work, rounds=args.rounds, prompt_tokens=args.prompt_tokens,
                                                 gen_tokens=args.gen_tokens)
     fp = fingerprint()

@@ -47,7 +47,7 @@ LLAMA_CONFIGS: dict[str, dict[str, Any]] = {
     "tiny-llama": {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 4,
                    "num_key_value_heads": 2, "max_position_embeddings": 512},
     # ~0.4B parameters at realistic shapes (speed only)
-    "llama-speed": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 20,
+    "llama-speed": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 26,
                     "num_attention_heads": 16, "num_key_value_heads": 8, "max_position_embeddings": 2048},
 }
 
