@@ -21,7 +21,7 @@ __all__ = ["hardware_key", "measure_read_gbps", "read_bandwidth_gbps"]
 log = logging.getLogger(__name__)
 
 _SIZE_BYTES = 512 * 2**20
-_PASSES = 5
+_PASSES = 10
 
 
 def hardware_key(fp: HardwareFingerprint) -> str:
@@ -31,7 +31,7 @@ def hardware_key(fp: HardwareFingerprint) -> str:
 
 
 def measure_read_gbps(threads: int) -> float:
-    """GB/s (1e9 bytes) of a float32 sum over 512 MiB with ``threads`` threads, best of 5."""
+    """GB/s (1e9 bytes) of a float32 sum over 512 MiB with ``threads`` threads, best of 10."""
     import torch
 
     old = torch.get_num_threads()
