@@ -32,10 +32,10 @@ def run_generate_job(job: dict[str, Any]) -> dict[str, Any]:
     """Worker side: the measuring loop (imports llama_cpp; called in the fresh process)."""
     import resource
 
+    import llama_cpp
+
     from edgeopt.backends.llamacpp import open_llama
     from edgeopt.bench import memory
-
-    import llama_cpp
 
     llama_cpp.llama_backend_init()
     before = memory.read()

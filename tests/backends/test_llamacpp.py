@@ -14,13 +14,13 @@ from edgeopt.intake import assess
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-from edgeopt.backends.llamacpp import (  # noqa: E402
+from edgeopt.backends.llamacpp import (
     ALLOWED_TYPES,
     LlamaCppBackend,
     LlamaCppRecipe,
     check_types,
 )
-from edgeopt.data import Dataset  # noqa: E402
+from edgeopt.data import Dataset
 
 #: the main type each quant puts in most matrices
 MAIN = {"Q8_0": "Q8_0", "Q6_K": "Q6_K", "Q5_K_M": "Q5_K", "Q4_K_M": "Q4_K", "Q4_0": "Q4_0", "IQ4_XS": "IQ4_XS"}

@@ -10,12 +10,12 @@ import pytest
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-from edgeopt.backends.llamacpp import LlamaCppBackend, LlamaCppRecipe  # noqa: E402
-from edgeopt.bench.bandwidth import hardware_key, read_bandwidth_gbps  # noqa: E402
-from edgeopt.bench.generate import bytes_per_token, interleaved_generation  # noqa: E402
-from edgeopt.errors import CandidateFailed  # noqa: E402
-from edgeopt.hardware import fingerprint  # noqa: E402
-from edgeopt.intake import assess  # noqa: E402
+from edgeopt.backends.llamacpp import LlamaCppBackend, LlamaCppRecipe
+from edgeopt.bench.bandwidth import hardware_key, read_bandwidth_gbps
+from edgeopt.bench.generate import bytes_per_token, interleaved_generation
+from edgeopt.errors import CandidateFailed
+from edgeopt.hardware import fingerprint
+from edgeopt.intake import assess
 
 
 def test_interleaved_generation_like_for_like(tiny_llama, tmp_path: Path) -> None:

@@ -12,15 +12,15 @@ from edgeopt.errors import DataError
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-from edgeopt.backends.llamacpp import LlamaCppBackend, LlamaCppRecipe, open_llama  # noqa: E402
-from edgeopt.evaluate.llm import (  # noqa: E402
+from edgeopt.backends.llamacpp import LlamaCppBackend, LlamaCppRecipe, open_llama
+from edgeopt.evaluate.llm import (
     garbage_check,
     kl_divergence,
     perplexity,
     tokenize_text,
     window_logprobs,
 )
-from edgeopt.intake import assess  # noqa: E402
+from edgeopt.intake import assess
 
 WINDOW = 128
 
