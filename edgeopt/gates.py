@@ -41,13 +41,14 @@ import numpy as np
 
 from edgeopt.intervals import Interval, memory_reduction_interval, ratio_interval, split_rounds
 from edgeopt.profiles import Budgets, Gates
-from edgeopt.records import BenchmarkResult, CandidateOutcome, EvalResult, GateVerdict
+from edgeopt.records import BenchmarkResult, CandidateOutcome, EvalResult, GateVerdict, GenerationResult
 from edgeopt.reproducibility import pooled, settleable
 
 __all__ = [
     "MemoryBasis",
     "Percentile",
     "evaluate_gates",
+    "llm_verdicts",
     "memory_interval",
     "memory_reduction",
     "more_rounds_could_settle",
@@ -309,3 +310,25 @@ def outcome_with_gates(
         "memory_reduction": by_gate["memory"].measured,
         "verdicts": verdicts,
     })
+
+
+def llm_verdicts(*, candidate: GenerationResult, baseline: GenerationResult, perplexity: float,
+                 baseline_perplexity: float, kld_mean: float, gates: Gates) -> tuple[GateVerdict, ...]:
+    """A language model's gates against its F16 reference, measured side by side (NaN fails its gate).
+
+    Perplexity ratio (``perplexity_ratio_max``, default 1.05), mean KLD (``kld_mean_max``, default 0.01),
+    generation speed-up (tokens/s ratio, ``speedup_min``) and memory reduction (the RSS the loaded model
+    added, ``memory_reduction_min``)."""
+    ratio_max = gates.perplexity_ratio_max if gates.perplexity_ratio_max is not None else 1.05
+    kld_max = gates.kld_mean_max if gates.kld_mean_max is not None else 0.01
+    ratio = perplexity / baseline_perplexity if baseline_perplexity > 0 else math.nan
+    speed = candidate.gen_tps / baseline.gen_tps if baseline.gen_tps > 0 else math.nan
+    mem = 1 - candidate.rss_model_mb / baseline.rss_model_mb if baseline.rss_model_mb > 0 else math.nan
+    return (
+        verdict(gate="perplexity", metric="perplexity_ratio", comparator="<=", threshold=ratio_max, measured=ratio),
+        verdict(gate="kld", metric="kld_mean", comparator="<=", threshold=kld_max, measured=kld_mean),
+        verdict(gate="speedup", metric="generation_speedup", comparator=">=", threshold=gates.speedup_min,
+                measured=speed),
+        verdict(gate="memory", metric="memory_reduction", comparator=">=", threshold=gates.memory_reduction_min,
+                measured=mem),
+    )

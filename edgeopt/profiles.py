@@ -104,6 +104,10 @@ class Gates(_Strict):
         "warmed-up model) or 'peak' (high-water mark during load and inference)")
     confidence: float = Field(0.95, gt=0.5, lt=1, description="confidence level of the speed-up and memory "
                               "intervals; a gate passes only when its whole interval clears the threshold")
+    perplexity_ratio_max: float | None = Field(None, gt=0, description="language models: held-out perplexity "
+                                               "at most this x the F16 reference's (1.05: within 5%)")
+    kld_mean_max: float | None = Field(None, ge=0, description="language models: mean KL divergence of the "
+                                       "next-token distributions from the F16 reference's at most")
 
 
 class GateOverrides(_Strict):
@@ -116,6 +120,8 @@ class GateOverrides(_Strict):
     cosine_min: float | None = Field(None, ge=-1, le=1, description="as Gates.cosine_min")
     memory_basis: Literal["steady", "peak"] | None = Field(None, description="as Gates.memory_basis")
     confidence: float | None = Field(None, gt=0.5, lt=1, description="as Gates.confidence")
+    perplexity_ratio_max: float | None = Field(None, gt=0, description="as Gates.perplexity_ratio_max")
+    kld_mean_max: float | None = Field(None, ge=0, description="as Gates.kld_mean_max")
 
 
 class Objective(_Strict):

@@ -23,7 +23,9 @@ __all__ = [
     "Failure",
     "GateStatus",
     "GateVerdict",
+    "GenerationResult",
     "HardwareFingerprint",
+    "LLMInfo",
     "ModelKind",
     "ModelRef",
     "Record",
@@ -62,6 +64,27 @@ class ModelRef(Record):
     size_bytes: int
 
 
+class LLMInfo(Record):
+    """What a language model is, read from its config (Hugging Face) or its metadata (GGUF)."""
+
+    architecture: str = Field(description="e.g. 'LlamaForCausalLM' or the GGUF 'general.architecture'")
+    family: str = Field(description="llama-like family: 'llama', 'qwen2', 'phi3', ...")
+    context_length: int
+    vocab_size: int
+    layers: int
+    hidden_size: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    kv_cache_bytes_per_token: int = Field(description="K and V of every layer at F16: 2 x layers x kv_heads x "
+                                          "head_dim x 2 bytes")
+    tokenizer: str = Field(description="tokenizer found: files beside the checkpoint, or the GGUF's embedded "
+                           "'tokenizer.ggml.model'")
+    tensor_types: dict[str, int] = Field(default_factory=dict, description="weight type -> number of tensors "
+                                         "(e.g. {'F16': 26, 'F32': 9})")
+    file_type: str = Field(default="", description="GGUF 'general.file_type' (e.g. 'MOSTLY_Q4_K_M'); '' for HF")
+
+
 class Assessment(Record):
     model: ModelRef
     kind: ModelKind
@@ -91,6 +114,8 @@ class Assessment(Record):
     quantizable_ops: tuple[str, ...] = Field(default=(), description="op types the INT8 paths cover")
     unquantizable_ops: tuple[str, ...] = Field(default=(), description="op types they leave in float")
     int8_coverage: float = Field(default=0.0, description="share of nodes whose op the INT8 paths cover")
+    llm: LLMInfo | None = Field(default=None, description="language models: architecture, context, vocabulary, "
+                                "KV-cache bytes per token, weight types")
 
 
 class HardwareFingerprint(Record):
@@ -202,6 +227,32 @@ class BenchmarkResult(Record):
                                              "(with changing shapes, a same-shaped one); far below 1 means results "
                                              "are cached (audit)")
     hardware: HardwareFingerprint
+
+
+class GenerationResult(Record):
+    """A language model's generation benchmark (edgeopt.bench.generate): same prompt, same number of
+    generated tokens and same threads for every candidate of a run."""
+
+    candidate: str
+    prompt_tokens: int
+    gen_tokens: int = Field(description="tokens generated per repeat (EOS does not stop it)")
+    repeats: int
+    threads: int
+    prompt_tps: float = Field(description="prompt processing tokens/s (median over repeats)")
+    gen_tps: float = Field(description="generation tokens/s after the first token (median over repeats)")
+    ttft_ms: float = Field(description="time to first token from an empty KV cache (median)")
+    token_ms_p50: float
+    token_ms_p95: float
+    token_ms_p99: float
+    token_samples: int = Field(description="per-token latencies behind the percentiles")
+    rss_peak_mb: float = Field(description="peak RSS of the measuring process (MB)")
+    rss_model_mb: float = Field(description="RSS the loaded model added (MB), mapped weights included")
+    load_time_ms: float
+    size_bytes: int
+    gen_tps_rounds: tuple[float, ...] = Field(default=(), description="generation tokens/s of every repeat")
+    bytes_per_token: int | None = Field(default=None, description="weights + KV cache read per generated token")
+    bandwidth_gbps: float | None = Field(default=None, description="measured read bandwidth at these threads")
+    bandwidth_fraction: float | None = Field(default=None, description="gen_tps x bytes_per_token / bandwidth")
 
 
 class EvalResult(Record):

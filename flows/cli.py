@@ -200,7 +200,7 @@ def _print_report(result) -> None:
 
 @app.command()
 def assess(
-    model: Annotated[Path, typer.Argument(help="model file (.onnx)")],
+    model: Annotated[Path, typer.Argument(help="model file (.onnx, .gguf) or Hugging Face checkpoint folder")],
     json_output: Annotated[bool, typer.Option("--json", help="print the assessment as JSON")] = False,
 ) -> None:
     """Validate a model and describe it: size, parameters, ops, I/O, kind, INT8 readiness."""
@@ -212,6 +212,9 @@ def assess(
         _fail(exc)
     if json_output:
         out.print_json(a.model_dump_json())
+        return
+    if a.llm is not None:
+        _print_llm(model, a)
         return
     out.print(f"[bold]{model}[/]  kind={a.kind}  params={a.params:,}  size={a.model.size_bytes / 1e6:.2f} MB  "
               f"opset={a.opset}  ir={a.ir_version}")
@@ -233,6 +236,22 @@ def assess(
     out.print(f"INT8 coverage {a.int8_coverage:.0%}; left in float: {', '.join(a.unquantizable_ops) or 'none'}")
     for note in a.notes:
         out.print(f"[yellow]warning:[/] {note}", highlight=False)
+
+
+def _print_llm(model: Path, a) -> None:
+    m = a.llm
+    out.print(f"[bold]{model}[/]  kind=llm  format={a.model.format}  params={a.params:,}  "
+              f"size={a.model.size_bytes / 1e6:.2f} MB", highlight=False)
+    out.print(f"architecture {m.architecture} (family {m.family}); context {m.context_length}; vocab {m.vocab_size}; "
+              f"{m.layers} layers, hidden {m.hidden_size}, heads {m.heads} (KV {m.kv_heads}), head dim {m.head_dim}",
+              highlight=False)
+    out.print(f"KV cache {m.kv_cache_bytes_per_token:,} bytes per token at F16 "
+              f"({m.kv_cache_bytes_per_token * m.context_length / 2**20:.1f} MiB at the full context)", highlight=False)
+    out.print(f"tokenizer: {m.tokenizer}", highlight=False)
+    if m.tensor_types:
+        out.print("tensor types: " + ", ".join(f"{k}×{v}" for k, v in m.tensor_types.items())
+                  + (f"  (file type {m.file_type})" if m.file_type else ""), highlight=False)
+    out.print(f"sha256 {a.model.sha256}", highlight=False)
 
 
 @profiles_app.command("list")

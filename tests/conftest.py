@@ -170,3 +170,23 @@ def tiny_bert(tmp_path_factory) -> dict[str, Path]:
     cal = tokenize_to_npz(sentences[:32], tokenizer_dir=model.parent, out_path=d / "calibration.npz", seq_len=64)
     ev = tokenize_to_npz(sentences[32:], tokenizer_dir=model.parent, out_path=d / "eval.npz", seq_len=64)
     return {"ckpt": ckpt, "model": model, "calibration": cal, "eval": ev, "dir": d}
+
+
+#: training steps of the tests' tiny Llama: enough for peaked next-token distributions (the zoo's full
+#: build trains for edgeopt.zoo.llama.STEPS)
+TINY_LLAMA_STEPS = 40
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> dict[str, Path]:
+    """The zoo's tiny Llama briefly trained (its tokenizer, config and texts), and its F16 GGUF."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("transformers")
+    from edgeopt.convert.hf_gguf import convert_hf_to_gguf
+    from edgeopt.zoo.llama import build_into
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    meta = build_into("tiny-llama", folder, description="tests", steps=TINY_LLAMA_STEPS)
+    f16 = convert_hf_to_gguf(folder / "hf", folder / "model-f16.gguf")
+    return {"folder": folder, "hf": folder / "hf", "f16": f16, "calibration": folder / "calibration.txt",
+            "eval": folder / "eval.txt", "meta": meta}

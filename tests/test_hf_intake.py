@@ -94,14 +94,17 @@ def test_assess_reads_headers_only_and_imports_no_torch(bert: Path) -> None:
         ({"architectures": ["BertModel"], "model_type": "bert"}, "encoder"),
         ({"model_type": "distilbert"}, "encoder"),
         ({"architectures": ["BertForMaskedLM"], "model_type": "bert"}, "other"),
-        ({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 100}, "llm"),
-        ({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}, "llm"),
+        ({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 100, "hidden_size": 64,
+          "num_attention_heads": 4, "num_hidden_layers": 2, "max_position_embeddings": 128}, "llm"),
         ({"architectures": ["ResNetForImageClassification"], "model_type": "resnet"}, "cnn"),
         ({"architectures": ["ViTModel"], "model_type": "vit"}, "other"),
     ],
 )
 def test_kind(config: dict, kind: str, tmp_path: Path) -> None:
-    a = assess_hf(_fake_checkpoint(tmp_path / "m", config))
+    folder = _fake_checkpoint(tmp_path / "m", config)
+    if kind == "llm":  # a causal LM needs its tokenizer (tests/test_llm_intake.py has the refusals)
+        (folder / "tokenizer.json").write_text("{}", encoding="utf-8")
+    a = assess_hf(folder)
     assert a.kind == kind and a.params == 6  # the float tensor only; the int64 buffer is no parameter
     if kind == "llm":
         assert a.outputs[0].shape == ("batch", "sequence", config.get("vocab_size", "vocab"))

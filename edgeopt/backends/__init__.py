@@ -20,6 +20,7 @@ _MANIFEST: dict[str, tuple[str, str]] = {
     "openvino": ("edgeopt.backends.openvino", "OpenVinoBackend"),
     "optimum-intel": ("edgeopt.backends.optimum_intel", "OptimumIntelBackend"),
     "olive": ("edgeopt.backends.olive", "OliveBackend"),
+    "llamacpp": ("edgeopt.backends.llamacpp", "LlamaCppBackend"),
 }
 
 

@@ -353,7 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     code = 1
     try:
-        jobs = {"measure": _measure, "infer": _infer}
+        from edgeopt.bench.generate import run_generate_job
+
+        jobs = {"measure": _measure, "infer": _infer, "generate": run_generate_job}
         if job.get("mode") not in jobs:
             raise ConfigError(f"unknown job mode {job.get('mode')!r} (allowed: {', '.join(jobs)})")
         payload: dict[str, Any] = {"ok": True, **jobs[job["mode"]](job)}

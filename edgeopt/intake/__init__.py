@@ -1,7 +1,7 @@
 """Model intake: detect a model's format, validate it, hash it and assess it.
 
-ONNX files and Hugging Face checkpoint folders (safetensors only; exported to ONNX for the
-candidates) are supported; GGUF files arrive with the LLM work and are refused clearly until then.
+ONNX files, Hugging Face checkpoint folders (safetensors only; encoders exported to ONNX for the
+candidates, llama-like causal LMs converted to GGUF) and GGUF files (``edgeopt.intake.llm``) are supported.
 """
 
 from __future__ import annotations
@@ -39,4 +39,6 @@ def assess(path: str | Path) -> Assessment:
         from edgeopt.intake.hf import assess_hf
 
         return assess_hf(path)
-    raise ModelError(f"model {path}: {fmt} models are not supported yet; export the model to ONNX first")
+    from edgeopt.intake.llm import assess_gguf
+
+    return assess_gguf(path)

@@ -249,9 +249,14 @@ def assess_hf(folder: str | Path, *, allow_pickle: bool = False) -> Assessment:
     params = _params(ck)
     inputs, outputs = _signature(ck)
     version = ck.config.get("transformers_version")
+    llm = None
+    if ck.kind == "llm":
+        from edgeopt.intake.llm import llm_info_hf
+
+        llm = llm_info_hf(ck.folder, ck.config, ck.model_type, ck.architecture)
     assessment = Assessment(model=_ref(ck), kind=ck.kind, params=params, inputs=inputs, outputs=outputs,
                             producer=f"transformers {version}" if version else "transformers",
-                            op_histogram={ck.architecture: 1})
+                            op_histogram={ck.architecture: 1}, llm=llm)
     log.info("assessed %s: %s %s, %d params", ck.folder.name, ck.kind, ck.architecture, params)
     return assessment
 

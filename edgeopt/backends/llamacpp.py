@@ -1,0 +1,278 @@
+"""llama.cpp through ``llama-cpp-python`` (pip extra ``llama``): GGUF quantization and generation.
+
+A Hugging Face llama-family checkpoint is first converted to GGUF F16 (``edgeopt.convert.hf_gguf``);
+a GGUF input is used as it is. ``llama_model_quantize`` then writes the recipe's quant type, with an
+importance matrix when the recipe asks for one (computed from the calibration text on the F32
+checkpoint: the mean squared input activation of every matrix's columns, as llama.cpp's ``imatrix``
+tool collects it). llama.cpp reports success even when it silently falls back to another type for a
+tensor whose rows the type cannot take: the result's tensor types are read back, recorded in the
+artifact's notes, and a candidate whose matrices did not get the requested type fails.
+Runtime settings (threads, batch / micro-batch, context, KV-cache type, flash attention, mmap) are
+recipe fields carried to the measuring process in ``Artifact.runtime``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import numpy as np
+from pydantic import Field
+
+from edgeopt.backends.base import Backend, Recipe
+from edgeopt.data import file_sha256
+from edgeopt.errors import CandidateFailed, ModelError
+
+if TYPE_CHECKING:
+    from edgeopt.data import Dataset
+    from edgeopt.records import Artifact, Assessment, ModelRef
+
+__all__ = ["ALLOWED_TYPES", "QUANT_TYPES", "LlamaCppBackend", "LlamaCppRecipe", "LlamaSession",
+           "check_types", "compute_imatrix", "quantize_gguf"]
+
+log = logging.getLogger(__name__)
+
+QuantType = Literal["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "IQ4_XS"]
+#: recipe quant -> llama_ftype name in llama_cpp
+QUANT_TYPES: dict[str, str] = {"F16": "LLAMA_FTYPE_MOSTLY_F16", "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
+                               "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K", "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
+                               "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+                               "IQ4_XS": "LLAMA_FTYPE_MOSTLY_IQ4_XS"}
+#: types llama.cpp's own mix puts in matrices for each quant (its K-mixes give some tensors more bits;
+#: output.weight gets Q6_K by default). Anything else in a matrix is a fallback: the type was not applied.
+ALLOWED_TYPES: dict[str, frozenset[str]] = {
+    "F16": frozenset({"F16"}),
+    "Q8_0": frozenset({"Q8_0"}),
+    "Q6_K": frozenset({"Q6_K"}),
+    "Q5_K_M": frozenset({"Q5_K", "Q6_K"}),
+    "Q4_K_M": frozenset({"Q4_K", "Q6_K"}),
+    "Q4_0": frozenset({"Q4_0", "Q6_K"}),
+    "IQ4_XS": frozenset({"IQ4_XS", "Q4_K", "Q5_K", "Q6_K"}),
+}
+#: KV-cache type -> ggml type name
+KV_TYPES = {"f16": "GGML_TYPE_F16", "q8_0": "GGML_TYPE_Q8_0", "q4_0": "GGML_TYPE_Q4_0"}
+_IMATRIX_CHUNK = 128
+#: llama.cpp's own choice for output.weight (Q6_K, or Q8_0 when its rows do not take 256-blocks)
+_OUTPUT_TYPES = frozenset({"Q6_K", "Q8_0"})
+
+
+class LlamaCppRecipe(Recipe):
+    """A llama.cpp candidate: a quant type and the settings it runs with."""
+
+    quant: QuantType = Field(default="Q4_K_M", description="GGUF weight type (llama.cpp's file-type mixes; "
+                             "F16 is the unquantized baseline)")
+    imatrix: bool = Field(default=False, description="quantize with an importance matrix computed from the "
+                          "calibration text (needs --calibration)")
+    threads: int | None = Field(default=None, ge=1, description="generation threads (None: the profile's "
+                                "thread budget, else all physical cores)")
+    n_batch: int = Field(default=512, ge=1, description="logical batch: prompt tokens submitted per decode call")
+    n_ubatch: int = Field(default=512, ge=1, description="physical micro-batch: tokens computed at once")
+    n_ctx: int = Field(default=512, ge=16, description="context length the model is run with (tokens)")
+    kv_type: Literal["f16", "q8_0", "q4_0"] = Field(default="f16", description="KV-cache element type "
+                                                    "(quantized caches need flash_attn)")
+    flash_attn: bool = Field(default=False, description="llama.cpp's flash-attention kernels")
+    mmap: bool = Field(default=True, description="map the weights from the file instead of reading them in")
+
+    def needs_calibration(self) -> bool:
+        return self.imatrix
+
+    def runtime_options(self) -> dict[str, Any]:
+        return {"threads": self.threads, "n_batch": self.n_batch, "n_ubatch": self.n_ubatch, "n_ctx": self.n_ctx,
+                "kv_type": self.kv_type, "flash_attn": self.flash_attn, "mmap": self.mmap}
+
+
+def check_types(types: dict[str, str], quant: str) -> list[str]:
+    """Matrices (2-D ``*.weight`` tensors other than norms) whose type is outside the quant's mix."""
+    allowed = ALLOWED_TYPES[quant]
+    return sorted(f"{name}={t}" for name, t in types.items()
+                  if name.endswith(".weight") and "norm" not in name and t not in allowed and t != "F32"
+                  and not (name == "output.weight" and t in _OUTPUT_TYPES))
+
+
+def _gguf_name_map(n_layer: int) -> Any:
+    import gguf
+
+    return gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layer)
+
+
+def compute_imatrix(hf_folder: str | Path, text: str, *, max_tokens: int = 4096) -> dict[str, np.ndarray]:
+    """GGUF tensor name -> mean squared input activation per column, from ``text`` on the F32 checkpoint."""
+    import torch
+    import transformers
+
+    from edgeopt.intake.hf import quiet_transformers
+
+    with quiet_transformers(transformers):
+        tok = transformers.AutoTokenizer.from_pretrained(str(hf_folder), local_files_only=True)
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_folder), local_files_only=True,
+                                                                  dtype=torch.float32).eval()
+    names = _gguf_name_map(model.config.num_hidden_layers)
+    sums: dict[str, torch.Tensor] = {}
+    counts: Counter[str] = Counter()
+    hooks = []
+    for module_name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            gguf_name = names.get_name(f"{module_name}.weight", try_suffixes=(".weight",))
+            if gguf_name is None:
+                continue
+
+            def hook(_m, args, _out, key=gguf_name):
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+                sums[key] = sums.get(key, 0) + (x * x).sum(0)
+                counts[key] += x.shape[0]
+
+            hooks.append(module.register_forward_hook(hook))
+    ids = tok(text)["input_ids"][:max_tokens]
+    if len(ids) < _IMATRIX_CHUNK:
+        raise CandidateFailed("missing-data", f"calibration text has {len(ids)} tokens; the importance matrix "
+                              f"needs at least {_IMATRIX_CHUNK}")
+    with torch.no_grad():
+        for i in range(0, len(ids) - _IMATRIX_CHUNK + 1, _IMATRIX_CHUNK):
+            model(torch.tensor(ids[i:i + _IMATRIX_CHUNK])[None])
+    for h in hooks:
+        h.remove()
+    return {k: (v / counts[k]).float().numpy() for k, v in sums.items()}
+
+
+def quantize_gguf(src: Path, dst: Path, quant: str, *, imatrix: dict[str, np.ndarray] | None = None,
+                  threads: int | None = None) -> None:
+    """``llama_model_quantize`` of ``src`` (F16/F32 GGUF) to ``dst``; CandidateFailed when it fails."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, QUANT_TYPES[quant])
+    params.nthread = threads or 0
+    keep: list[Any] = []
+    if imatrix:
+        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+        for i, (name, values) in enumerate(sorted(imatrix.items())):
+            arr = np.ascontiguousarray(values, dtype=np.float32)
+            keep.append(arr)
+            entries[i].name = name.encode()
+            entries[i].data = arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entries[i].size = arr.size
+        entries[len(imatrix)].name = None
+        params.imatrix = entries
+        keep.append(entries)
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0 or not dst.is_file():
+        raise CandidateFailed("build-error", f"llama_model_quantize to {quant} failed (return code {rc})")
+
+
+class LlamaCppBackend(Backend):
+    name: ClassVar[str] = "llamacpp"
+    formats: ClassVar[frozenset[str]] = frozenset({"hf", "gguf"})
+    devices: ClassVar[frozenset[str]] = frozenset({"cpu"})
+    extra: ClassVar[str] = "llama"
+    recipe_type: ClassVar[type[Recipe]] = LlamaCppRecipe
+    requires: ClassVar[tuple[str, ...]] = ("llama_cpp", "gguf")
+    distributions: ClassVar[tuple[str, ...]] = ("llama-cpp-python", "gguf")
+    calibrated_recipe: ClassVar[str] = "an importance matrix"
+
+    def optimize(self, *, model: ModelRef, assessment: Assessment, recipe: Recipe, candidate: str,
+                 out_dir: Path, calibration: Dataset | None = None) -> Artifact:
+        from edgeopt.intake.llm import read_gguf_types
+        from edgeopt.records import Artifact
+
+        self.check_request(model=model, recipe=recipe, candidate=candidate, calibration=calibration)
+        assert isinstance(recipe, LlamaCppRecipe)
+        if assessment.llm is not None and recipe.n_ctx > assessment.llm.context_length:
+            raise CandidateFailed("build-error", f"{candidate}: n_ctx {recipe.n_ctx} exceeds the model's context "
+                                  f"length {assessment.llm.context_length}; lower n_ctx in the recipe")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        src = Path(model.path)
+        notes: list[str] = []
+        if model.format == "hf":
+            f16 = out_dir / "model-f16.gguf"
+            from edgeopt.convert.hf_gguf import convert_hf_to_gguf
+
+            try:
+                convert_hf_to_gguf(src, f16)
+            except ModelError as exc:
+                raise CandidateFailed("unsupported-op", f"{candidate}: {exc}") from exc
+        else:
+            f16 = src
+            found = {t for t in read_gguf_types(src).values()} - {"F32", "F16", "BF16"}
+            if found and recipe.quant == "F16":
+                notes.append(f"measured as-is: {src.name} is already quantized ({', '.join(sorted(found))})")
+            if found and recipe.quant != "F16":
+                raise CandidateFailed("build-error", f"{candidate}: {src.name} is already quantized "
+                                      f"({', '.join(sorted(found))}); re-quantizing loses quality: give the F16 "
+                                      "GGUF, or measure this file as-is with quant F16")
+        final = out_dir / f"model-{recipe.quant.lower()}.gguf"
+        if recipe.quant == "F16":
+            if model.format == "gguf":
+                shutil.copy2(f16, final)
+            else:
+                f16.rename(final)
+        else:
+            imatrix = None
+            if recipe.imatrix:
+                if model.format != "hf":
+                    raise CandidateFailed("missing-data", f"{candidate}: an importance matrix is computed on the "
+                                          "Hugging Face checkpoint; give the checkpoint folder, not a GGUF")
+                text = Path(calibration.path).read_text(encoding="utf-8")  # type: ignore[union-attr,arg-type]
+                imatrix = compute_imatrix(src, text)
+                notes.append(f"importance matrix: {len(imatrix)} tensors from the calibration text")
+            quantize_gguf(f16, final, recipe.quant, imatrix=imatrix, threads=recipe.threads)
+            if model.format == "hf":
+                f16.unlink(missing_ok=True)
+        types = read_gguf_types(final)
+        mix = Counter(types.values())
+        notes.append("tensor types: " + ", ".join(f"{k}×{v}" for k, v in sorted(mix.items())))
+        bad = [] if any(n.startswith("measured as-is") for n in notes) else check_types(types, recipe.quant)
+        if bad:
+            raise CandidateFailed("unsupported-op", f"{candidate}: llama.cpp did not apply {recipe.quant} to "
+                                  f"{len(bad)} matrices (e.g. {', '.join(bad[:3])}): their rows do not fit the "
+                                  "type's block size; choose another quant type")
+        return Artifact(candidate=candidate, backend=self.name, path=str(final), sha256=file_sha256(final),
+                        size_bytes=final.stat().st_size, parent_sha256=model.sha256,
+                        precision=recipe.quant.lower(), runtime=recipe.runtime_options(),
+                        tool_versions=self.tool_versions(), notes=tuple(notes))
+
+    def load(self, *, path: str, runtime: dict[str, Any]) -> LlamaSession:
+        return LlamaSession(path, runtime)
+
+    def warm(self, *, runtime: dict[str, Any]) -> None:
+        import llama_cpp
+
+        llama_cpp.llama_backend_init()
+
+
+def open_llama(path: str, runtime: dict[str, Any], *, logits_all: bool = False) -> Any:
+    """A ``llama_cpp.Llama`` with the recipe's runtime settings; a load failure says why."""
+    import llama_cpp
+
+    kv = getattr(llama_cpp, KV_TYPES[runtime.get("kv_type", "f16")])
+    threads = runtime.get("threads") or None
+    try:
+        return llama_cpp.Llama(model_path=path, n_ctx=runtime.get("n_ctx", 512), n_batch=runtime.get("n_batch", 512),
+                               n_ubatch=runtime.get("n_ubatch", 512), n_threads=threads, n_threads_batch=threads,
+                               type_k=kv, type_v=kv, flash_attn=bool(runtime.get("flash_attn", False)),
+                               use_mmap=bool(runtime.get("mmap", True)), logits_all=logits_all, verbose=False)
+    except ValueError as exc:  # verbose=False hides llama.cpp's reason; the file's own check gives one
+        from edgeopt.intake.llm import assess_gguf
+
+        assess_gguf(path)
+        raise CandidateFailed("invalid-output", f"llama.cpp cannot load {Path(path).name} ({exc}); run with "
+                              "verbose logging to see why") from exc
+
+
+class LlamaSession:
+    """A loaded GGUF: ``run({"input_ids": [batch, seq]})`` -> logits [batch, seq, vocab] (float32)."""
+
+    def __init__(self, path: str, runtime: dict[str, Any]) -> None:
+        self.input_names = ["input_ids"]
+        self.llm = open_llama(path, runtime, logits_all=True)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        out = []
+        for row in np.asarray(feeds["input_ids"]):
+            self.llm.reset()
+            self.llm.eval([int(t) for t in row])
+            out.append(np.array(self.llm.scores[: len(row)], dtype=np.float32))
+        return [np.stack(out)]

@@ -1,0 +1,132 @@
+"""Generation benchmark for language models (GGUF / llama.cpp), in the harness's fresh worker processes.
+
+One measuring loop, run inside ``python -m edgeopt.bench.worker`` (job mode ``generate``): load the
+GGUF with the candidate's runtime settings, warm up, then for each repeat evaluate the same prompt from
+an empty KV cache (prompt tokens/s), and generate exactly ``gen_tokens`` greedy tokens from it
+(time to first token, per-token latencies, generation tokens/s). EOS does not stop it: every candidate
+does the same work. The parent side (``measure_generation``) runs it in a fresh supervised process;
+``interleaved_generation`` alternates baseline and candidates over rounds and keeps every round, so
+ratios compare measurements taken side by side.
+
+``bandwidth_fraction`` relates generation speed to the memory-bandwidth bound: each generated token
+reads every weight once (the token-embedding table excepted: one row is gathered) plus the KV cache
+filled so far; bytes per token x tokens/s / measured read bandwidth (``edgeopt.bench.bandwidth``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeopt.bench.supervise import exclusive, run_worker
+from edgeopt.records import Artifact, GenerationResult
+
+__all__ = ["bytes_per_token", "interleaved_generation", "measure_generation", "run_generate_job"]
+
+
+def run_generate_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Worker side: the measuring loop (imports llama_cpp; called in the fresh process)."""
+    import resource
+
+    import llama_cpp
+
+    from edgeopt.backends.llamacpp import open_llama
+    from edgeopt.bench import memory
+
+    llama_cpp.llama_backend_init()
+    before = memory.read()
+    memory.reset_peak()
+    t0 = time.perf_counter()
+    llm = open_llama(job["path"], job["runtime"])
+    load_ms = (time.perf_counter() - t0) * 1e3
+    prompt = [int(t) for t in job["prompt"]]
+    n_gen = int(job["gen_tokens"])
+
+    def generate() -> tuple[float, list[float]]:
+        llm.reset()  # empty KV cache: no reuse of the previous repeat's prompt
+        stamps: list[float] = []
+        start = time.perf_counter()
+        for _tok in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+            stamps.append(time.perf_counter())
+            if len(stamps) == n_gen:
+                break
+        return (stamps[0] - start) * 1e3, list(np.diff(stamps) * 1e3)
+
+    generate()  # warm-up: kernels, thread pools, pages of the weights
+    prompt_tps, ttft, gen_tps, latencies = [], [], [], []
+    for _ in range(int(job["repeats"])):
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(prompt)
+        prompt_tps.append(len(prompt) / (time.perf_counter() - start))
+        first, steps = generate()
+        ttft.append(first)
+        latencies.extend(steps)
+        gen_tps.append(len(steps) / (sum(steps) / 1e3))
+    after = memory.read()
+    peak = after.peak if after.peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    lat = np.asarray(latencies)
+    return {"prompt_tps": prompt_tps, "gen_tps": gen_tps, "ttft_ms": ttft,
+            "token_ms_p50": float(np.percentile(lat, 50)), "token_ms_p95": float(np.percentile(lat, 95)),
+            "token_ms_p99": float(np.percentile(lat, 99)), "token_samples": int(lat.size),
+            "rss_peak_mb": float(peak), "rss_model_mb": memory.delta_mb(after.rss, before.rss),
+            "load_time_ms": load_ms, "threads": llm.context_params.n_threads}
+
+
+def bytes_per_token(path: str | Path, *, kv_bytes_per_token: int, context_tokens: int) -> int:
+    """Bytes one generated token reads: all weights except the embedding table, plus the KV cache so far."""
+    from edgeopt.intake.llm import _reader
+
+    reader = _reader(Path(path))
+    weights = sum(int(t.n_bytes) for t in reader.tensors if t.name != "token_embd.weight")
+    return weights + kv_bytes_per_token * context_tokens
+
+
+def measure_generation(artifact: Artifact, *, prompt: list[int], gen_tokens: int, threads: int,
+                       repeats: int, work_dir: Path, timeout_s: float = 600.0,
+                       lock_path: Path | None = None) -> GenerationResult:
+    """One fresh-process generation measurement of ``artifact`` with ``threads`` threads."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    runtime = {**artifact.runtime, "threads": threads,
+               "n_ctx": max(int(artifact.runtime.get("n_ctx", 512)), len(prompt) + gen_tokens + 8)}
+    job = {"mode": "generate", "path": artifact.path, "runtime": runtime, "prompt": prompt,
+           "gen_tokens": gen_tokens, "repeats": repeats, "artifact": artifact.model_dump(mode="json")}
+    with exclusive(lock_path):
+        out = run_worker(job, work_dir=work_dir, candidate=artifact.candidate, what="generation benchmark",
+                         timeout_s=timeout_s, memory_limit_mb=None)
+
+    def med(key: str) -> float:
+        values = [float(v) for v in out[key] if math.isfinite(float(v))]
+        return float(np.median(values)) if values else math.nan
+
+    return GenerationResult(candidate=artifact.candidate, prompt_tokens=len(prompt), gen_tokens=gen_tokens,
+                            repeats=repeats, threads=int(out["threads"]), prompt_tps=med("prompt_tps"),
+                            gen_tps=med("gen_tps"), ttft_ms=med("ttft_ms"), token_ms_p50=out["token_ms_p50"],
+                            token_ms_p95=out["token_ms_p95"], token_ms_p99=out["token_ms_p99"],
+                            token_samples=out["token_samples"], rss_peak_mb=out["rss_peak_mb"],
+                            rss_model_mb=out["rss_model_mb"], load_time_ms=out["load_time_ms"],
+                            size_bytes=Path(artifact.path).stat().st_size,
+                            gen_tps_rounds=tuple(float(v) for v in out["gen_tps"]))
+
+
+def interleaved_generation(artifacts: dict[str, Artifact], *, rounds: int, work_dir: Path,
+                           **kwargs: Any) -> dict[str, GenerationResult]:
+    """Measure every artifact once per round, in the same order each round; pool each one's rounds."""
+    per: dict[str, list[GenerationResult]] = {name: [] for name in artifacts}
+    for r in range(rounds):
+        for name, art in artifacts.items():
+            per[name].append(measure_generation(art, work_dir=work_dir / f"{name}-r{r}", **kwargs))
+    pooled = {}
+    for name, results in per.items():
+        first = results[0]
+        gen = [v for res in results for v in res.gen_tps_rounds]
+        pooled[name] = first.model_copy(update={
+            "repeats": sum(r.repeats for r in results), "gen_tps": float(np.median(gen)),
+            "prompt_tps": float(np.median([r.prompt_tps for r in results])),
+            "ttft_ms": float(np.median([r.ttft_ms for r in results])),
+            "rss_peak_mb": max(r.rss_peak_mb for r in results), "gen_tps_rounds": tuple(gen)})
+    return pooled

@@ -1,0 +1,98 @@
+"""llama.cpp backend on the tests' tiny Llama: every quant type, read-back of tensor types, refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeopt.errors import CandidateFailed
+from edgeopt.intake import assess
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+from edgeopt.backends.llamacpp import (
+    ALLOWED_TYPES,
+    LlamaCppBackend,
+    LlamaCppRecipe,
+    check_types,
+)
+from edgeopt.data import Dataset
+
+#: the main type each quant puts in most matrices
+MAIN = {"Q8_0": "Q8_0", "Q6_K": "Q6_K", "Q5_K_M": "Q5_K", "Q4_K_M": "Q4_K", "Q4_0": "Q4_0", "IQ4_XS": "IQ4_XS"}
+
+
+def _build(model: Path, tmp_path: Path, **recipe):
+    a = assess(model)
+    cal = recipe.pop("calibration", None)
+    return LlamaCppBackend().optimize(model=a.model, assessment=a, recipe=LlamaCppRecipe(**recipe), candidate="c",
+                                      out_dir=tmp_path / "out", calibration=cal)
+
+
+@pytest.mark.parametrize("quant", sorted(MAIN))
+def test_every_quant_type_is_applied(tiny_llama, tmp_path: Path, quant: str) -> None:
+    from edgeopt.intake.llm import read_gguf_types
+
+    art = _build(tiny_llama["f16"], tmp_path, quant=quant)
+    types = read_gguf_types(art.path)
+    matrices = [t for n, t in types.items() if n.endswith(".weight") and "norm" not in n]
+    assert check_types(types, quant) == [] and set(matrices) <= ALLOWED_TYPES[quant]
+    assert matrices.count(MAIN[quant]) > len(matrices) // 2
+    assert art.size_bytes < tiny_llama["f16"].stat().st_size and any("tensor types" in n for n in art.notes)
+    assert art.runtime["n_ctx"] == 512 and art.precision == quant.lower()
+
+
+def test_a_fallback_type_fails_the_candidate(tiny_llama, tmp_path: Path) -> None:
+    """Rows of 96 take Q4_0 (blocks of 32) but not Q4_K (256): llama.cpp falls back and says 'success'."""
+    import torch
+    import transformers
+
+    folder = tmp_path / "narrow"
+    shutil.copytree(tiny_llama["hf"], folder)
+    config = transformers.AutoConfig.from_pretrained(str(folder))
+    config.hidden_size, config.intermediate_size, config.num_attention_heads, config.num_key_value_heads = 96, 192, 2, 1
+    config.head_dim = 48
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(str(folder))
+    with pytest.raises(CandidateFailed, match="did not apply Q4_K_M") as info:
+        _build(folder, tmp_path, quant="Q4_K_M")
+    assert info.value.reason == "unsupported-op"
+    _build(folder, tmp_path / "q4", quant="Q4_0")  # rows of 96 do take blocks of 32
+
+
+def test_requantizing_and_too_long_context_are_refused(tiny_llama, tmp_path: Path) -> None:
+    q = _build(tiny_llama["f16"], tmp_path / "a", quant="Q8_0")
+    with pytest.raises(CandidateFailed, match="already quantized"):
+        _build(Path(q.path), tmp_path / "b", quant="Q4_0")
+    as_is = _build(Path(q.path), tmp_path / "c", quant="F16")  # measured as it is, when asked
+    assert "Q8_0" in " ".join(as_is.notes)
+    with pytest.raises(CandidateFailed, match="exceeds the model's context length 512"):
+        _build(tiny_llama["f16"], tmp_path / "d", quant="Q8_0", n_ctx=4096)
+
+
+def test_importance_matrix_from_calibration_text(tiny_llama, tmp_path: Path) -> None:
+    with pytest.raises(CandidateFailed, match="--calibration") as info:
+        _build(tiny_llama["hf"], tmp_path / "a", quant="IQ4_XS", imatrix=True)
+    assert info.value.reason == "missing-data"
+    cal = Dataset(str(tiny_llama["calibration"]), "", {})
+    plain = _build(tiny_llama["f16"], tmp_path / "b", quant="IQ4_XS")
+    weighted = _build(tiny_llama["hf"], tmp_path / "c", quant="IQ4_XS", imatrix=True, calibration=cal)
+    assert any("importance matrix: 29 tensors" in n for n in weighted.notes)
+    assert weighted.sha256 != plain.sha256  # the matrix changed the rounding
+
+
+def test_session_returns_logits_per_position(tiny_llama) -> None:
+    s = LlamaCppBackend().load(path=str(tiny_llama["f16"]), runtime={"n_ctx": 64, "threads": 1})
+    (y,) = s.run({"input_ids": np.array([[5, 6, 7, 8], [9, 10, 11, 12]])})
+    assert y.shape == (2, 4, 1024) and np.isfinite(y).all() and not np.allclose(y[0], y[1])
+
+
+def test_recipe_fields_are_documented_and_validated() -> None:
+    with pytest.raises(ValueError, match="IQ4_XS"):
+        LlamaCppRecipe(quant="Q3_K")
+    opts = LlamaCppRecipe(kv_type="q8_0", flash_attn=True, n_batch=64).runtime_options()
+    assert json.loads(json.dumps(opts))["kv_type"] == "q8_0" and opts["flash_attn"] and opts["n_batch"] == 64

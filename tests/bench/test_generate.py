@@ -1,0 +1,56 @@
+"""Generation benchmark in fresh worker processes, interleaved; read bandwidth stored per hardware."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+from edgeopt.backends.llamacpp import LlamaCppBackend, LlamaCppRecipe
+from edgeopt.bench.bandwidth import hardware_key, read_bandwidth_gbps
+from edgeopt.bench.generate import bytes_per_token, interleaved_generation
+from edgeopt.errors import CandidateFailed
+from edgeopt.hardware import fingerprint
+from edgeopt.intake import assess
+
+
+def test_interleaved_generation_like_for_like(tiny_llama, tmp_path: Path) -> None:
+    a = assess(tiny_llama["f16"])
+    arts = {q: LlamaCppBackend().optimize(model=a.model, assessment=a, recipe=LlamaCppRecipe(quant=q), candidate=q,
+                                          out_dir=tmp_path / q) for q in ("F16", "Q4_0")}
+    res = interleaved_generation(arts, rounds=2, work_dir=tmp_path / "w", prompt=list(range(5, 37)), gen_tokens=16,
+                                 threads=1, repeats=2)
+    for r in res.values():
+        assert (r.prompt_tokens, r.gen_tokens, r.threads, r.repeats) == (32, 16, 1, 4)
+        assert len(r.gen_tps_rounds) == 4 and r.token_samples == 2 * 15  # one worker's repeats x intervals
+        assert all(math.isfinite(v) and v > 0 for v in (r.gen_tps, r.prompt_tps, r.ttft_ms, r.token_ms_p99))
+        assert r.token_ms_p50 <= r.token_ms_p95 <= r.token_ms_p99 and r.rss_peak_mb > r.rss_model_mb > 0
+    assert res["Q4_0"].size_bytes < res["F16"].size_bytes / 3
+    f16, q4 = (bytes_per_token(arts[q].path, kv_bytes_per_token=2048, context_tokens=40) for q in ("F16", "Q4_0"))
+    assert q4 < f16 / 3 and f16 > 2048 * 40
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(Path(arts["F16"].path).read_bytes()[:100_000])  # a truncated file fails, classified
+    with pytest.raises(CandidateFailed) as info:
+        interleaved_generation({"bad": arts["F16"].model_copy(update={"path": str(bad), "candidate": "bad"})},
+                               rounds=1, work_dir=tmp_path / "b", prompt=[5, 6, 7], gen_tokens=4, threads=1, repeats=1)
+    assert info.value.reason in ("build-error", "invalid-output") and "truncated" in str(info.value)
+
+
+def test_bandwidth_is_measured_once_per_hardware(tmp_path: Path, monkeypatch) -> None:
+    import edgeopt.bench.bandwidth as bw
+
+    calls = []
+    monkeypatch.setattr(bw, "_SIZE_BYTES", 64 * 2**20)  # a quick measurement; still far above the caches
+    real = bw.measure_read_gbps
+    monkeypatch.setattr(bw, "measure_read_gbps", lambda threads: calls.append(threads) or real(threads))
+    fp, store = fingerprint(), tmp_path / "bandwidth.json"
+    first = read_bandwidth_gbps(fp, threads=1, store=store)
+    assert read_bandwidth_gbps(fp, threads=1, store=store) == first and calls == [1] and first > 0.5
+    assert json.loads(store.read_text())[hardware_key(fp)]["1"] == first
+    other = fp.model_copy(update={"cpu_model": "another CPU"})
+    read_bandwidth_gbps(other, threads=1, store=store)
+    assert calls == [1, 1]
