@@ -459,12 +459,10 @@ def with_gates(outcomes: list[CandidateOutcome], *, profile: Profile, kind: str,
     first baseline outcome). A candidate whose baseline failed is left without verdicts.
     ``run_to_run_sd``: this host's run-to-run spread of log speed-up (``edgeopt.reproducibility``);
     ``earlier``: candidate name -> (log speed-up, own sd) of its comparison in earlier runs (``earlier_speedups``)."""
-    by_name = {o.name: o for o in outcomes}
-    first = next(o for o in outcomes if o.spec.baseline)
     kind_gates = profile.gates_for(kind)
     gated = []
     for o in outcomes:
-        base = by_name.get((baselines or {}).get(o.name, first.name), first)
+        base = _baseline_of(o, outcomes, baselines)
         if o.spec.baseline or not base.ok:
             gated.append(o)
             continue
@@ -480,6 +478,13 @@ def host_spread(*, profile: Profile, hardware: HardwareFingerprint, data_dir: Pa
     history = (reproducibility.read_history(reproducibility.history_path(data_dir, hardware))
                if cfg.run_to_run_history else [])
     return reproducibility.estimate(history, prior=cfg.run_to_run_spread)
+
+
+def _baseline_of(o: CandidateOutcome, outcomes: list[CandidateOutcome],
+                 baselines: dict[str, str] | None) -> CandidateOutcome:
+    """``o``'s like-for-like baseline outcome: the one ``baselines`` names, else the first baseline."""
+    named = (baselines or {}).get(o.name)
+    return next((b for b in outcomes if b.name == named), None) or next(b for b in outcomes if b.spec.baseline)
 
 
 def _comparison(o: CandidateOutcome, baseline: CandidateOutcome, *, artifacts: dict[str, Artifact],
@@ -509,11 +514,9 @@ def earlier_speedups(outcomes: list[CandidateOutcome], *, artifacts: dict[str, A
     history = reproducibility.read_history(reproducibility.history_path(data_dir, hardware))
     if not history:
         return {}
-    by_name = {o.name: o for o in outcomes}
-    first = next((o for o in outcomes if o.spec.baseline), None)
     out: dict[str, list[tuple[float, float]]] = {}
     for o in outcomes:
-        base = by_name.get((baselines or {}).get(o.name, ""), first)
+        base = _baseline_of(o, outcomes, baselines)
         if o.spec.baseline or base is None or not (o.ok and base.ok):
             continue
         found = _comparison(o, base, artifacts=artifacts, profile=profile, kind=kind, evaluation=evaluation,
