@@ -11,7 +11,10 @@ The recommendation (``select``) scores each eligible candidate with the profile'
     w_latency * ln(speedup_p95) + w_accuracy * ln(quality ratio)
       + w_memory * ln(baseline memory / candidate's) + w_size * ln(baseline size / candidate's)
 
-(speed-up and memory against the candidate's like-for-like baseline). A candidate is eligible when
+(speed-up and memory against the candidate's like-for-like baseline). When the speed-up verdict pools
+this host's earlier runs of the same comparison (``runs_pooled > 1``), the speed-ups used here are
+this run's, moved by the factor pooling moved the gated one (``pooled_point / measured``): the ranking
+follows the same evidence as the verdict, not this run's weather. A candidate is eligible when
 every gate settled as a pass (an ``uncertain`` verdict is not a pass), it is not slower than the baseline at p50 (even
 if the profile's gates would allow it) and no other such candidate dominates it. The highest
 score wins; ties go to the lower p95 latency, then to the name. Candidates whose score lies within
@@ -30,31 +33,33 @@ from edgeopt.gates import quality_ratio
 from edgeopt.profiles import Objective
 from edgeopt.records import CandidateOutcome, GateVerdict, Selection
 
-__all__ = ["dominates", "nearest_misses", "pareto_frontier", "score", "select"]
+__all__ = ["dominates", "nearest_misses", "pareto_frontier", "pooled_factor", "score", "select"]
 
 log = logging.getLogger(__name__)
 
 MAX_NEAREST_MISSES = 3
 
 
-def _objectives(outcome: CandidateOutcome) -> tuple[float, float, float, float]:
-    """The objectives of an outcome with a benchmark, each to minimize."""
+def _objectives(outcome: CandidateOutcome, *, pooled: bool = False) -> tuple[float, float, float, float]:
+    """The objectives of an outcome with a benchmark, each to minimize (``pooled``: the p95 latency moved by
+    the factor pooling this host's earlier runs moved its speed-up, see ``pooled_factor``)."""
     bench = outcome.benchmark
     if bench is None:
         raise ValueError(f"{outcome.name} has no benchmark; it has no place on the frontier")
     quality = outcome.evaluation.value if outcome.evaluation is not None else -math.inf
     memory = bench.rss_steady_mb if math.isfinite(bench.rss_steady_mb) and bench.rss_steady_mb > 0 else math.inf
-    return (bench.latency_ms_p95, -quality, memory, float(bench.size_bytes))
+    latency = bench.latency_ms_p95 / pooled_factor(outcome) if pooled else bench.latency_ms_p95
+    return (latency, -quality, memory, float(bench.size_bytes))
 
 
-def dominates(a: CandidateOutcome, b: CandidateOutcome) -> bool:
+def dominates(a: CandidateOutcome, b: CandidateOutcome, *, pooled: bool = False) -> bool:
     """True if ``a`` is no worse than ``b`` in every objective and strictly better in one."""
-    oa, ob = _objectives(a), _objectives(b)
+    oa, ob = _objectives(a, pooled=pooled), _objectives(b, pooled=pooled)
     return all(x <= y for x, y in zip(oa, ob)) and any(x < y for x, y in zip(oa, ob))
 
 
-def _non_dominated(outcomes: Sequence[CandidateOutcome]) -> list[CandidateOutcome]:
-    return [o for o in outcomes if not any(dominates(p, o) for p in outcomes if p is not o)]
+def _non_dominated(outcomes: Sequence[CandidateOutcome], *, pooled: bool = False) -> list[CandidateOutcome]:
+    return [o for o in outcomes if not any(dominates(p, o, pooled=pooled) for p in outcomes if p is not o)]
 
 
 def pareto_frontier(outcomes: Sequence[CandidateOutcome]) -> tuple[str, ...]:
@@ -70,6 +75,25 @@ def _log(x: float | None, what: str, name: str) -> float:
     return math.log(x)
 
 
+def _speedup_verdict(outcome: CandidateOutcome) -> GateVerdict | None:
+    return next((v for v in outcome.verdicts if v.gate == "speedup"), None)
+
+
+def pooled_factor(outcome: CandidateOutcome) -> float:
+    """How much pooling this host's earlier runs moved the gated speed-up (``pooled_point / measured``);
+    1 when the verdict is this run's alone or a figure is missing."""
+    v = _speedup_verdict(outcome)
+    if v is None or (v.runs_pooled or 1) <= 1 or v.pooled_point is None:
+        return 1.0
+    if not (v.pooled_point > 0 and v.measured > 0 and math.isfinite(v.pooled_point) and math.isfinite(v.measured)):
+        return 1.0
+    return v.pooled_point / v.measured
+
+
+def _pooled(x: float | None, outcome: CandidateOutcome) -> float | None:
+    return None if x is None else x * pooled_factor(outcome)
+
+
 def score(outcome: CandidateOutcome, *, baseline: CandidateOutcome | None, objective: Objective) -> float:
     """Weighted sum of log-ratios against the baseline (see the module doc); 0 for a term that cannot be formed.
 
@@ -77,7 +101,7 @@ def score(outcome: CandidateOutcome, *, baseline: CandidateOutcome | None, objec
     reduction of 1 (model RSS 0, below what can be measured) and a missing baseline count as 0.
     """
     name = outcome.name
-    lat = _log(outcome.speedup_p95, "speedup_p95", name)
+    lat = _log(_pooled(outcome.speedup_p95, outcome), "speedup_p95", name)
     acc = _log(quality_ratio(outcome.evaluation), "quality ratio", name) if outcome.evaluation else 0.0
     red = outcome.memory_reduction
     mem = _log(1.0 / (1.0 - red) if red is not None and red < 1.0 else None, "memory ratio", name)
@@ -90,12 +114,14 @@ def score(outcome: CandidateOutcome, *, baseline: CandidateOutcome | None, objec
 
 
 def _latency_noise(outcome: CandidateOutcome, objective: Objective, *, side: str) -> float:
-    """How far the latency term of the score can move within the speed-up verdict's interval (0 without one)."""
-    v = next((v for v in outcome.verdicts if v.gate == "speedup"), None)
-    if v is None or v.ci_low is None or v.ci_high is None or not (v.ci_low > 0 and v.measured > 0):
+    """How far the latency term of the score can move within the speed-up verdict's interval (0 without one;
+    the interval is centred on the pooled point when it pools earlier runs)."""
+    v = _speedup_verdict(outcome)
+    centre = v.measured * pooled_factor(outcome) if v is not None else 0.0
+    if v is None or v.ci_low is None or v.ci_high is None or not (v.ci_low > 0 and centre > 0):
         return 0.0
     edge = v.ci_low if side == "low" else v.ci_high
-    return objective.latency * abs(math.log(v.measured) - math.log(edge))
+    return objective.latency * abs(math.log(centre) - math.log(edge))
 
 
 def _fmt_pair(measured: float, threshold: float) -> tuple[str, str]:
@@ -182,7 +208,7 @@ def select(outcomes: Sequence[CandidateOutcome], *, objective: Objective) -> Sel
     excluded: list[str] = []
     fast: list[CandidateOutcome] = []
     for o in passing:
-        s50 = o.speedup_p50
+        s50 = _pooled(o.speedup_p50, o)
         if s50 is not None and s50 >= 1.0:
             fast.append(o)
             continue
@@ -191,13 +217,13 @@ def select(outcomes: Sequence[CandidateOutcome], *, objective: Objective) -> Sel
         log.info("not recommending %s", why)
         excluded.append(why)
 
-    eligible = _non_dominated(fast)
+    eligible = _non_dominated(fast, pooled=True)
     for o in eligible:
         if o.name not in frontier:
             log.info("%s passed its gates and is dominated only by candidates that did not; it stays eligible",
                      o.name)
     scores = {o.name: score(o, baseline=baseline, objective=objective) for o in eligible}
-    ranked = sorted(eligible, key=lambda o: (-round(scores[o.name], 12), _objectives(o)[0], o.name))
+    ranked = sorted(eligible, key=lambda o: (-round(scores[o.name], 12), _objectives(o, pooled=True)[0], o.name))
     if ranked:  # candidates the measurements cannot tell from the leader: the tie goes to the name
         lead = ranked[0]
         spread = _latency_noise(lead, objective, side="low")

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from edgeopt.gates import outcome_with_gates
-from edgeopt.pareto import dominates, nearest_misses, pareto_frontier, select
+from edgeopt.pareto import dominates, nearest_misses, pareto_frontier, score, select
 from edgeopt.profiles import Budgets, Gates, Objective
 from edgeopt.records import (
     BenchmarkResult,
@@ -234,3 +234,40 @@ def test_candidates_the_intervals_cannot_tell_apart_tie_to_the_name() -> None:
     clear = _with_ci(cand("b-int8", p50=4.0, p95=8.0), 4.8, 5.2)  # 5x
     narrow = _with_ci(cand("a-int8", p50=7.0, p95=14.0, rss_model=39.9), 2.8, 2.9)
     assert select([BASELINE, clear, narrow], objective=Objective()).selected == "b-int8"
+
+
+def _pooled_over(o: CandidateOutcome, point: float, low: float, high: float, runs: int) -> CandidateOutcome:
+    verdicts = tuple(v.model_copy(update={"ci_low": low, "ci_high": high, "confidence": 0.95, "runs_pooled": runs,
+                                          "pooled_point": point}) if v.gate == "speedup" else v for v in o.verdicts)
+    return o.model_copy(update={"verdicts": verdicts})
+
+
+def test_the_ranking_follows_the_pooled_evidence_not_this_runs_weather() -> None:
+    """Issue 7: the verdict pools this host's earlier runs of a comparison; the choice among passing
+    candidates must use the same evidence. In this run a-int8 measured 4x and b-int8 2.9x, but over
+    three runs a-int8 averages 2.5x and b-int8 3.4x, with intervals that do not overlap."""
+    a = cand("a-int8", p50=5.0, p95=10.0)  # 4.0x in this run
+    b = cand("b-int8", p50=20.0 / 2.9, p95=40.0 / 2.9)  # 2.9x in this run
+    assert select([BASELINE, a, b], objective=Objective()).selected == "a-int8"  # this run alone
+    a_pooled = _pooled_over(a, 2.5, 2.3, 2.7, runs=3)
+    b_pooled = _pooled_over(b, 3.4, 3.2, 3.6, runs=3)
+    chosen = select([BASELINE, a_pooled, b_pooled], objective=Objective())
+    assert chosen.selected == "b-int8"
+    # the latency term is this run's p95 speed-up moved by the factor pooling moved the gated p50 one
+    lat, objective = Objective().latency, Objective()
+    assert score(a_pooled, baseline=BASELINE, objective=objective) - score(b_pooled, baseline=BASELINE,
+                                                                         objective=objective) == pytest.approx(
+        lat * (math.log(4.0 * 2.5 / 4.0) - math.log(2.9 * 3.4 / 2.9)), abs=1e-9)
+
+
+def test_a_run_alone_or_a_missing_pooled_point_leaves_the_ranking_to_this_run() -> None:
+    a = _pooled_over(cand("a-int8", p50=5.0, p95=10.0), 2.5, 2.3, 2.7, runs=1)  # runs=1: nothing pooled
+    b = _pooled_over(cand("b-int8", p50=20.0 / 2.9, p95=40.0 / 2.9), 3.4, 3.2, 3.6, runs=1)
+    assert select([BASELINE, a, b], objective=Objective()).selected == "a-int8"
+
+
+def test_a_candidate_slower_than_the_baseline_over_pooled_runs_is_not_recommended() -> None:
+    fast_now = _pooled_over(cand("a-int8", p50=18.0, gates=GATES.model_copy(update={"speedup_min": 0.5})),
+                            0.9, 0.85, 0.95, runs=4)  # 1.11x in this run, 0.9x over four runs
+    chosen = select([BASELINE, fast_now], objective=Objective())
+    assert chosen.selected is None and "slower than the baseline" in chosen.message
