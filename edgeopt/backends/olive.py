@@ -15,6 +15,7 @@ attached as evidence. Olive and onnxruntime are imported only in the Olive proce
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -68,6 +69,10 @@ class OlivePass(BaseModel):
                              "default: the type")
     options: dict[str, Any] = Field(default_factory=dict, description="Olive's parameters of the pass, by Olive's "
                                     "names; allowed per pass: see PASS_OPTIONS")
+    search: dict[str, list[str | int | float | bool]] = Field(
+        default_factory=dict, description="parameters Olive searches (Olive's names, each with its values): every "
+        "point of the search is a candidate <name>.<values> from the one Olive run; parameters not listed keep "
+        "their fixed value (Olive's own default search space is not used)")
 
     @field_validator("name")
     @classmethod
@@ -79,10 +84,18 @@ class OlivePass(BaseModel):
     @model_validator(mode="after")
     def _known_options(self) -> OlivePass:
         allowed = PASS_OPTIONS[self.type]
-        unknown = sorted(set(self.options) - set(allowed))
+        unknown = sorted((set(self.options) | set(self.search)) - set(allowed))
         if unknown:
             raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))} for Olive pass {self.type!r} "
                              f"(allowed: {', '.join(allowed) or 'none'})")
+        both = sorted(set(self.options) & set(self.search))
+        if both:
+            raise ValueError(f"{', '.join(map(repr, both))} is both a fixed option and searched in Olive pass "
+                             f"{self.type!r}; keep one")
+        for key, values in self.search.items():
+            if len(values) < 2 or len({repr(v) for v in values}) != len(values):
+                raise ValueError(f"search {key!r} of Olive pass {self.type!r} needs two or more distinct values; "
+                                 f"got {values!r}")
         return self
 
     @property
@@ -110,6 +123,9 @@ class OliveRecipe(Recipe):
     output: str | None = Field(
         default=None, description="the pass whose model this candidate is (the plan sets it when each_pass is "
         "true); None: the last")
+    point: dict[str, dict[str, Any]] | None = Field(
+        default=None, description="the search point this candidate is (pass name -> searched values; the plan "
+        "sets it when a pass has a search); None: no search")
     calibration_samples: int = Field(
         default=128, gt=0, description="quantize-static: calibration samples (the first N of the data, batch 1)")
     execution_provider: Literal["cpu", "cuda", "tensorrt"] = Field(
@@ -133,13 +149,34 @@ class OliveRecipe(Recipe):
             raise ValueError(f"pass name(s) {', '.join(twice)} used twice; give each a distinct 'name'")
         if self.output is not None and self.output not in names:
             raise ValueError(f"output {self.output!r} is not one of the passes (allowed: {', '.join(names)})")
+        if self.searched and self.each_pass:
+            raise ValueError("each_pass and a pass 'search' cannot be combined: a search's candidates are its "
+                             "points (the last pass's models)")
         return self
 
+    @property
+    def searched(self) -> bool:
+        return any(p.search for p in self.passes)
+
     def needs_calibration(self) -> bool:
-        # the whole run's passes, not only this output's: the candidates of one run share its data (and key)
-        return any(p.type == "quantize-static" for p in self.passes)
+        # the whole run's passes, not only this output's: the candidates of one run share its data (and key).
+        # A search needs data too: Olive refuses to search without an evaluator, which runs on it
+        return self.searched or any(p.type == "quantize-static" for p in self.passes)
+
+    def search_points(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """Every point of the recipe's search, by its name (the searched values, slugged and joined)."""
+        axes = [(p.output_name, key, values) for p in self.passes for key, values in p.search.items()]
+        points: dict[str, dict[str, dict[str, Any]]] = {}
+        for combo in itertools.product(*(values for _, _, values in axes)):
+            point: dict[str, dict[str, Any]] = {}
+            for (pass_name, key, _), value in zip(axes, combo):
+                point.setdefault(pass_name, {})[key] = value
+            points["-".join(_slug(v) for v in combo)] = point
+        return points
 
     def outputs(self) -> dict[str, dict[str, Any]]:
+        if self.searched and self.point is None:
+            return {name: {"point": point} for name, point in self.search_points().items()}
         if self.each_pass and self.output is None:
             return {p.output_name: {"output": p.output_name} for p in self.passes}
         return {}
@@ -184,7 +221,7 @@ class OliveBackend(Backend):
         out_dir.mkdir(parents=True, exist_ok=True)
         recipe, choices = _with_cpu_choices(recipe)
         index, chosen = recipe.chosen()
-        wants_data = any(p.type == "quantize-static" for p in recipe.passes)
+        wants_data = recipe.needs_calibration()
         data_path = calibration.path if calibration is not None and wants_data else None
         if wants_data and calibration is not None and data_path is None:
             raise CandidateFailed("missing-data", f"{candidate}: Olive reads calibration data from a file; "
@@ -210,7 +247,9 @@ class OliveBackend(Backend):
             for data in Path(tmp).iterdir():  # external data beside the model
                 os.replace(data, out_dir / data.name)
         passes = [p.output_name for p in recipe.passes]
-        notes = [f"olive passes: {' -> '.join(passes[: index + 1])} (output of '{chosen.output_name}')",
+        point = [f"{name}.{k}={v}" for name, values in (recipe.point or {}).items() for k, v in values.items()]
+        notes = [f"olive passes: {' -> '.join(passes[: index + 1])} (output of '{chosen.output_name}')"
+                 + (f"; search point {', '.join(point)} of {len(recipe.search_points())}" if point else ""),
                  (f"olive run {result.folder.name}: {len(result.models)} model(s) from {len(passes)} pass(es), "
                   f"{result.duration_s:.1f} s incl. start-up"), *choices]
         if data_path:
@@ -240,6 +279,11 @@ class OliveBackend(Backend):
         return tuple(kept)
 
 
+def _slug(value: Any) -> str:
+    text = str(value).lower() if not isinstance(value, bool) else ("on" if value else "off")
+    return re.sub(r"[^a-z0-9]+", "", text.replace(".", "p")) or "x"
+
+
 def _with_cpu_choices(recipe: OliveRecipe) -> tuple[OliveRecipe, list[str]]:
     """The recipe with ``reduce_range`` of its static quantization passes chosen from this CPU where the
     recipe leaves it open, as edgeopt's own static INT8 does (``ort_quantize.choose_reduce_range``: on for
@@ -250,7 +294,7 @@ def _with_cpu_choices(recipe: OliveRecipe) -> tuple[OliveRecipe, list[str]]:
     on = recipe.execution_provider == "cpu" and u8s8_saturates(arch=arch, isa_flags=flags)
     passes, notes = [], []
     for p in recipe.passes:
-        if p.type == "quantize-static" and "reduce_range" not in p.options:
+        if p.type == "quantize-static" and "reduce_range" not in p.options and "reduce_range" not in p.search:
             p = p.model_copy(update={"options": p.options | {"reduce_range": on}})
             notes.append(f"{p.output_name}: reduce_range {'on (7-bit weights): this CPU has no VNNI' if on else 'off'}"
                          " (chosen by edgeopt; set it in the pass options to override)")
@@ -266,6 +310,8 @@ def _chosen_model(result: olive_run.RunResult, *, index: int, chosen: OlivePass,
         raise CandidateFailed("timeout", f"{candidate}: the Olive run took longer than {recipe.timeout_s:.0f} s"
                               + log_hint, evidence=evidence)
     models = result.models
+    if recipe.point is not None:
+        models = _point_chain(result, recipe)
     have = len(models) > index and not models[index]["pruned"] and models[index].get("model_path")
     if have:
         return Path(models[index]["model_path"])
@@ -293,6 +339,37 @@ def _chosen_model(result: olive_run.RunResult, *, index: int, chosen: OlivePass,
     raise CandidateFailed("no-output", f"{candidate}: Olive produced no output model for pass "
                           f"{chosen.output_name!r} (exit code {result.exit_code}, not taken as success)"
                           + (f": {short_message(why)}" if why else "") + log_hint, evidence=evidence)
+
+
+def _point_chain(result: olive_run.RunResult, recipe: OliveRecipe) -> list[dict[str, Any]]:
+    """The models of the search point ``recipe.point``, one per pass in order, as far as the run made them.
+
+    A node belongs to the point when it came from the pass's Olive type with the point's values for that
+    pass; Olive runs identical prefixes once, so the chain branches only where the searched values differ."""
+    point = recipe.point or {}
+    by_parent: dict[str | None, list[dict[str, Any]]] = {}
+    ids = {m["model_id"] for m in result.all_models}
+    for m in result.all_models:
+        by_parent.setdefault(m["parent"] if m["parent"] in ids else None, []).append(m)
+    chain: list[dict[str, Any]] = []
+    parent: str | None = None
+    for p in recipe.passes:
+        wanted = point.get(p.output_name, {})
+        found = [m for m in by_parent.get(parent, []) if m["pass"] == olive_run.OLIVE_TYPES[p.type].lower()
+                 and all(_same((m.get("config") or {}).get(k), v) for k, v in wanted.items())]
+        if not found:
+            break
+        best = next((m for m in found if not m["pruned"]), found[0])
+        chain.append(best)
+        parent = best["model_id"]
+    return chain
+
+
+def _same(recorded: Any, wanted: Any) -> bool:
+    """Olive records enum values in its own spelling (``uint8``, ``MinMax``): compare case-insensitively."""
+    if isinstance(wanted, str) and isinstance(recorded, str):
+        return recorded.lower() == wanted.lower()
+    return recorded == wanted
 
 
 #: what a download refused offline says (huggingface_hub / datasets offline mode, refused connections)

@@ -30,7 +30,7 @@ from edgeopt.keys import digest
 if TYPE_CHECKING:
     from edgeopt.backends.olive import OliveRecipe
 
-__all__ = ["OLIVE_TYPES", "RunResult", "run", "workflow_config"]
+__all__ = ["OLIVE_TYPES", "SEARCHED_FILE", "RunResult", "run", "workflow_config"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,8 @@ OLIVE_TYPES: dict[str, str] = {
 _EP = {"cpu": ("cpu", "CPUExecutionProvider"), "cuda": ("gpu", "CUDAExecutionProvider"),
        "tensorrt": ("gpu", "TensorrtExecutionProvider")}
 _DATA = "edgeopt_calibration"
+#: the run folder's file naming the parameters a search varies (the worker pins every other one)
+SEARCHED_FILE = "searched.json"
 #: a failed run is reused this long (the sibling candidates of one flow); after that it is run again
 _FAILED_RUN_REUSE_S = 900.0
 #: environment of the Olive process: nothing asks a hub, nothing reports usage
@@ -64,6 +66,7 @@ class RunResult:
     exit_code: int | None
     timed_out: bool
     duration_s: float
+    all_models: tuple[dict[str, Any], ...] = ()  # every model recorded (a search: one chain per point)
 
     @property
     def config_path(self) -> Path:
@@ -91,7 +94,10 @@ class RunResult:
 
 def workflow_config(*, model_path: str, recipe: OliveRecipe, folder: Path, calibration: str | None,
                     input_names: list[str]) -> dict[str, Any]:
-    """The Olive workflow config of ``recipe`` (no search: its passes in order, each output recorded)."""
+    """The Olive workflow config of ``recipe``: its passes in order, each output recorded. With a pass
+    ``search``, Olive's sequential search over exactly those values (every point run; parameters not
+    searched are pinned by the worker), with the latency evaluator Olive requires to search: its figures
+    are not used, edgeopt measures every point itself."""
     from edgeopt.backends import olive_data
 
     device, provider = _EP[recipe.execution_provider]
@@ -111,16 +117,22 @@ def workflow_config(*, model_path: str, recipe: OliveRecipe, folder: Path, calib
             "dataloader_config": {"type": "default_dataloader", "params": {"batch_size": 1}},
         }]
     for p in recipe.passes:
-        options = dict(p.options)
+        options = dict(p.options) | {k: list(v) for k, v in p.search.items()}
         if p.type == "quantize-static":
             options["data_config"] = _DATA
         config["passes"][p.output_name] = [{"type": OLIVE_TYPES[p.type], "config": options}]
+    if recipe.searched:
+        config["evaluators"] = {"edgeopt_minimal": {"type": "OnnxEvaluator", "metrics": [{
+            "name": "latency", "type": "latency", "data_config": _DATA,
+            "sub_types": [{"name": "avg", "priority": 1, "metric_config": {"warmup_num": 0, "repeat_test_num": 1}}]}]}}
+        config["engine"] |= {"evaluator": "edgeopt_minimal",
+                             "search_strategy": {"execution_order": "joint", "sampler": "sequential"}}
     return config
 
 
 def run_key(*, model_sha: str, recipe: OliveRecipe, calibration_sha: str | None, tools: dict[str, str]) -> str:
     """What determines a run: the model, the passes and their options, the data, the tool versions."""
-    fields = recipe.model_dump(mode="json", exclude={"output", "each_pass", "timeout_s", "intra_op_threads"})
+    fields = recipe.model_dump(mode="json", exclude={"output", "point", "each_pass", "timeout_s", "intra_op_threads"})
     return digest("olive-run", model_sha, fields, calibration_sha, tools)[:24]
 
 
@@ -144,13 +156,17 @@ def run(*, model_path: str, model_sha: str, recipe: OliveRecipe, runs_dir: Path,
         config = workflow_config(model_path=model_path, recipe=recipe, folder=folder, calibration=calibration,
                                  input_names=input_names)
         (folder / "olive_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        if recipe.searched:  # what the worker leaves Olive to search: these values only
+            searched = {p.output_name: sorted(p.search) for p in recipe.passes}
+            (folder / SEARCHED_FILE).write_text(json.dumps(searched), encoding="utf-8")
         return _run_process(folder, timeout_s=recipe.timeout_s)
 
 
 def _reusable(result: RunResult) -> bool:
     complete = bool(result.models) and not result.models[-1]["pruned"] and result.error is None
     if complete:
-        return all(Path(m["model_path"] or "").exists() for m in result.models)
+        return all(Path(m["model_path"] or "").exists() for m in result.all_models or result.models
+                   if not m["pruned"])
     age = time.time() - (result.folder / "result.json").stat().st_mtime
     return age < _FAILED_RUN_REUSE_S
 
@@ -188,7 +204,8 @@ def _read(folder: Path) -> RunResult | None:
     if not path.is_file():
         return None
     doc = json.loads(path.read_text(encoding="utf-8"))
-    return RunResult(folder=folder, models=tuple(_in_pass_order(doc.get("models", []))), error=doc.get("error"),
+    return RunResult(folder=folder, models=tuple(_in_pass_order(doc.get("models", []))),
+                     all_models=tuple(doc.get("models", [])), error=doc.get("error"),
                      network_attempts=tuple(doc.get("network_attempts", [])), exit_code=doc.get("exit_code"),
                      timed_out=bool(doc.get("timed_out")), duration_s=float(doc.get("duration_s") or 0.0))
 

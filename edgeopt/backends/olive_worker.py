@@ -92,10 +92,40 @@ def _models(run_dir: Path) -> list[dict[str, Any]]:
         config = node.get("model_config_data") or node.get("model_config") or {}  # its alias, by version
         if not node.get("from_pass"):
             continue
+        params = {k: v for k, v in (node.get("pass_run_config") or {}).items()
+                  if isinstance(v, (str, int, float, bool)) or v is None}
         models.append({"model_id": model_id, "parent": node.get("parent_model_id"), "pass": node["from_pass"],
                        "pruned": bool(config.get("is_pruned")) or not config,
-                       "model_path": (config.get("config") or {}).get("model_path")})
+                       "model_path": (config.get("config") or {}).get("model_path"), "config": params})
     return models
+
+
+def pin_unsearched(run_dir: Path) -> None:
+    """In a search run, give every searchable parameter of each pass that the recipe does not search its
+    fixed default, so Olive searches the recipe's values only (Olive would otherwise search its own default
+    space for them: quant_preprocess, activation_type, ...). Rewrites the config Olive runs (the evidence)."""
+    searched_path = run_dir / "searched.json"
+    if not searched_path.is_file():
+        return
+    from olive.hardware.accelerator import AcceleratorSpec
+    from olive.package_config import OlivePackageConfig
+
+    searched = json.loads(searched_path.read_text(encoding="utf-8"))
+    config_path = run_dir / "olive_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    accelerator = config["systems"]["local"]["accelerators"][0]
+    spec = AcceleratorSpec(accelerator_type=accelerator["device"],
+                           execution_provider=accelerator["execution_providers"][0])
+    package = OlivePackageConfig.load_default_config()
+    for name, runs in config["passes"].items():
+        for run in runs:
+            defaults = package.import_pass_module(run["type"]).default_config(spec)
+            for param, param_config in defaults.items():
+                if param_config.search_defaults is None or param in run["config"] or param in searched.get(name, ()):
+                    continue
+                value = param_config.default_value
+                run["config"][param] = getattr(value, "value", value)
+    config_path.write_text(json.dumps(config, indent=2, default=str), encoding="utf-8")
 
 
 def main(run_dir: str) -> int:
@@ -105,6 +135,7 @@ def main(run_dir: str) -> int:
     result: dict[str, Any] = {"error": None, "network_attempts": attempts, "models": []}
     try:
         _telemetry_off()
+        pin_unsearched(run)
         from olive.workflows import run as olive_run
 
         output = olive_run(str(run / "olive_config.json"))

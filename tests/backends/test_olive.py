@@ -108,6 +108,42 @@ def test_static_quantization_calibrates_on_our_data(two_outputs, tiny, tmp_path)
     assert "calibrated on the first 32 samples of scaled.npz" in art.notes
 
 
+#: Olive's search over two calibration methods: one Olive run, one candidate per point
+SEARCH = {"calibration_samples": 32,
+          "passes": [{"type": "quantize-static", "name": "int8", "options": {"per_channel": True},
+                      "search": {"calibrate_method": ["MinMax", "Percentile"]}}]}
+
+
+@needs_olive
+def test_a_search_yields_a_candidate_per_point_from_one_olive_run(tiny, tmp_path):
+    """Issue 11: Olive's search produces several models; each point is a candidate, built from one Olive run,
+    calibrated on our data with the point's method, and only the listed parameter varies (Olive's own
+    default search space, e.g. quant_preprocess on/off, would otherwise double the points)."""
+    a = assess(str(tiny["model"]))
+    prof = load_profile(write_profile(tmp_path / "p.yaml", candidates=[
+        {"name": "olive-search", "backend": "olive", "recipe": SEARCH}]))
+    specs, _ = workflow.plan(prof, source=a, converted=a)
+    assert [s.name for s in specs] == ["olive-search.minmax", "olive-search.percentile"]
+    arts = [_build(tiny, s.recipe, tmp_path / "builds" / s.name, tiny["calibration"], name=s.name) for s in specs]
+    (run,) = [p for p in (tmp_path / "builds" / ".olive-runs").iterdir() if p.is_dir()]
+    result = olive_run._read(run)
+    assert result.error is None and result.network_attempts == ()
+    assert len([m for m in result.all_models if not m["pruned"]]) == 2, "exactly the two listed points ran"
+    assert {m["config"]["calibrate_method"] for m in result.all_models} == {"MinMax", "Percentile"}
+    assert arts[0].sha256 != arts[1].sha256 and all(x.precision == "int8" for x in arts)
+    assert "search point int8.calibrate_method=MinMax of 2" in arts[0].notes[0]
+    # the MinMax point is calibrated as edgeopt's own static min-max INT8 on the same 32 samples
+    ort = backends.get("onnxruntime")
+    own = ort.optimize(model=a.model, assessment=a, candidate="own", out_dir=tmp_path / "own",
+                       recipe=ort.recipe_type(precision="int8", quantization="static", calibration_samples=32),
+                       calibration=load_dataset(tiny["calibration"], signature=a.inputs, role="calibration"))
+    assert _input_scale(arts[0].path) == pytest.approx(_input_scale(own.path), rel=1e-4)
+    # percentile calibration clips the input's range: a smaller scale than min-max's
+    assert _input_scale(arts[1].path) < _input_scale(arts[0].path)
+    config = json.loads((run / "olive_config.json").read_text())["passes"]["int8"][0]["config"]
+    assert config["calibrate_method"] == ["MinMax", "Percentile"] and config["quant_preprocess"] in (True, False)
+
+
 @needs_olive
 def test_an_output_that_does_not_load_fails_the_candidate(two_outputs, tiny):
     """Olive's record says the model is there; it is truncated: the candidate fails as invalid-output."""
@@ -169,6 +205,14 @@ def test_the_olive_process_cannot_reach_the_network():
     ({"passes": [{"type": "quantize-static", "options": {"calibrate": "MinMax"}}]},
      "unknown option(s) 'calibrate' for Olive pass 'quantize-static' (allowed: per_channel"),
     ({"passes": ["fp16", "fp16"]}, "pass name(s) fp16 used twice"),
+    ({"passes": [{"type": "quantize-static", "search": {"calibrate_method": ["MinMax"]}}]},
+     "search 'calibrate_method' of Olive pass 'quantize-static' needs two or more distinct values"),
+    ({"passes": [{"type": "quantize-static", "options": {"per_channel": True}, "search": {"per_channel": [True, False]}}]},
+     "'per_channel' is both a fixed option and searched"),
+    ({"passes": [{"type": "quantize-static", "search": {"calibrate": ["MinMax", "Entropy"]}}]},
+     "unknown option(s) 'calibrate' for Olive pass 'quantize-static'"),
+    ({"each_pass": True, "passes": [{"type": "quantize-static", "search": {"per_channel": [True, False]}}]},
+     "each_pass and a pass 'search' cannot be combined"),
     ({"passes": ["fp16"], "output": "int8"}, "output 'int8' is not one of the passes (allowed: fp16)"),
 ])
 def test_bad_recipes_are_one_line_profile_errors(tmp_path, recipe, says):
