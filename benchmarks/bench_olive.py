@@ -85,6 +85,14 @@ def _row(o: dict, build_s: dict[str, float]) -> dict:
     }
 
 
+def _relative(arg: str) -> str:
+    """A path under the repository as the user writes it from its root; other arguments unchanged."""
+    try:
+        return str(Path(arg).relative_to(REPO))
+    except ValueError:
+        return arg
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=list(CANDIDATES))
@@ -115,7 +123,8 @@ def main() -> None:
         rows = [_row(o, build_s) for o in report["outcomes"]]
         olive = [r for r in rows if r["backend"] == "olive" and r["ok"]]
         best_olive = max(olive, key=lambda r: (r["status"] == "passed", r["speedup_p50"] or 0), default=None)
-        results["models"][name] = {"command": " ".join(command[1:]), "date": time.strftime("%Y-%m-%d %H:%M UTC",
+        shown = ["edgeopt", *(_relative(a) for a in command[1:-1]), "report.json"]  # no machine paths kept
+        results["models"][name] = {"command": " ".join(shown), "date": time.strftime("%Y-%m-%d %H:%M UTC",
                                                                                          time.gmtime()), "rows": rows,
                                    "selected": report["selection"]["selected"],
                                    "olive_best": best_olive["candidate"] if best_olive else None,
