@@ -44,7 +44,7 @@ def _build(model_dir: Path, quant: str, out: Path, *, imatrix: bool = False, cal
 
 def speed(zoo_dir: Path, work: Path, *, rounds: int, prompt_tokens: int, gen_tokens: int) -> list[dict]:
     from edgeopt import zoo
-    from edgeopt.bench.bandwidth import read_bandwidth_gbps
+    from edgeopt.bench.bandwidth import bound_fraction
     from edgeopt.bench.generate import bytes_per_token, interleaved_generation
     from edgeopt.hardware import fingerprint
     from edgeopt.intake import assess
@@ -64,17 +64,18 @@ def speed(zoo_dir: Path, work: Path, *, rounds: int, prompt_tokens: int, gen_tok
     fp = fingerprint()
     rows = []
     for threads in (1, 2):
-        bw = read_bandwidth_gbps(fp, threads=threads, store=data_dir() / "bandwidth.json")
         res = interleaved_generation(arts, rounds=rounds, work_dir=work / f"gen-t{threads}", prompt=prompt,
                                      gen_tokens=gen_tokens, threads=threads, repeats=2)
         base = res["llamacpp-f16"]
         for name, r in res.items():
             bpt = bytes_per_token(arts[name].path, kv_bytes_per_token=info.kv_cache_bytes_per_token,
                                   context_tokens=prompt_tokens + gen_tokens // 2)
+            bw, fraction = bound_fraction(tokens_per_s=r.gen_tps, bytes_per_token=bpt, fp=fp, threads=threads,
+                                          store=data_dir() / "bandwidth.json")
             rows.append({"candidate": name, "threads": threads, "gen_tps": r.gen_tps,
                          "gen_tps_rounds": list(r.gen_tps_rounds), "speedup_vs_f16": r.gen_tps / base.gen_tps,
                          "bandwidth_gbps": bw, "bytes_per_token": bpt,
-                         "bound_fraction": r.gen_tps * bpt / (bw * 1e9), "prompt_tps": r.prompt_tps,
+                         "bound_fraction": fraction, "prompt_tps": r.prompt_tps,
                          "ttft_ms": r.ttft_ms, "token_ms_p50": r.token_ms_p50, "token_ms_p95": r.token_ms_p95,
                          "token_samples": r.token_samples, "rss_peak_mb": r.rss_peak_mb,
                          "rss_model_mb": r.rss_model_mb, "size_mb": r.size_bytes / 1e6})

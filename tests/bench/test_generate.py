@@ -54,3 +54,26 @@ def test_bandwidth_is_measured_once_per_hardware(tmp_path: Path, monkeypatch) ->
     other = fp.model_copy(update={"cpu_model": "another CPU"})
     read_bandwidth_gbps(other, threads=1, store=store)
     assert calls == [1, 1]
+
+
+def test_a_bound_that_generation_outruns_is_measured_again_and_never_reported_above_one(tmp_path: Path,
+                                                                                         monkeypatch) -> None:
+    """Issue 8: a bandwidth figure stored while the host was loaded (1.25 GB/s here once) made generation
+    read "above 100%" of it. The stored figure is re-measured; the larger one is kept; a fraction that
+    still exceeds 1 is NaN."""
+    import edgeopt.bench.bandwidth as bw
+
+    fp, store = fingerprint(), tmp_path / "bandwidth.json"
+    store.write_text(json.dumps({hardware_key(fp): {"cpu_model": fp.cpu_model, "1": 1.0}}))  # taken under load
+    measured = iter([8.0, 6.0])
+    monkeypatch.setattr(bw, "measure_read_gbps", lambda threads: next(measured))
+    # 100 tokens/s x 20 MB = 2 GB/s > the stored 1.0: measured again (8.0), fraction 0.25
+    gbps, fraction = bw.bound_fraction(tokens_per_s=100.0, bytes_per_token=20_000_000, fp=fp, threads=1, store=store)
+    assert gbps == 8.0 and fraction == pytest.approx(0.25)
+    assert json.loads(store.read_text())[hardware_key(fp)]["1"] == 8.0
+    # a rate above any measurement: the new one (6.0) is lower, the larger (8.0) is kept, the fraction is NaN
+    gbps, fraction = bw.bound_fraction(tokens_per_s=1000.0, bytes_per_token=20_000_000, fp=fp, threads=1, store=store)
+    assert gbps == 8.0 and math.isnan(fraction)
+    # within the bound: no new measurement (the iterator is spent; another call would raise)
+    assert bw.bound_fraction(tokens_per_s=10.0, bytes_per_token=20_000_000, fp=fp, threads=1,
+                             store=store) == (8.0, pytest.approx(0.025))
