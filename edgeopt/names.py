@@ -10,7 +10,7 @@ import re
 
 from edgeopt.errors import ConfigError
 
-__all__ = ["ALLOWED", "MAX_LENGTH", "check_name", "safe_name"]
+__all__ = ["ALLOWED", "MAX_LENGTH", "check_name", "profile_label", "safe_name"]
 
 #: the allowed characters, as the error message names them
 ALLOWED = "letters, digits, '.', '_' and '-', starting with a letter or digit, no '..'"
@@ -31,3 +31,13 @@ def safe_name(value: str) -> str:
     cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", value)
     cleaned = re.sub(r"-{2,}", "-", re.sub(r"\.{2,}", ".", cleaned)).strip("-._")[:MAX_LENGTH]
     return cleaned or "model"
+
+
+def profile_label(profile: str) -> str:
+    """A profile as a run's name shows it: a built-in profile's name as given, a profile file by its stem
+    (``/some/where/lab-x86.yaml`` -> ``lab-x86``), never a machine path."""
+    text = str(profile)
+    if "/" in text or "\\" in text or text.endswith((".yaml", ".yml")):
+        text = re.split(r"[\\/]", text)[-1]
+        text = re.sub(r"\.ya?ml$", "", text)
+    return safe_name(text)

@@ -24,6 +24,7 @@ from prefect.settings import PREFECT_API_URL
 from pydantic import BaseModel, ConfigDict
 
 from edgeopt import settings, workflow
+from flows._names import by_profile
 from flows._pools import POOL_ENV, refuse_wrong_host
 from flows.nightly import NightlyReport, nightly_flow
 from flows.optimize import _default_model_name
@@ -54,7 +55,7 @@ class DriftResult(BaseModel):
     nightly: NightlyReport | None = None
 
 
-@flow(name="drift", flow_run_name="drift-{profile}")
+@flow(name="drift", flow_run_name=by_profile("drift"))
 def drift_flow(
     production: str,
     calibration: str,

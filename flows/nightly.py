@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict
 
 from edgeopt import settings, workflow
 from edgeopt.errors import ConfigError
+from flows._names import by_profile
 from flows._pools import refuse_wrong_host
 from flows.certify import certify_flow
 from flows.optimize import _default_model_name, optimize_flow
@@ -72,7 +73,7 @@ def _npz_or_none(path: str | None) -> str | None:
     return path if path and path.endswith(".npz") else None
 
 
-@flow(name="nightly", flow_run_name="nightly-{profile}")
+@flow(name="nightly", flow_run_name=by_profile("nightly"))
 def nightly_flow(
     model: str,
     profile: str = "intel-cpu",

@@ -29,6 +29,7 @@ from edgeopt.names import check_name, safe_name
 from edgeopt.profiles import host_mismatches
 from edgeopt.records import CandidateOutcome, Selection
 from flows._measuring import Measurements, measure_rounds
+from flows._names import by_profile
 from flows._pools import refuse_wrong_host
 from tasks import tracking
 from tasks.phases import (
@@ -221,7 +222,7 @@ def _worth_more_rounds(outcomes: list[CandidateOutcome]) -> set[str]:
     return {o.name for o in outcomes if o.uncertain} - stuck
 
 
-@flow(name="optimize", flow_run_name="optimize-{profile}", task_runner=ThreadPoolTaskRunner(max_workers=2))
+@flow(name="optimize", flow_run_name=by_profile("optimize"), task_runner=ThreadPoolTaskRunner(max_workers=2))
 def optimize_flow(
     model: str,
     profile: str = "intel-cpu",

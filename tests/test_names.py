@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from edgeopt.errors import ConfigError
-from edgeopt.names import check_name, safe_name
+from edgeopt.names import check_name, profile_label, safe_name
 
 
 @pytest.mark.parametrize("good", ["digits-resnet-intel-cpu", "m.v2_final", "A1"])
@@ -31,3 +31,13 @@ def test_candidate_names_in_profiles_are_checked():
 
     with pytest.raises(ValidationError, match="candidate name '../up' is not a valid name"):
         CandidateConfig(name="../up", backend="onnxruntime")
+
+
+@pytest.mark.parametrize(("profile", "label"), [
+    ("intel-cpu", "intel-cpu"),
+    ("/some/where/lab-x86.yaml", "lab-x86"),
+    ("profiles/arm64.yml", "arm64"),
+    ("C:\\profiles\\edge box.yaml", "edge-box"),
+])
+def test_a_run_name_shows_a_profile_file_by_its_stem(profile, label):
+    assert profile_label(profile) == label

@@ -69,6 +69,7 @@ def test_nothing_passes_registers_nothing(tiny, tmp_path):
     with get_client(sync_client=True) as client:
         fr = client.read_flow_run(UUID(report.flow_run_id))
         assert fr.state.is_completed()
+        assert fr.name == "optimize-strict"  # the profile file by its stem, not its path
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(
             flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(report.flow_run_id)])))
     by_key = {a.key: a for a in arts}
