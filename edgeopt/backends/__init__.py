@@ -21,6 +21,7 @@ _MANIFEST: dict[str, tuple[str, str]] = {
     "optimum-intel": ("edgeopt.backends.optimum_intel", "OptimumIntelBackend"),
     "olive": ("edgeopt.backends.olive", "OliveBackend"),
     "llamacpp": ("edgeopt.backends.llamacpp", "LlamaCppBackend"),
+    "openvino-genai": ("edgeopt.backends.ov_genai", "OvGenAIBackend"),
 }
 
 

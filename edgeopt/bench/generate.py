@@ -29,7 +29,13 @@ __all__ = ["bytes_per_token", "interleaved_generation", "measure_generation", "r
 
 
 def run_generate_job(job: dict[str, Any]) -> dict[str, Any]:
-    """Worker side: the measuring loop (imports llama_cpp; called in the fresh process)."""
+    """Worker side: the measuring loop (imports llama_cpp; called in the fresh process). An OpenVINO GenAI
+    artifact is measured by its backend's loop (``edgeopt.backends.ov_genai.generate_job``), to the same
+    definitions."""
+    if (job.get("artifact") or {}).get("backend") == "openvino-genai":
+        from edgeopt.backends.ov_genai import generate_job
+
+        return generate_job(job)
     import resource
 
     import llama_cpp
@@ -109,7 +115,7 @@ def measure_generation(artifact: Artifact, *, prompt: list[int], gen_tokens: int
                             token_ms_p95=out["token_ms_p95"], token_ms_p99=out["token_ms_p99"],
                             token_samples=out["token_samples"], rss_peak_mb=out["rss_peak_mb"],
                             rss_model_mb=out["rss_model_mb"], load_time_ms=out["load_time_ms"],
-                            size_bytes=Path(artifact.path).stat().st_size,
+                            size_bytes=artifact.size_bytes,
                             gen_tps_rounds=tuple(float(v) for v in out["gen_tps"]))
 
 

@@ -1,0 +1,319 @@
+"""OpenVINO GenAI backend for language models: NNCF weight compression, run by ``openvino_genai``.
+
+Public surface: ``OvGenAIRecipe``, ``OvGenAIBackend``, ``OvGenAISession`` and ``generate_job``.
+
+* **Build**: the Hugging Face checkpoint exported to OpenVINO IR by optimum-intel with NNCF weight
+  compression (INT8, or INT4 with its symmetry, group size and the share of layers in INT4; AWQ and
+  scale estimation on the calibration text when the recipe asks), and the OpenVINO tokenizer and
+  detokenizer ``openvino_genai`` needs. The weights' element types are read back from the IR: a
+  request that was not applied (no 4-bit weight in an INT4 build) fails the candidate; what the CPU
+  plugin really executes in (``INFERENCE_PRECISION_HINT``: bf16 on AMX, f32 on AVX2) is in the notes.
+* **Generation** (``generate_job``, in the fresh measuring process): ``openvino_genai.LLMPipeline`` with
+  the stateful SDPA attention backend (each ``generate`` starts from an empty KV cache: no prefix
+  cache serves a repeated prompt), greedy, exactly the job's number of new tokens; the same figures
+  as llama.cpp's worker (per-token intervals from the pipeline's token timestamps).
+* **Evaluation** (``OvGenAISession``): the IR's logits through optimum-intel, behind the small
+  llama.cpp-like surface ``edgeopt.evaluate.llm`` uses (tokenize, reset, eval, scores, generate), so
+  perplexity, KLD and the garbage check run on it unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from edgeopt.backends.base import Backend, Recipe, short_message
+from edgeopt.data import path_sha256
+from edgeopt.errors import CandidateFailed
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from edgeopt.data import Dataset
+    from edgeopt.records import Artifact, Assessment, ModelRef
+
+__all__ = ["OvGenAIBackend", "OvGenAIRecipe", "OvGenAISession", "generate_job", "weight_types"]
+
+log = logging.getLogger(__name__)
+
+#: IR element types of compressed weights, by what a recipe asks for
+_FOUR_BIT = frozenset({"u4", "i4", "nf4"})
+_EIGHT_BIT = frozenset({"u8", "i8"})
+#: text chunks the data-aware compression (AWQ, scale estimation) runs on, in characters
+_CHUNK_CHARS = 512
+
+
+class OvGenAIRecipe(Recipe):
+    """An OpenVINO GenAI candidate: NNCF weight compression of the checkpoint and its runtime settings."""
+
+    weights: Literal["fp16", "int8", "int4"] = Field(default="int4", description="weight type (fp16: no "
+                                                     "compression, the OpenVINO reference)")
+    sym: bool = Field(default=False, description="symmetric weight quantization (False: asymmetric, with zero points)")
+    group_size: int = Field(default=64, description="int4: weights per scale group (-1: one per output channel)")
+    ratio: float = Field(default=1.0, gt=0, le=1, description="int4: share of the layers in INT4, the rest in INT8")
+    awq: bool = Field(default=False, description="int4: activation-aware scaling on the calibration text")
+    scale_estimation: bool = Field(default=False, description="int4: scale estimation on the calibration text")
+    calibration_samples: int = Field(default=32, gt=0, description="text chunks of the calibration text used")
+    threads: int | None = Field(default=None, ge=1, description="inference threads (None: the profile's budget)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> OvGenAIRecipe:
+        if self.weights != "int4" and (self.awq or self.scale_estimation):
+            raise ValueError("awq and scale_estimation apply to int4 weights only")
+        if self.group_size == 0 or self.group_size < -1:
+            raise ValueError(f"group_size is a positive number of weights or -1 (per channel); got {self.group_size}")
+        return self
+
+    def needs_calibration(self) -> bool:
+        return self.awq or self.scale_estimation
+
+    def runtime_options(self) -> dict[str, Any]:
+        return {"threads": self.threads, "device": "CPU"}
+
+    def precision(self) -> str:
+        return self.weights
+
+
+def weight_types(xml: str | Path) -> Counter[str]:
+    """Element types of the IR's weight constants (rank >= 2), counted."""
+    import openvino as ov
+
+    model = ov.Core().read_model(str(xml))
+    return Counter(op.get_output_element_type(0).get_type_name() for op in model.get_ordered_ops()
+                   if op.get_type_name() == "Constant" and len(op.get_output_partial_shape(0)) >= 2)
+
+
+def _calibration_texts(path: str, samples: int) -> list[str]:
+    text = Path(path).read_text(encoding="utf-8")
+    chunks = [text[i:i + _CHUNK_CHARS] for i in range(0, len(text), _CHUNK_CHARS) if text[i:i + _CHUNK_CHARS].strip()]
+    return chunks[:samples]
+
+
+def _check_applied(types: Counter[str], recipe: OvGenAIRecipe, candidate: str) -> None:
+    have = set(types)
+    if recipe.weights == "int4" and not have & _FOUR_BIT:
+        raise CandidateFailed("unsupported-op", f"{candidate}: INT4 weight compression was not applied (the IR's "
+                              f"weights are {', '.join(sorted(have))}); the layers' shapes may not fit group size "
+                              f"{recipe.group_size}")
+    if recipe.weights == "int8" and (not have & _EIGHT_BIT or have & _FOUR_BIT):
+        raise CandidateFailed("unsupported-op", f"{candidate}: INT8 weight compression was not applied as asked "
+                              f"(the IR's weights are {', '.join(sorted(have))})")
+    if recipe.weights == "fp16" and have & (_FOUR_BIT | _EIGHT_BIT):
+        raise CandidateFailed("build-error", f"{candidate}: the fp16 reference came out compressed "
+                              f"({', '.join(sorted(have))})")
+
+
+class OvGenAIBackend(Backend):
+    name: ClassVar[str] = "openvino-genai"
+    formats: ClassVar[frozenset[str]] = frozenset({"hf"})
+    devices: ClassVar[frozenset[str]] = frozenset({"cpu"})
+    extra: ClassVar[str] = "openvino-genai"
+    recipe_type: ClassVar[type[Recipe]] = OvGenAIRecipe
+    requires: ClassVar[tuple[str, ...]] = ("openvino_genai", "openvino_tokenizers", "optimum.intel", "nncf")
+    distributions: ClassVar[tuple[str, ...]] = ("openvino", "openvino-genai", "openvino-tokenizers", "nncf",
+                                                "optimum-intel", "transformers")
+    calibrated_recipe: ClassVar[str] = "AWQ / scale estimation"
+
+    def optimize(self, *, model: ModelRef, assessment: Assessment, recipe: Recipe, candidate: str,
+                 out_dir: Path, calibration: Dataset | None = None) -> Artifact:
+        from edgeopt.records import Artifact
+
+        self.check_request(model=model, recipe=recipe, candidate=candidate, calibration=calibration)
+        assert isinstance(recipe, OvGenAIRecipe)
+        if assessment.kind != "llm":
+            raise CandidateFailed("build-error", f"{candidate}: openvino-genai builds language models; this model "
+                                  f"is a {assessment.kind}")
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        texts = (_calibration_texts(calibration.path, recipe.calibration_samples)  # type: ignore[union-attr,arg-type]
+                 if recipe.needs_calibration() else None)
+        final = out_dir / "ov"
+        with tempfile.TemporaryDirectory(prefix=".build-", dir=out_dir) as tmp:
+            built = Path(tmp) / "ov"
+            try:
+                _export(Path(model.path), built, recipe, texts)
+            except CandidateFailed:
+                raise
+            except Exception as exc:
+                raise CandidateFailed("build-error", f"{candidate}: OpenVINO export with weight compression "
+                                      f"failed: {short_message(exc)}") from exc
+            types = weight_types(built / "openvino_model.xml")
+            _check_applied(types, recipe, candidate)
+            executes = _executed_precision(built / "openvino_model.xml", recipe.threads)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(built, final)
+        size = sum(p.stat().st_size for p in final.iterdir() if p.suffix in (".bin", ".xml"))
+        notes = ["weights: " + ", ".join(f"{k}×{v}" for k, v in sorted(types.items())),
+                 f"CPU plugin executes in {executes} (INFERENCE_PRECISION_HINT)"]
+        if recipe.weights == "int4":
+            notes.append(f"int4 {'sym' if recipe.sym else 'asym'}, group {recipe.group_size}, ratio {recipe.ratio:g}"
+                         + (", AWQ" if recipe.awq else "") + (", scale estimation" if recipe.scale_estimation else ""))
+        if texts is not None:
+            notes.append(f"data-aware compression on {len(texts)} chunks of {Path(calibration.path).name}")  # type: ignore[union-attr,arg-type]
+        log.info("%s: built %s (%d bytes)", candidate, final, size)
+        return Artifact(candidate=candidate, backend=self.name, path=str(final), sha256=path_sha256(final),
+                        size_bytes=size, parent_sha256=model.sha256, precision=recipe.precision(),
+                        runtime=recipe.runtime_options(), tool_versions=self.tool_versions(), notes=tuple(notes))
+
+    def load(self, *, path: str, runtime: dict[str, Any]) -> OvGenAISession:
+        return OvGenAISession(path, runtime)
+
+    def warm(self, *, runtime: dict[str, Any]) -> None:
+        import openvino as ov
+
+        ov.Core().get_available_devices()
+
+
+def _export(src: Path, dst: Path, recipe: OvGenAIRecipe, texts: list[str] | None) -> None:
+    """optimum-intel's export with the recipe's weight compression, plus the GenAI tokenizer pair."""
+    import openvino as ov
+    from openvino_tokenizers import convert_tokenizer
+    from optimum.intel import OVModelForCausalLM, OVWeightQuantizationConfig
+    from transformers import AutoTokenizer
+
+    quantization = None
+    if recipe.weights != "fp16":
+        options: dict[str, Any] = {"bits": 4 if recipe.weights == "int4" else 8, "sym": recipe.sym}
+        if recipe.weights == "int4":
+            options |= {"group_size": recipe.group_size, "ratio": recipe.ratio}
+        if texts is not None:
+            options |= {"dataset": texts, "tokenizer": str(src), "awq": recipe.awq,
+                        "scale_estimation": recipe.scale_estimation, "num_samples": len(texts)}
+        quantization = OVWeightQuantizationConfig(**options)
+    model = OVModelForCausalLM.from_pretrained(str(src), export=True, compile=False, load_in_8bit=False,
+                                               quantization_config=quantization)
+    model.save_pretrained(str(dst))
+    tokenizer = AutoTokenizer.from_pretrained(str(src))
+    tokenizer.save_pretrained(str(dst))
+    encoder, decoder = convert_tokenizer(tokenizer, with_detokenizer=True)
+    ov.save_model(encoder, str(dst / "openvino_tokenizer.xml"))
+    ov.save_model(decoder, str(dst / "openvino_detokenizer.xml"))
+
+
+def _executed_precision(xml: Path, threads: int | None) -> str:
+    import openvino as ov
+
+    core = ov.Core()
+    config = {"INFERENCE_NUM_THREADS": threads} if threads else {}
+    compiled = core.compile_model(core.read_model(str(xml)), "CPU", config)
+    hint = compiled.get_property("INFERENCE_PRECISION_HINT")
+    return hint.to_string() if hasattr(hint, "to_string") else str(hint)
+
+
+class OvGenAISession:
+    """The IR's logits (optimum-intel) behind the llama.cpp-like surface of ``edgeopt.evaluate.llm``, and the
+    ``Session`` protocol: ``run({"input_ids": [batch, seq]})`` -> logits [batch, seq, vocab]."""
+
+    def __init__(self, path: str, runtime: dict[str, Any]) -> None:
+        from optimum.intel import OVModelForCausalLM
+        from transformers import AutoTokenizer
+
+        threads = runtime.get("threads")
+        self.input_names = ["input_ids"]
+        self.model = OVModelForCausalLM.from_pretrained(
+            path, ov_config={"INFERENCE_NUM_THREADS": str(threads)} if threads else {}, compile=True)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self._ids: list[int] = []
+        self.scores = np.zeros((0, 0), dtype=np.float32)
+
+    def _logits(self, ids: list[int]) -> np.ndarray:
+        import torch
+
+        x = torch.tensor([ids], dtype=torch.int64)
+        out = self.model(input_ids=x, attention_mask=torch.ones_like(x))
+        return np.asarray(out.logits[0].float().numpy(), dtype=np.float32)
+
+    def reset(self) -> None:
+        self._ids = []
+        self.scores = np.zeros((0, 0), dtype=np.float32)
+
+    def eval(self, ids: list[int]) -> None:
+        """Append ``ids`` to the context; ``scores`` holds the logits of every position so far."""
+        self._ids += [int(t) for t in ids]
+        self.scores = self._logits(self._ids)
+
+    def tokenize(self, text: bytes, add_bos: bool = False, special: bool = False) -> list[int]:
+        return list(self.tokenizer.encode(text.decode("utf-8"), add_special_tokens=add_bos))
+
+    def detokenize(self, ids: list[int]) -> bytes:
+        return self.tokenizer.decode(ids).encode("utf-8")
+
+    def token_eos(self) -> int:
+        return int(self.tokenizer.eos_token_id) if self.tokenizer.eos_token_id is not None else -1
+
+    def generate(self, ids: list[int], *, temp: float = 0.0, top_k: int = 1, reset: bool = True,
+                 max_tokens: int = 64) -> Iterator[int]:
+        """Greedy continuation of ``ids`` (only greedy: ``temp`` 0 / ``top_k`` 1, as the evaluators ask)."""
+        import torch
+
+        if temp != 0.0 or top_k != 1:
+            raise ValueError("OvGenAISession generates greedily only (temp=0, top_k=1)")
+        context = [int(t) for t in ids] if reset else self._ids + [int(t) for t in ids]
+        x = torch.tensor([context], dtype=torch.int64)
+        out = self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens, do_sample=False)
+        yield from (int(t) for t in out[0][len(context):])
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return [np.stack([self._logits([int(t) for t in row]) for row in np.asarray(feeds["input_ids"])])]
+
+
+def generate_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Worker side of a generation measurement (``edgeopt.bench.generate``): the same figures as llama.cpp's."""
+    import resource
+
+    import openvino as ov
+    import openvino_genai
+
+    from edgeopt.bench import memory
+
+    threads = int(job["runtime"].get("threads") or os.cpu_count() or 1)
+    ov.Core().get_available_devices()  # the plugin before the reference point, as warm() does
+    before = memory.read()
+    memory.reset_peak()
+    t0 = time.perf_counter()
+    pipe = openvino_genai.LLMPipeline(job["path"], "CPU", INFERENCE_NUM_THREADS=threads, ATTENTION_BACKEND="SDPA")
+    load_ms = (time.perf_counter() - t0) * 1e3
+    prompt = np.asarray([[int(t) for t in job["prompt"]]], dtype=np.int64)
+    inputs = openvino_genai.TokenizedInputs(ov.Tensor(prompt), ov.Tensor(np.ones_like(prompt)))
+    n_gen = int(job["gen_tokens"])
+
+    def config(tokens: int) -> Any:
+        cfg = openvino_genai.GenerationConfig()
+        cfg.max_new_tokens = cfg.min_new_tokens = tokens  # EOS does not stop it: the same work every time
+        cfg.do_sample = False
+        return cfg
+
+    full, first = config(n_gen), config(1)
+    pipe.generate(inputs, full)  # warm-up: kernels, thread pools, pages of the weights
+    prompt_tps, ttft, gen_tps, latencies = [], [], [], []
+    for _ in range(int(job["repeats"])):
+        start = time.perf_counter()
+        pipe.generate(inputs, first)  # the prompt and one token: what llama.cpp's prompt figure times
+        prompt_tps.append(prompt.shape[1] / (time.perf_counter() - start))
+        result = pipe.generate(inputs, full)
+        metrics = result.perf_metrics
+        stamps = np.asarray(list(metrics.raw_metrics.m_new_token_times), dtype=np.float64)  # ms
+        steps = list(np.diff(stamps))
+        if len(steps) != n_gen - 1:
+            raise RuntimeError(f"openvino_genai generated {len(steps) + 1} tokens, not {n_gen}")
+        ttft.append(float(metrics.get_ttft().mean))
+        latencies.extend(steps)
+        gen_tps.append(len(steps) / (sum(steps) / 1e3))
+    after = memory.read()
+    peak = after.peak if after.peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    lat = np.asarray(latencies)
+    return {"prompt_tps": prompt_tps, "gen_tps": gen_tps, "ttft_ms": ttft,
+            "token_ms_p50": float(np.percentile(lat, 50)), "token_ms_p95": float(np.percentile(lat, 95)),
+            "token_ms_p99": float(np.percentile(lat, 99)), "token_samples": int(lat.size),
+            "rss_peak_mb": float(peak), "rss_model_mb": memory.delta_mb(after.rss, before.rss),
+            "load_time_ms": load_ms, "threads": threads}
