@@ -118,3 +118,18 @@ def test_bad_requests_fail_in_one_line(tiny_llama, tmp_path):
     with pytest.raises(ConfigError) as bad:
         load_profile(path)
     assert "awq and scale_estimation apply to int4 weights only" in str(bad.value) and "\n" not in str(bad.value)
+
+
+@pytest.mark.heavy
+def test_data_aware_int4_runs_offline_on_the_calibration_text(tiny_llama, tmp_path):
+    """AWQ and scale estimation on our calibration text (no data set from a hub), 80% of the layers in INT4."""
+    from edgeopt.data import Dataset
+
+    a = assess(tiny_llama["hf"])
+    art = backends.get("openvino-genai").optimize(
+        model=a.model, assessment=a, candidate="awq", out_dir=tmp_path / "awq",
+        recipe=OvGenAIRecipe(weights="int4", awq=True, scale_estimation=True, ratio=0.8, calibration_samples=8),
+        calibration=Dataset(str(tiny_llama["calibration"]), "", {}))
+    types = weight_types(Path(art.path) / "openvino_model.xml")
+    assert types["u4"] > 0 and types["u8"] > 0  # ratio 0.8: the rest of the layers in INT8
+    assert "data-aware compression on 8 chunks of calibration.txt" in art.notes
