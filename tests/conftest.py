@@ -178,6 +178,19 @@ TINY_LLAMA_STEPS = 40
 
 
 @pytest.fixture(scope="session")
+def digits_resnet_zoo(tmp_path_factory) -> Path:
+    """The reference ResNet built once per session (its training is the suite's most expensive setup);
+    the folder holding ``digits-resnet/``. Tests that need it in their own home copy it there."""
+    pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    from edgeopt import zoo
+
+    out = tmp_path_factory.mktemp("zoo-resnet")
+    zoo.build("digits-resnet", out_dir=out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> dict[str, Path]:
     """The zoo's tiny Llama briefly trained (its tokenizer, config and texts), and its F16 GGUF."""
     pytest.importorskip("gguf")

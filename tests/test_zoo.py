@@ -181,8 +181,8 @@ def test_missing_torch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def resnet(tmp_path_factory: pytest.TempPathFactory) -> zoo.ZooEntry:
-    return zoo.build("digits-resnet", out_dir=tmp_path_factory.mktemp("zoo-resnet"))
+def resnet(digits_resnet_zoo: Path) -> zoo.ZooEntry:
+    return zoo.build("digits-resnet", out_dir=digits_resnet_zoo)  # the session's build, not trained again
 
 
 @pytest.mark.slow
