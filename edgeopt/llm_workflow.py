@@ -18,8 +18,10 @@ text's digest, tools and hardware.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -91,6 +93,25 @@ def check_data(specs: list[CandidateSpec], *, calibration: str | None, evaluatio
         load_sentences(calibration, role="calibration")
 
 
+_LOG_CALLBACK: list = []
+
+
+def _llama_log_to_fd2() -> None:
+    """llama-cpp-python prints llama.cpp's log lines to Python's ``sys.stderr`` (the terminal, under the command
+    line's ``native_log.divert``); send them to descriptor 2 like every native log, so a build's lines land in
+    its ``build.log``. Installed once per process."""
+    if _LOG_CALLBACK:
+        return
+    import llama_cpp
+
+    @llama_cpp.llama_log_callback
+    def _to_fd2(_level: int, text: bytes, _user: object) -> None:
+        os.write(2, text)
+
+    _LOG_CALLBACK.append(_to_fd2)  # kept alive: llama.cpp holds only the C pointer
+    llama_cpp.llama_log_set(_to_fd2, ctypes.c_void_p(0))
+
+
 def build(spec: CandidateSpec, *, assessment: Assessment, calibration: str | None, work_dir: Path,
           hardware: HardwareFingerprint | None = None) -> Artifact:
     """Build one GGUF into its content-addressed folder (``workflow.build_dir``); ``CandidateFailed``."""
@@ -110,6 +131,7 @@ def build(spec: CandidateSpec, *, assessment: Assessment, calibration: str | Non
     if out_dir.exists():
         shutil.rmtree(out_dir)
     build_log = out_dir / BUILD_LOG
+    _llama_log_to_fd2()
     try:
         with captured(build_log, what=f"build {spec.name}"):
             artifact = backend.optimize(model=assessment.model, assessment=assessment, recipe=recipe,
@@ -126,6 +148,7 @@ def prompt_ids(artifact: Artifact, *, evaluation: str, tokens: int) -> list[int]
     reference GGUF's own tokenizer; the same list for every candidate."""
     import llama_cpp
 
+    _llama_log_to_fd2()
     llm = llama_cpp.Llama(model_path=artifact.path, vocab_only=True, verbose=False)
     ids = list(llm.tokenize(Path(evaluation).read_text(encoding="utf-8").encode("utf-8"), add_bos=False))
     if not ids:
