@@ -33,7 +33,7 @@ from edgeopt.bench.supervise import run_worker
 from edgeopt.data import Dataset
 from edgeopt.errors import BackendUnavailable, CandidateFailed, ConfigError, DataError
 from edgeopt.intervals import ratio_interval
-from edgeopt.keys import hardware_identity, result_key, write_stamp
+from edgeopt.keys import digest, hardware_identity, result_key, write_stamp
 from edgeopt.native_log import captured
 from edgeopt.profiles import Profile
 from edgeopt.records import (
@@ -48,8 +48,8 @@ from edgeopt.records import (
 )
 from edgeopt.workflow import BUILD_LOG, build_dir, data_sha
 
-__all__ = ["BASELINE", "build", "check_data", "eval_dir", "evaluate", "gate", "generation_dir", "measure", "plan",
-           "pool", "prompt_ids"]
+__all__ = ["BASELINE", "build", "check_data", "comparison_group", "eval_dir", "evaluate", "gate", "generation_dir",
+           "measure", "plan", "pool", "prompt_ids"]
 
 log = logging.getLogger(__name__)
 
@@ -162,24 +162,30 @@ def _run_artifact(artifact: Artifact, profile: Profile) -> Artifact:
     return artifact.model_copy(update={"runtime": artifact.runtime | {"threads": threads}})
 
 
+def comparison_group(artifacts: dict[str, Artifact]) -> str:
+    """Names the set measured together (interleaved): part of every measurement's key, so a run with another
+    set of candidates measures the reference again beside them instead of reusing one measured in another run."""
+    return digest(sorted((name, a.sha256) for name, a in artifacts.items()))
+
+
 def generation_dir(artifact: Artifact, *, profile: Profile, evaluation: str | None,
-                   hardware: HardwareFingerprint | None, round_: int, work_dir: Path) -> Path:
+                   hardware: HardwareFingerprint | None, group: str, round_: int, work_dir: Path) -> Path:
     """Folder of one generation measurement, named by its key (artifact as it runs, LLM benchmark settings,
-    evaluation text, tools, hardware, round)."""
+    evaluation text, tools, hardware, the comparison group, the round)."""
     a = _run_artifact(artifact, profile)
     key = result_key("generate", artifact=a.sha256, runtime=a.runtime, settings=profile.benchmark.llm,
                      timeout=profile.benchmark.timeout_s, evaluation=data_sha(evaluation), tools=a.tool_versions,
-                     hardware=hardware_identity(hardware), round=round_)
+                     hardware=hardware_identity(hardware), group=group, round=round_)
     return work_dir / "generate" / f"{a.candidate}-{key}"
 
 
 def measure(artifact: Artifact, *, profile: Profile, prompt: list[int], evaluation: str | None,
-            hardware: HardwareFingerprint | None, round_: int, work_dir: Path,
+            hardware: HardwareFingerprint | None, group: str, round_: int, work_dir: Path,
             lock_path: Path | None = None) -> GenerationResult:
     """One round of one artifact: a fresh process generating ``gen_tokens`` from ``prompt`` (``CandidateFailed``)."""
     a = _run_artifact(artifact, profile)
-    folder = generation_dir(artifact, profile=profile, evaluation=evaluation, hardware=hardware, round_=round_,
-                            work_dir=work_dir)
+    folder = generation_dir(artifact, profile=profile, evaluation=evaluation, hardware=hardware, group=group,
+                            round_=round_, work_dir=work_dir)
     if folder.exists():
         shutil.rmtree(folder)
     cfg = profile.benchmark.llm

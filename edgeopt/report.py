@@ -300,8 +300,8 @@ def _llm_markdown(outcomes: Sequence[CandidateOutcome], selection: Selection, *,
     if notes:
         lines += ["", "**Builds**", ""] + notes
     if selection.frontier:
-        lines += ["", f"Pareto frontier (time per token, top-1 agreement, model RSS, size): "
-                      f"{', '.join(selection.frontier)}"]
+        frontier = ", ".join(selection.frontier)
+        lines += ["", f"Pareto frontier (time per token, top-1 agreement, model RSS, size): {frontier}"]
     if links:
         lines += [""] + [f"- {k}: {v}" for k, v in links.items()]
     return "\n".join(lines) + "\n"

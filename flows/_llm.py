@@ -130,16 +130,17 @@ def _measure(arts: dict[str, Artifact], specs: dict[str, CandidateSpec], *, prof
     rounds: dict[str, list[GenerationResult]] = {n: [] for n in arts}
     failures: dict[str, CandidateOutcome] = {}
     fresh: set[str] = set()
+    group = llm_workflow.comparison_group(arts)
     for r in range(prof.benchmark.repeats):
         for n, art in arts.items():
             if n in failures:
                 continue
             progress("benchmark", f"{n} round {r + 1}/{prof.benchmark.repeats}")
-            stale = refresh or llm_tasks.generation_stale(art, prof, evaluation, hw, r, work)
+            stale = refresh or llm_tasks.generation_stale(art, prof, evaluation, hw, group, r, work)
             fresh |= {n} if stale else set()
             try:
                 rounds[n].append(llm_tasks.generation_task.with_options(refresh_cache=stale or None)(
-                    art, prof, prompt, evaluation, hw, r, work))
+                    art, prof, prompt, evaluation, hw, group, r, work))
             except CandidateFailed as exc:
                 if n == reference:
                     raise EdgeOptError(f"the F16 reference failed ({exc.reason}): {exc}; nothing is registered") from exc

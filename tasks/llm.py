@@ -17,7 +17,14 @@ from prefect.cache_policies import NONE as NO_CACHE
 from edgeopt import llm_workflow, workflow
 from edgeopt.keys import digest
 from edgeopt.profiles import Profile
-from edgeopt.records import Artifact, Assessment, CandidateOutcome, CandidateSpec, GenerationResult, HardwareFingerprint
+from edgeopt.records import (
+    Artifact,
+    Assessment,
+    CandidateOutcome,
+    CandidateSpec,
+    GenerationResult,
+    HardwareFingerprint,
+)
 
 
 def _build_key(_ctx: Any, p: dict[str, Any]) -> str:
@@ -28,7 +35,8 @@ def _build_key(_ctx: Any, p: dict[str, Any]) -> str:
 
 def _generation_key(_ctx: Any, p: dict[str, Any]) -> str:
     folder = llm_workflow.generation_dir(p["artifact"], profile=p["profile"], evaluation=p["evaluation"],
-                                         hardware=p["hardware"], round_=p["round_"], work_dir=Path(p["work_dir"]))
+                                         hardware=p["hardware"], group=p["group"], round_=p["round_"],
+                                         work_dir=Path(p["work_dir"]))
     return f"generate-{folder.name}-{digest(p['prompt'])}"
 
 
@@ -46,9 +54,9 @@ def build_stale(spec: CandidateSpec, assessment: Assessment, calibration: str | 
 
 
 def generation_stale(artifact: Artifact, profile: Profile, evaluation: str | None, hardware: HardwareFingerprint,
-                     round_: int, work_dir: str) -> bool:
+                     group: str, round_: int, work_dir: str) -> bool:
     folder = llm_workflow.generation_dir(artifact, profile=profile, evaluation=evaluation, hardware=hardware,
-                                         round_=round_, work_dir=Path(work_dir))
+                                         group=group, round_=round_, work_dir=Path(work_dir))
     return not (Path(artifact.path).exists() and workflow.result_ok(folder, name=artifact.candidate))
 
 
@@ -74,10 +82,10 @@ def prompt_task(artifact: Artifact, evaluation: str, tokens: int) -> list[int]:
 @task(name="generate", task_run_name="generate-{artifact.candidate}-{round_}", cache_key_fn=_generation_key,
       persist_result=True)
 def generation_task(artifact: Artifact, profile: Profile, prompt: list[int], evaluation: str | None,
-                    hardware: HardwareFingerprint, round_: int, work_dir: str) -> GenerationResult:
+                    hardware: HardwareFingerprint, group: str, round_: int, work_dir: str) -> GenerationResult:
     work = Path(work_dir)
     return llm_workflow.measure(artifact, profile=profile, prompt=prompt, evaluation=evaluation, hardware=hardware,
-                                round_=round_, work_dir=work, lock_path=work / "bench.lock")
+                                group=group, round_=round_, work_dir=work, lock_path=work / "bench.lock")
 
 
 @task(name="llm-evaluate", task_run_name="evaluate-{artifact.candidate}", cache_key_fn=_eval_key,

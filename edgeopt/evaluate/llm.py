@@ -128,7 +128,7 @@ def run_eval_job(job: dict[str, Any]) -> dict[str, Any]:
     g = garbage_check(llm, GARBAGE_PROMPT)
     ids = tokenize_text(llm, Path(job["evaluation"]).read_text(encoding="utf-8"))
     logp, targets = window_logprobs(llm, ids[:window * max_windows + 1], window=window)
-    out: dict[str, Any] = {"garbage": g.reason, "garbage_text": g.text[:200], "tokens": int(len(targets)),
+    out: dict[str, Any] = {"garbage": g.reason, "garbage_text": g.text[:200], "tokens": len(targets),
                            "perplexity": perplexity(logp, targets), "window": window}
     if job.get("reference_out"):
         np.savez(job["reference_out"], logp=logp.astype(np.float32), targets=targets)
