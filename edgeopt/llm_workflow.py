@@ -48,7 +48,7 @@ from edgeopt.records import (
 )
 from edgeopt.workflow import BUILD_LOG, build_dir, data_sha
 
-__all__ = ["BASELINE", "build", "check_data", "comparison_group", "eval_dir", "evaluate", "gate", "generation_dir",
+__all__ = ["BASELINE", "build", "check_data", "check_model", "comparison_group", "eval_dir", "evaluate", "gate", "generation_dir",
            "measure", "plan", "pool", "prompt_ids"]
 
 log = logging.getLogger(__name__)
@@ -58,13 +58,19 @@ BASELINE = CandidateSpec(name="llamacpp-f16", backend="llamacpp", recipe={"quant
 _BACKENDS = ("llamacpp",)
 
 
-def plan(profile: Profile, *, only: tuple[str, ...] = ()) -> tuple[list[CandidateSpec], list[str]]:
+def plan(profile: Profile, *, only: tuple[str, ...] = (), model_format: str = "hf") -> tuple[list[CandidateSpec], list[str]]:
     """The profile's language-model candidates (``kinds: [llm]`` recipes of a GGUF backend), and why others are
-    left out; a candidate asked for by name that cannot run a language model is a ``ConfigError``."""
+    left out; a candidate asked for by name that cannot run a language model (or, from a GGUF, needs the
+    checkpoint for its importance matrix) is a ``ConfigError``."""
     specs, skipped = [], []
     for spec in profile.candidate_specs(only, kind="llm"):
+        why = None
         if spec.backend not in _BACKENDS:
             why = f"{spec.name}: the {spec.backend} backend does not run language models here (llamacpp does)"
+        elif model_format == "gguf" and spec.recipe.get("imatrix"):
+            why = (f"{spec.name}: its importance matrix is computed on the Hugging Face checkpoint; "
+                   "this model is a GGUF file")
+        if why:
             if only:
                 raise ConfigError(why)
             skipped.append(why)
@@ -74,6 +80,15 @@ def plan(profile: Profile, *, only: tuple[str, ...] = ()) -> tuple[list[Candidat
         raise ConfigError(f"profile {profile.name}: no llama.cpp candidate for a language model; add recipes with "
                           "backend llamacpp and kinds [llm] (see profiles/intel-cpu.yaml)")
     return specs, skipped
+
+
+def check_model(assessment: Assessment) -> None:
+    """A GGUF that is already quantized is not quantized again (quality lost twice): one ``ConfigError`` line."""
+    types = set(assessment.llm.tensor_types) if assessment.llm else set()
+    quantized = sorted(types - {"F32", "F16", "BF16"})
+    if assessment.model.format == "gguf" and quantized:
+        raise ConfigError(f"model {Path(assessment.model.path).name} is already quantized ({', '.join(quantized)}); "
+                          "re-quantizing it loses quality twice: give the F16 GGUF (or the Hugging Face checkpoint)")
 
 
 def check_data(specs: list[CandidateSpec], *, calibration: str | None, evaluation: str | None) -> None:

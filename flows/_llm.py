@@ -39,7 +39,8 @@ def optimize_llm(*, model: str, source: Assessment, prof: Profile, calibration: 
     from flows.optimize import OptimizeReport
 
     logger = get_run_logger()
-    planned, skipped = llm_workflow.plan(prof, only=tuple(candidates or ()))
+    llm_workflow.check_model(source)
+    planned, skipped = llm_workflow.plan(prof, only=tuple(candidates or ()), model_format=source.model.format)
     for why in skipped:
         logger.info("skipped %s", why)
     llm_workflow.check_data(planned, calibration=calibration, evaluation=evaluation)

@@ -84,7 +84,8 @@ def optimize(
         if a.kind == "llm":  # llama.cpp candidates: evaluation text, and calibration text for an imatrix
             from edgeopt import llm_workflow
 
-            specs, _ = llm_workflow.plan(prof, only=tuple(candidate or ()))
+            llm_workflow.check_model(a)
+            specs, _ = llm_workflow.plan(prof, only=tuple(candidate or ()), model_format=a.model.format)
             llm_workflow.check_data(specs, calibration=str(calibration) if calibration else None,
                                     evaluation=str(eval_data) if eval_data else None)
         text = any(p is not None and is_text_data(p) for p in (calibration, eval_data))

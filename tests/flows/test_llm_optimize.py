@@ -120,20 +120,27 @@ def test_llm_optimize_end_to_end(tiny_llama, tmp_path):
     assert passed, "Q8_0 passes quality gates this loose profile leaves at their defaults"
 
 
-@pytest.mark.parametrize("case", ["missing-eval", "empty-eval", "no-calibration-for-imatrix"])
+@pytest.mark.parametrize("case", ["missing-eval", "empty-eval", "no-calibration-for-imatrix", "quantized-gguf"])
 def test_llm_bad_input_is_one_line(tiny_llama, tmp_path, case):
-    """Bad text input: one error line, a non-zero exit, nothing registered."""
+    """Bad input: one error line, a non-zero exit, nothing registered."""
     home = tmp_path / "home"
     profile = write_profile(tmp_path / "llm.yaml", candidates=CANDIDATES, benchmark=FAST)
     empty = tmp_path / "empty.txt"
     empty.write_text("\n \n", encoding="utf-8")
+    model = tiny_llama["hf"]
+    if case == "quantized-gguf":
+        from edgeopt.backends.llamacpp import quantize_gguf
+
+        model = tmp_path / "model-q4_0.gguf"
+        quantize_gguf(tiny_llama["f16"], model, "Q4_0")
     args = {"missing-eval": ["-c", "llamacpp-q8_0", "--eval", tmp_path / "nope.txt"],
             "empty-eval": ["-c", "llamacpp-q8_0", "--eval", empty],
-            "no-calibration-for-imatrix": ["-c", "llamacpp-q4_k_m-imatrix", "--eval", tiny_llama["eval"]]}[case]
-    r = run(_env(home), "optimize", tiny_llama["hf"], "--profile", profile, *args, timeout=120)
+            "no-calibration-for-imatrix": ["-c", "llamacpp-q4_k_m-imatrix", "--eval", tiny_llama["eval"]],
+            "quantized-gguf": ["-c", "llamacpp-q8_0", "--eval", tiny_llama["eval"]]}[case]
+    r = run(_env(home), "optimize", model, "--profile", profile, *args, timeout=120)
     assert r.returncode != 0
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
     assert {"missing-eval": "no such file", "empty-eval": "evaluation data",
-            "no-calibration-for-imatrix": "--calibration"}[case] in lines[0]
+            "no-calibration-for-imatrix": "--calibration", "quantized-gguf": "already quantized"}[case] in lines[0]
     assert _registered(home) == []
