@@ -17,8 +17,8 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.runtime import flow_run
 
 from edgeopt import llm_workflow, report, settings, workflow
-from edgeopt.errors import CandidateFailed, EdgeOptError
-from edgeopt.profiles import Profile
+from edgeopt.errors import CandidateFailed, ConfigError, EdgeOptError
+from edgeopt.profiles import Profile, host_mismatches
 from edgeopt.records import (
     Artifact,
     Assessment,
@@ -29,16 +29,21 @@ from edgeopt.records import (
 )
 from tasks import llm as llm_tasks
 from tasks import tracking
-from tasks.phases import benchmark_slot, host_spread_task, select_task
+from tasks.phases import benchmark_slot, fingerprint_task, host_spread_task, select_task
 
 
-def optimize_llm(*, model: str, source: Assessment, prof: Profile, calibration: str | None,
-                 evaluation: str | None, candidates: list[str] | None, name: str, base: Path, work: str,
-                 refresh: bool, hw: HardwareFingerprint, progress: Callable[[str, str], None]) -> Any:
+def optimize_llm(*, source: Assessment, prof: Profile, calibration: str | None, evaluation: str | None,
+                 candidates: list[str] | None, name: str, base: Path, work: str, refresh: bool, allow_mismatch: bool,
+                 progress: Callable[[str, str], None]) -> Any:
     """The LLM half of ``optimize_flow`` (its arguments, resolved); returns its ``OptimizeReport``."""
     from flows.optimize import OptimizeReport
 
     logger = get_run_logger()
+    hw = fingerprint_task()
+    mismatch = host_mismatches(prof, hw)
+    if mismatch and not allow_mismatch:
+        raise ConfigError(f"profile {prof.name} does not fit this machine: {'; '.join(mismatch)}; "
+                          "pick another profile or pass --allow-hardware-mismatch")
     llm_workflow.check_model(source)
     planned, skipped = llm_workflow.plan(prof, only=tuple(candidates or ()), model_format=source.model.format)
     for why in skipped:

@@ -269,14 +269,9 @@ def optimize_flow(
     if given.kind == "llm":  # llama.cpp candidates against the F16 GGUF: flows/_llm.py
         from flows._llm import optimize_llm
 
-        hw = fingerprint_task()
-        mismatch = host_mismatches(prof, hw)
-        if mismatch and not allow_hardware_mismatch:
-            raise ConfigError(f"profile {prof.name} does not fit this machine: {'; '.join(mismatch)}; "
-                              "pick another profile or pass --allow-hardware-mismatch")
-        return optimize_llm(model=model, source=given, prof=prof, calibration=calibration, evaluation=evaluation,
-                            candidates=candidates, name=model_name or _default_model_name(model, prof.name),
-                            base=base, work=work, refresh=refresh, hw=hw, progress=_progress)
+        return optimize_llm(source=given, prof=prof, calibration=calibration, evaluation=evaluation,
+                            candidates=candidates, name=model_name or _default_model_name(model, prof.name), base=base,
+                            work=work, refresh=refresh, allow_mismatch=allow_hardware_mismatch, progress=_progress)
     source, assessment = prepare_model_task(str(Path(model).expanduser().resolve()), work)
     seq = seq_len or prof.benchmark.seq_len
     calibration = prepare_data_task(calibration, assessment, seq, work, "calibration")
