@@ -50,10 +50,11 @@ def test_llm_optimize_end_to_end(tiny_llama, tmp_path):
     the ratio of this run's tokens/s, scores in MLflow, verdicts that follow the thresholds, and a registered
     version only for a candidate that passed."""
     home = tmp_path / "home"
-    # speed and memory gates out of the way (a 4M-parameter model is dominated by per-token overhead);
-    # the quality gates keep their defaults (perplexity within 5%, mean KLD <= 0.01)
+    # speed and memory gates out of the way: a 4M-parameter model is dominated by per-token overhead, and two
+    # rounds on a shared 2-vCPU machine give speed-up intervals too wide for any fixed threshold to settle
+    # every time; the quality gates keep their defaults (perplexity within 5%, mean KLD <= 0.01)
     profile = write_profile(tmp_path / "llm.yaml", candidates=CANDIDATES, benchmark=FAST,
-                            gates={"speedup_min": 0.5, "memory_reduction_min": -1.0})
+                            gates={"speedup_min": 0.0, "memory_reduction_min": -1.0})
     report_path = tmp_path / "report.json"
     r = run(_env(home), "optimize", tiny_llama["hf"], "--profile", profile, "-c", "llamacpp-q8_0",
             "-c", "llamacpp-q4_0", "--eval", tiny_llama["eval"], "--json", report_path)
@@ -76,6 +77,11 @@ def test_llm_optimize_end_to_end(tiny_llama, tmp_path):
             assert math.isfinite(g[key]) and g[key] > 0, (name, key, g[key])
         assert math.isfinite(e["perplexity"]) and e["perplexity"] > 1
         assert e["tokens"] == 4 * 64
+        # the pooled runs are exactly the rounds recorded on disk by this run's measurements
+        recorded = [json.loads(f.read_text())["gen_tps_rounds"]
+                    for f in sorted((home / "work" / "generate").glob(f"{name}-*/generation.json"))]
+        assert len(recorded) == 2
+        assert sorted(v for r in recorded for v in r) == sorted(g["gen_tps_rounds"])
         if name == "llamacpp-f16":
             continue
         # the speed-up is this run's ratio: medians of the per-run tokens/s of both sides
