@@ -270,7 +270,10 @@ def gate(outcome: CandidateOutcome, *, baseline: CandidateOutcome, rounds: dict[
     speed-up's interval from the per-round ratios of generation tokens/s (rounds paired by index: measured
     side by side), and the figures the selection and the table use."""
     g = profile.gates_for("llm")
-    cand, base = outcome.generation, baseline.generation
+    cand = outcome.generation
+    # the reference's rounds measured beside this candidate's (the same indices): extra rounds for other,
+    # uncertain candidates are not mixed into this ratio
+    base = pool(rounds[baseline.name][:len(rounds[outcome.name])]) if rounds.get(outcome.name) else baseline.generation
     ev, ref = outcome.llm_eval, baseline.llm_eval
     if ev is not None and ref is not None:
         ev = ev.model_copy(update={"baseline_perplexity": ref.perplexity})

@@ -74,9 +74,11 @@ def optimize_llm(*, source: Assessment, prof: Profile, calibration: str | None, 
                                "nothing is registered")
         arts = {n: a for n, a in built.items() if isinstance(a, Artifact)}
         with benchmark_slot():
-            measured, rounds, reused = _measure(arts, {s.name: s for s in specs}, prof=prof, evaluation=evaluation, hw=hw, work=work,
-                                                refresh=refresh, progress=progress)
-        outcomes = _gate(measured, rounds, prof=prof, hw=hw, base=base)
+            m = _Measuring(arts, {s.name: s for s in specs}, prof=prof, evaluation=evaluation, hw=hw, work=work,
+                           refresh=refresh, progress=progress)
+            m.rounds_of(set(arts), range(prof.benchmark.repeats))
+            outcomes = _gated(m, m.evaluate(), base=base)
+        reused = {n for n in arts if n not in m.fresh and n not in m.failures}
         outcomes += [o for o in built.values() if isinstance(o, CandidateOutcome)]
         order = {s.name: i for i, s in enumerate(specs)}
         outcomes.sort(key=lambda o: order[o.name])
@@ -124,71 +126,101 @@ def optimize_llm(*, source: Assessment, prof: Profile, calibration: str | None, 
             logger.warning("could not mark the MLflow run %s failed: %s", run_id, exc)
 
 
-def _measure(arts: dict[str, Artifact], specs: dict[str, CandidateSpec], *, prof: Profile, evaluation: str, hw: HardwareFingerprint, work: str,
-             refresh: bool, progress: Callable[[str, str], None]):
-    """Generation rounds, interleaved (reference, candidates..., then again), then the evaluations.
+class _Measuring:
+    """The generation rounds of one run (interleaved: reference, candidates..., then again) and the evaluations."""
 
-    Returns (outcomes with pooled generation and scores, each one's rounds, names served from the cache)."""
-    logger = get_run_logger()
-    reference = llm_workflow.BASELINE.name
-    cfg = prof.benchmark.llm
-    prompt = llm_tasks.prompt_task(arts[reference], evaluation, cfg.prompt_tokens)
-    rounds: dict[str, list[GenerationResult]] = {n: [] for n in arts}
-    failures: dict[str, CandidateOutcome] = {}
-    fresh: set[str] = set()
-    group = llm_workflow.comparison_group(arts)
-    for r in range(prof.benchmark.repeats):
-        for n, art in arts.items():
-            if n in failures:
+    def __init__(self, arts: dict[str, Artifact], specs: dict[str, CandidateSpec], *, prof: Profile, evaluation: str,
+                 hw: HardwareFingerprint, work: str, refresh: bool, progress: Callable[[str, str], None]) -> None:
+        self.arts, self.specs, self.prof, self.evaluation, self.hw, self.work = arts, specs, prof, evaluation, hw, work
+        self.refresh, self.progress = refresh, progress
+        self.reference = llm_workflow.BASELINE.name
+        self.prompt = llm_tasks.prompt_task(arts[self.reference], evaluation, prof.benchmark.llm.prompt_tokens)
+        self.group = llm_workflow.comparison_group(arts)  # the set measured together: part of every key
+        self.rounds: dict[str, list[GenerationResult]] = {n: [] for n in arts}
+        self.failures: dict[str, CandidateOutcome] = {}
+        self.fresh: set[str] = set()
+
+    def rounds_of(self, names: set[str], indices: range) -> None:
+        """Rounds ``indices`` of ``names`` (the reference always among them), in the artifacts' order each round."""
+        total = max(indices.stop, self.prof.benchmark.repeats)
+        for r in indices:
+            for n, art in self.arts.items():
+                if n not in names or n in self.failures:
+                    continue
+                self.progress("benchmark", f"{n} round {r + 1}/{total}")
+                stale = self.refresh or llm_tasks.generation_stale(art, self.prof, self.evaluation, self.hw,
+                                                                   self.group, r, self.work)
+                self.fresh |= {n} if stale else set()
+                try:
+                    self.rounds[n].append(llm_tasks.generation_task.with_options(refresh_cache=stale or None)(
+                        art, self.prof, self.prompt, self.evaluation, self.hw, self.group, r, self.work))
+                except CandidateFailed as exc:
+                    if n == self.reference:
+                        raise EdgeOptError(f"the F16 reference failed ({exc.reason}): {exc}; "
+                                           "nothing is registered") from exc
+                    get_run_logger().warning("%s", exc)
+                    self.failures[n] = workflow.failed(self.specs[n], stage="benchmark", error=exc, artifact=art)
+
+    def evaluate(self) -> list[CandidateOutcome]:
+        """Each artifact's outcome: pooled generation and its scores (the reference first: the candidates' KLD
+        is against its log-probabilities), or its failure."""
+        outcomes: list[CandidateOutcome] = []
+        ref_dir, ref_garbage = None, ""
+        for n, art in self.arts.items():
+            spec = self.specs[n]
+            if n in self.failures:
+                outcomes.append(self.failures[n])
                 continue
-            progress("benchmark", f"{n} round {r + 1}/{prof.benchmark.repeats}")
-            stale = refresh or llm_tasks.generation_stale(art, prof, evaluation, hw, group, r, work)
-            fresh |= {n} if stale else set()
+            self.progress("evaluate", n)
+            ref_art = None if n == self.reference else self.arts[self.reference]
+            stale = self.refresh or llm_tasks.eval_stale(art, self.prof, self.evaluation, self.hw, ref_art, self.work)
             try:
-                rounds[n].append(llm_tasks.generation_task.with_options(refresh_cache=stale or None)(
-                    art, prof, prompt, evaluation, hw, group, r, work))
+                scores, folder = llm_tasks.eval_task.with_options(refresh_cache=stale or None)(
+                    art, self.prof, self.evaluation, self.hw, ref_art, ref_dir, self.work)
             except CandidateFailed as exc:
-                if n == reference:
-                    raise EdgeOptError(f"the F16 reference failed ({exc.reason}): {exc}; nothing is registered") from exc
-                logger.warning("%s", exc)
-                failures[n] = workflow.failed(specs[n], stage="benchmark", error=exc, artifact=art)
-    outcomes, ref_dir, ref_garbage = [], None, ""
-    for n, art in arts.items():  # the reference first: the candidates' KLD is against its log-probabilities
-        spec = specs[n]
-        if n in failures:
-            outcomes.append(failures[n])
-            continue
-        progress("evaluate", n)
-        ref_art = None if n == reference else arts[reference]
-        stale = refresh or llm_tasks.eval_stale(art, prof, evaluation, hw, ref_art, work)
-        try:
-            scores, folder = llm_tasks.eval_task.with_options(refresh_cache=stale or None)(
-                art, prof, evaluation, hw, ref_art, ref_dir, work)
-        except CandidateFailed as exc:
-            if n == reference:
-                raise EdgeOptError(f"the F16 reference failed its evaluation ({exc.reason}): {exc}; "
-                                   "nothing is registered") from exc
-            outcomes.append(workflow.failed(spec, stage="evaluate", error=exc, artifact=art))
-            continue
-        if n == reference:
-            ref_dir, ref_garbage = folder, scores.garbage
-            if scores.garbage:
-                logger.warning("the F16 reference fails the garbage check (%s): the check is not held against "
-                               "the candidates", scores.garbage)
-        elif scores.garbage and not ref_garbage:
-            outcomes.append(workflow.failed(spec, stage="evaluate", artifact=art, error=CandidateFailed(
-                "accuracy", f"{n}: garbage output ({scores.garbage}) where the F16 reference's is fine")))
-            continue
-        outcomes.append(CandidateOutcome(spec=spec, artifact=art, generation=llm_workflow.pool(rounds[n]),
-                                         llm_eval=scores))
-    reused = {n for n in arts if n not in fresh and n not in failures}
-    return outcomes, rounds, reused
+                if n == self.reference:
+                    raise EdgeOptError(f"the F16 reference failed its evaluation ({exc.reason}): {exc}; "
+                                       "nothing is registered") from exc
+                outcomes.append(workflow.failed(spec, stage="evaluate", error=exc, artifact=art))
+                continue
+            if n == self.reference:
+                ref_dir, ref_garbage = folder, scores.garbage
+                if scores.garbage:
+                    get_run_logger().warning("the F16 reference fails the garbage check (%s): the check is not held "
+                                             "against the candidates", scores.garbage)
+            elif scores.garbage and not ref_garbage:
+                outcomes.append(workflow.failed(spec, stage="evaluate", artifact=art, error=CandidateFailed(
+                    "accuracy", f"{n}: garbage output ({scores.garbage}) where the F16 reference's is fine")))
+                continue
+            outcomes.append(CandidateOutcome(spec=spec, artifact=art, generation=llm_workflow.pool(self.rounds[n]),
+                                             llm_eval=scores))
+        return outcomes
 
 
-def _gate(outcomes: list[CandidateOutcome], rounds: dict[str, list[GenerationResult]], *, prof: Profile,
-          hw: HardwareFingerprint, base: Path) -> list[CandidateOutcome]:
-    reference = next(o for o in outcomes if o.spec.baseline)
-    spread = host_spread_task(prof, hw, str(base))
-    get_run_logger().info("speed-up intervals are at least this host's %s", spread.describe())
-    return [llm_tasks.gate_task(o, reference, rounds, prof, spread.sd_log) if o.ok and not o.spec.baseline else o
-            for o in outcomes]
+def _gated(m: _Measuring, outcomes: list[CandidateOutcome], *, base: Path) -> list[CandidateOutcome]:
+    """Gate every candidate against the reference; re-measure uncertain speed-ups (with the reference,
+    interleaved, ``extra_repeats`` rounds at a time up to ``max_repeats``), as the other models' flow does."""
+    logger = get_run_logger()
+    spread = host_spread_task(m.prof, m.hw, str(base))
+    logger.info("speed-up intervals are at least this host's %s", spread.describe())
+
+    def gate(outcomes: list[CandidateOutcome]) -> list[CandidateOutcome]:
+        ref = next(o for o in outcomes if o.spec.baseline)
+        return [llm_tasks.gate_task(o, ref, m.rounds, m.prof, spread.sd_log) if o.ok and not o.spec.baseline else o
+                for o in outcomes]
+
+    outcomes = gate(outcomes)
+    cfg, done = m.prof.benchmark, m.prof.benchmark.repeats
+    uncertain = {o.name for o in outcomes if o.uncertain}
+    while uncertain and cfg.extra_repeats and done < cfg.max_repeats:
+        step = min(cfg.extra_repeats, cfg.max_repeats - done)
+        logger.info("uncertain verdicts (%s): rounds %d-%d, with the F16 reference", ", ".join(sorted(uncertain)),
+                    done + 1, done + step)
+        m.rounds_of(uncertain | {m.reference}, range(done, done + step))
+        done += step
+        outcomes = [m.failures[o.name] if o.name in m.failures else
+                    o.model_copy(update={"generation": llm_workflow.pool(m.rounds[o.name])}) if o.generation else o
+                    for o in outcomes]
+        outcomes = gate(outcomes)
+        uncertain = {o.name for o in outcomes if o.uncertain}
+    return outcomes
