@@ -13,6 +13,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+import yaml
 
 from tests.conftest import write_profile
 from tests.test_cli import run
@@ -150,3 +151,24 @@ def test_llm_bad_input_is_one_line(tiny_llama, tmp_path, case):
     assert {"missing-eval": "no such file", "empty-eval": "evaluation data",
             "no-calibration-for-imatrix": "--calibration", "quantized-gguf": "already quantized"}[case] in lines[0]
     assert _registered(home) == []
+
+
+@pytest.mark.heavy
+def test_llm_optimize_from_a_gguf_uses_it_as_the_reference(tiny_llama, tmp_path):
+    """A GGUF given on the command line is the F16 reference itself (byte for byte), on a profile of another
+    architecture with --allow-hardware-mismatch; the imatrix recipe is left out (it needs the checkpoint)."""
+    import hashlib
+
+    home = tmp_path / "home"
+    profile = write_profile(tmp_path / "llm.yaml", candidates=CANDIDATES, benchmark=FAST)
+    doc = yaml.safe_load(profile.read_text())
+    doc["hardware"]["arch"] = "arm64"  # not this machine
+    profile.write_text(yaml.safe_dump(doc))
+    report_path = tmp_path / "report.json"
+    r = run(_env(home), "optimize", tiny_llama["f16"], "--profile", profile, "--allow-hardware-mismatch",
+            "--eval", tiny_llama["eval"], "--json", report_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    outcomes = {o["spec"]["name"]: o for o in json.loads(report_path.read_text())["outcomes"]}
+    assert list(outcomes) == ["llamacpp-f16", "llamacpp-q8_0", "llamacpp-q4_0"]
+    assert outcomes["llamacpp-f16"]["artifact"]["sha256"] == hashlib.sha256(tiny_llama["f16"].read_bytes()).hexdigest()
+    assert all(o["failure"] is None and o["generation"]["gen_tps"] > 0 for o in outcomes.values())
