@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger
-from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from edgeopt import llm_workflow, report, settings, workflow
@@ -103,6 +103,12 @@ def optimize_llm(*, source: Assessment, prof: Profile, calibration: str | None, 
                                   outcomes=outcomes)
         create_markdown_artifact(markdown=md, key=re.sub(r"[^a-z0-9-]+", "-", f"optimize-{prof.name}".lower()),
                                  description=f"Candidates for {name} on {prof.name}")
+        frontier = [{"selected": "yes" if r["candidate"] == selection.selected else "",
+                     **{k: r[k] for k in report.LLM_CLI_COLUMNS}} for r in table if r["candidate"] in selection.frontier]
+        if frontier:
+            create_table_artifact(table=frontier, key=f"pareto-{prof.name}".lower(),
+                                  description=f"Pareto frontier of {name} on {prof.name}: the candidates no other "
+                                  "beats on time per token, top-1 agreement, model memory and size at once")
         create_link_artifact(link=url, link_text="MLflow run", key="mlflow-run")
         version = None  # registration is the last step
         if chosen is not None:
