@@ -1,6 +1,6 @@
 """Pareto frontier of the measured candidates, and the recommendation among those that passed.
 
-Objectives: p95 latency (lower is better), quality = ``evaluation.value`` (higher; a candidate
+Objectives: p95 latency (lower is better; a language model: time per generated token), quality = ``evaluation.value`` (higher; a candidate
 without an evaluation is worst), steady-state model memory (lower; unmeasured is worst), size on
 disk (lower). A candidate is dominated
 when another is no worse in every objective and strictly better in one; equal points do not
@@ -44,9 +44,13 @@ def _objectives(outcome: CandidateOutcome, *, pooled: bool = False) -> tuple[flo
     """The objectives of an outcome with a benchmark, each to minimize (``pooled``: the p95 latency moved by
     the factor pooling this host's earlier runs moved its speed-up, see ``pooled_factor``)."""
     bench = outcome.benchmark
+    quality = outcome.evaluation.value if outcome.evaluation is not None else -math.inf
+    gen = outcome.generation
+    if bench is None and gen is not None:  # a language model: time per generated token, model RSS
+        memory = gen.rss_model_mb if math.isfinite(gen.rss_model_mb) and gen.rss_model_mb > 0 else math.inf
+        return (1e3 / gen.gen_tps if gen.gen_tps > 0 else math.inf, -quality, memory, float(gen.size_bytes))
     if bench is None:
         raise ValueError(f"{outcome.name} has no benchmark; it has no place on the frontier")
-    quality = outcome.evaluation.value if outcome.evaluation is not None else -math.inf
     memory = bench.rss_steady_mb if math.isfinite(bench.rss_steady_mb) and bench.rss_steady_mb > 0 else math.inf
     latency = bench.latency_ms_p95 / pooled_factor(outcome) if pooled else bench.latency_ms_p95
     return (latency, -quality, memory, float(bench.size_bytes))
@@ -107,6 +111,8 @@ def score(outcome: CandidateOutcome, *, baseline: CandidateOutcome | None, objec
     mem = _log(1.0 / (1.0 - red) if red is not None and red < 1.0 else None, "memory ratio", name)
     size_ratio = None
     base_bench, bench = (baseline.benchmark if baseline else None), outcome.benchmark
+    if bench is None and outcome.generation is not None:  # a language model
+        base_bench, bench = (baseline.generation if baseline else None), outcome.generation
     if base_bench is not None and bench is not None and bench.size_bytes > 0:
         size_ratio = base_bench.size_bytes / bench.size_bytes
     size = _log(size_ratio, "size ratio", name)
@@ -180,7 +186,8 @@ def _quality_phrase(outcome: CandidateOutcome) -> str:
 def _selected_message(outcome: CandidateOutcome) -> str:
     parts = []
     if outcome.speedup_p50 is not None:
-        parts.append(f"{outcome.speedup_p50:.1f}× faster at p50")
+        parts.append(f"{outcome.speedup_p50:.1f}× the generation tokens/s" if outcome.generation is not None
+                     else f"{outcome.speedup_p50:.1f}× faster at p50")
     parts.append(_quality_phrase(outcome))
     red = outcome.memory_reduction
     if red is not None and math.isfinite(red):

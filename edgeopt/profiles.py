@@ -46,6 +46,17 @@ class HardwareTarget(_Strict):
     threads: int = Field(1, ge=1, description="default intra-op threads for every candidate")
 
 
+class LLMBenchmarkConfig(_Strict):
+    """How language models are measured: the same prompt and the same number of generated tokens for the F16
+    reference and every candidate, with the profile's thread budget, rounds interleaved (``repeats``)."""
+
+    prompt_tokens: int = Field(64, ge=1, description="prompt length (tokens of the evaluation text)")
+    gen_tokens: int = Field(64, ge=2, description="tokens generated per measurement (EOS does not stop it)")
+    runs: int = Field(3, ge=1, description="prompt + generation runs per fresh process (after one warm-up)")
+    eval_window: int = Field(128, ge=8, description="tokens per perplexity / KLD window")
+    eval_max_windows: int = Field(16, ge=1, description="windows of the evaluation text scored at most")
+
+
 class BenchmarkConfig(_Strict):
     batch_size: int = Field(1, ge=1, description="samples per inference")
     warmup_runs: int = Field(10, ge=0, description="untimed runs before timing")
@@ -73,6 +84,8 @@ class BenchmarkConfig(_Strict):
     run_to_run_history: bool = Field(True, description="pool the prior with the spread of speed-ups re-measured "
                                      "in earlier runs on this hardware (<data>/hosts/), which narrows the floor "
                                      "on a quiet host and widens it on a noisy one")
+    llm: LLMBenchmarkConfig = Field(default_factory=LLMBenchmarkConfig, description="language models "
+                                    "(llama.cpp): prompt and generation lengths, perplexity windows")
 
     @model_validator(mode="after")
     def _budget(self) -> BenchmarkConfig:

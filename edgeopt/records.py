@@ -25,6 +25,7 @@ __all__ = [
     "GateVerdict",
     "GenerationResult",
     "HardwareFingerprint",
+    "LLMEvalResult",
     "LLMInfo",
     "ModelKind",
     "ModelRef",
@@ -39,7 +40,7 @@ ModelFormat = Literal["onnx", "hf", "gguf"]
 
 #: bumped whenever a record gains, loses or changes a field: results cached by an older edgeopt
 #: (pickled records of the old shape) are then not reused
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 class Record(BaseModel):
     """Base of every record: immutable, unknown fields rejected."""
@@ -268,6 +269,22 @@ class EvalResult(Record):
     max_abs_error: float
 
 
+class LLMEvalResult(Record):
+    """A language model against its F16 reference on the evaluation text (edgeopt.evaluate.llm): the same
+    non-overlapping windows of the same tokens for both."""
+
+    candidate: str
+    perplexity: float = Field(description="exp(mean next-token NLL) over the windows")
+    baseline_perplexity: float = Field(description="the F16 reference's perplexity on the same windows")
+    kld_mean: float = Field(description="mean KL(F16 || candidate) of the next-token distributions")
+    kld_p99: float
+    kld_max: float
+    top1_agreement: float = Field(description="share of positions where both predict the same next token")
+    tokens: int = Field(description="positions scored")
+    window: int = Field(description="tokens per window")
+    garbage: str = Field(default="", description="why the garbage check failed ('' when it passed)")
+
+
 GateStatus = Literal["pass", "fail", "uncertain"]
 
 
@@ -314,6 +331,10 @@ class CandidateOutcome(Record):
     memory_reduction: float | None = Field(default=None, description="1 - memory / the baseline's, on the "
                                            "profile's memory basis (steady state by default)")
     verdicts: tuple[GateVerdict, ...] = ()
+    generation: GenerationResult | None = Field(default=None, description="language models: the generation "
+                                                "benchmark, pooled over the interleaved rounds")
+    llm_eval: LLMEvalResult | None = Field(default=None, description="language models: perplexity, KLD and "
+                                           "top-1 agreement against the F16 reference")
 
     @property
     def name(self) -> str:
@@ -321,7 +342,7 @@ class CandidateOutcome(Record):
 
     @property
     def ok(self) -> bool:
-        return self.failure is None and self.benchmark is not None
+        return self.failure is None and (self.benchmark is not None or self.generation is not None)
 
     @property
     def passed(self) -> bool:

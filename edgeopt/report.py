@@ -9,7 +9,7 @@ from html import escape
 
 from edgeopt.records import BenchmarkResult, CandidateOutcome, Selection
 
-__all__ = ["CLI_COLUMNS", "COLUMNS", "markdown", "pareto_chart_markdown", "pareto_chart_svg", "per_sample_note",
+__all__ = ["CLI_COLUMNS", "COLUMNS", "LLM_CLI_COLUMNS", "LLM_COLUMNS", "llm_rows", "markdown", "pareto_chart_markdown", "pareto_chart_svg", "per_sample_note",
            "rows", "shape_settings_note", "spread_note", "synthetic_note", "verdict"]
 
 COLUMNS = ("candidate", "runs as", "tokens", "vs", "p50 ms", "p95 ms", "p50 spread", "speed-up p50", "speed-up p95",
@@ -17,6 +17,13 @@ COLUMNS = ("candidate", "runs as", "tokens", "vs", "p50 ms", "p95 ms", "p50 spre
 #: the columns the command line shows (the Markdown report and MLflow have them all)
 CLI_COLUMNS = ("candidate", "runs as", "tokens", "vs", "p50 ms", "speed-up p50", "speed-up CI", "steady MB",
                "peak MB", "memory -%", "size MB", "accuracy", "verdict")
+
+#: language models (llama.cpp): generation against the F16 reference, measured side by side
+LLM_COLUMNS = ("candidate", "runs as", "vs", "gen tok/s", "prompt tok/s", "TTFT ms", "speed-up", "speed-up CI",
+               "peak RSS MB", "model MB", "memory -%", "size MB", "perplexity", "KLD vs F16", "KLD p99",
+               "top-1 agree", "verdict")
+LLM_CLI_COLUMNS = ("candidate", "runs as", "gen tok/s", "prompt tok/s", "TTFT ms", "speed-up", "speed-up CI",
+                   "peak RSS MB", "size MB", "perplexity", "KLD vs F16", "top-1 agree", "verdict")
 
 
 def verdict(o: CandidateOutcome, selection: Selection | None = None) -> str:
@@ -94,6 +101,35 @@ def rows(outcomes: Sequence[CandidateOutcome], selection: Selection | None = Non
     return out
 
 
+def llm_rows(outcomes: Sequence[CandidateOutcome], selection: Selection | None = None) -> list[dict[str, str]]:
+    """The rows of a language-model run (``LLM_COLUMNS``)."""
+    out = []
+    for o in outcomes:
+        g, e = o.generation, o.llm_eval
+        size = g.size_bytes if g else (o.artifact.size_bytes if o.artifact else None)
+        out.append({
+            "candidate": o.name,
+            "runs as": o.artifact.precision.upper() if o.artifact else "-",
+            "vs": "" if o.spec.baseline else (o.baseline or "-"),
+            "gen tok/s": _f(g and g.gen_tps, ".1f"),
+            "prompt tok/s": _f(g and g.prompt_tps, ".0f"),
+            "TTFT ms": _f(g and g.ttft_ms, ".1f"),
+            "speed-up": "1.00x" if (o.spec.baseline and g) else _f(o.speedup_p50, ".2f") + ("x" if o.speedup_p50 else ""),
+            "speed-up CI": _ci(o, "speedup"),
+            "peak RSS MB": _mem(g.rss_peak_mb) if g else "-",
+            "model MB": _mem(g.rss_model_mb) if g else "-",
+            "memory -%": "-" if o.memory_reduction is None else ("NaN" if math.isnan(o.memory_reduction)
+                                                                 else f"{o.memory_reduction * 100:.0f}%"),
+            "size MB": _f(size / 1e6 if size is not None else None, ".2f"),
+            "perplexity": _f(e and e.perplexity, ".3f"),
+            "KLD vs F16": _f(e and e.kld_mean, ".5f"),
+            "KLD p99": _f(e and e.kld_p99, ".4f"),
+            "top-1 agree": _f(e and e.top1_agreement, ".4f"),
+            "verdict": verdict(o, selection),
+        })
+    return out
+
+
 def spread_note(outcomes: Sequence[CandidateOutcome]) -> str | None:
     """What the speed-up intervals' run-to-run floor was in this run (None without one)."""
     spreads = {v.run_to_run_sd for o in outcomes for v in o.verdicts if v.gate == "speedup" and v.run_to_run_sd}
@@ -133,6 +169,8 @@ def synthetic_note(roles: Sequence[str]) -> str:
 def markdown(outcomes: Sequence[CandidateOutcome], selection: Selection, *, title: str, links: dict[str, str]) -> str:
     note = spread_note(outcomes)
     floor = f", and at least as wide as {note}" if note else ""
+    if any(o.generation for o in outcomes):
+        return _llm_markdown(outcomes, selection, title=title, links=links)
     lines = [f"# {title}", "", f"**{selection.message}**", "",
              ("Speed-up CI: 95% interval over the interleaved rounds (Student's t over the paired per-round "
               f"ratios){floor}; a gate passes only when "
@@ -232,4 +270,38 @@ def pareto_chart_markdown(outcomes: Sequence[CandidateOutcome], selection: Selec
              f"| candidate | p50 ms | {ylabel} | frontier |", "|---|---|---|---|"]
     lines += [f"| {n} | {x:.3f} | {y:.4g} | {'selected' if n == selection.selected else ('yes' if n in selection.frontier else '')} |"
               for n, x, y in pts]
+    return "\n".join(lines) + "\n"
+
+
+def _llm_markdown(outcomes: Sequence[CandidateOutcome], selection: Selection, *, title: str,
+                  links: dict[str, str]) -> str:
+    g = next(o.generation for o in outcomes if o.generation)
+    lines = [f"# {title}", "", f"**{selection.message}**", "",
+             (f"Generation: the same {g.prompt_tokens}-token prompt, {g.gen_tokens} generated tokens and "
+              f"{g.threads} thread(s) for the F16 reference and every candidate, each measurement in a fresh "
+              "process, rounds interleaved; speed-up = generation tokens/s / the reference's in the same run, its "
+              "CI over the paired per-round ratios. Perplexity on the evaluation text; KLD and top-1 agreement "
+              "against the F16 reference on the same positions."), ""]
+    lines.append("| " + " | ".join(LLM_COLUMNS) + " |")
+    lines.append("|" + "---|" * len(LLM_COLUMNS))
+    for r in llm_rows(outcomes, selection):
+        lines.append("| " + " | ".join(r[c] for c in LLM_COLUMNS) + " |")
+    if selection.nearest_misses:
+        lines += ["", "**Nearest misses**", ""] + [f"- {m}" for m in selection.nearest_misses]
+    failures = [o for o in outcomes if o.failure]
+    if failures:
+        lines += ["", "**Failures**", ""] + [f"- {o.name}: `{o.failure.reason}` at {o.failure.stage}: {o.failure.message}"
+                                             for o in failures]
+    verdicts = [o for o in outcomes if o.verdicts]
+    if verdicts:
+        lines += ["", "**Gate verdicts**", ""] + [f"- {o.name}: " + "; ".join(v.describe() for v in o.verdicts)
+                                                  for o in verdicts]
+    notes = [f"- {o.name}: " + "; ".join(o.artifact.notes) for o in outcomes if o.artifact and o.artifact.notes]
+    if notes:
+        lines += ["", "**Builds**", ""] + notes
+    if selection.frontier:
+        frontier = ", ".join(selection.frontier)
+        lines += ["", f"Pareto frontier (time per token, top-1 agreement, model RSS, size): {frontier}"]
+    if links:
+        lines += [""] + [f"- {k}: {v}" for k, v in links.items()]
     return "\n".join(lines) + "\n"

@@ -81,6 +81,13 @@ def optimize(
         prof = load_profile(profile)
         prof.candidate_specs(tuple(candidate or ()))
         a = do_assess(model)
+        if a.kind == "llm":  # llama.cpp candidates: evaluation text, and calibration text for an imatrix
+            from edgeopt import llm_workflow
+
+            llm_workflow.check_model(a)
+            specs, _ = llm_workflow.plan(prof, only=tuple(candidate or ()), model_format=a.model.format)
+            llm_workflow.check_data(specs, calibration=str(calibration) if calibration else None,
+                                    evaluation=str(eval_data) if eval_data else None)
         text = any(p is not None and is_text_data(p) for p in (calibration, eval_data))
         for role, path in (("calibration", calibration), ("evaluation", eval_data)):
             if path is None:
@@ -147,10 +154,11 @@ def _print_report(result) -> None:
     from edgeopt import report
 
     table = Table(title=f"{result.model_name} on {result.profile}", show_lines=False)
-    cols = report.CLI_COLUMNS
+    llm = any(o.generation for o in result.outcomes)
+    cols = report.LLM_CLI_COLUMNS if llm else report.CLI_COLUMNS
     for c in cols:
         table.add_column(c, justify="left" if c in ("candidate", "verdict") else "right")
-    for r in report.rows(result.outcomes, result.selection):
+    for r in (report.llm_rows if llm else report.rows)(result.outcomes, result.selection):
         table.add_row(*(r[c] for c in cols))
     out.print(table)
     if result.input_shapes:
@@ -172,6 +180,12 @@ def _print_report(result) -> None:
     sources = sorted({o.benchmark.memory_source for o in result.outcomes if o.benchmark and o.benchmark.memory_source})
     if sources:
         out.print(f"memory figures: {'; '.join(sources)}", highlight=False, soft_wrap=True)
+    if llm:
+        g = next(o.generation for o in result.outcomes if o.generation)
+        out.print(f"generation: the same {g.prompt_tokens}-token prompt, {g.gen_tokens} generated tokens and "
+                  f"{g.threads} thread(s) for every row, fresh process each, rounds interleaved; speed-up = tokens/s "
+                  "/ the F16 reference's in this run; KLD and top-1 agreement against the F16 reference",
+                  highlight=False, soft_wrap=True)
     note = report.spread_note(result.outcomes)
     if note:
         out.print(f"speed-up intervals include {note}", highlight=False, soft_wrap=True)

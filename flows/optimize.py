@@ -33,6 +33,7 @@ from flows._names import by_profile
 from flows._pools import refuse_wrong_host
 from tasks import tracking
 from tasks.phases import (
+    assess_task,
     audit_task,
     benchmark_slot,
     build_stale,
@@ -265,6 +266,13 @@ def optimize_flow(
 
     _progress("assess", Path(model).name)
     prof = load_profile_task(profile)
+    given = assess_task(str(Path(model).expanduser().resolve()))
+    if given.kind == "llm":  # llama.cpp candidates against the F16 GGUF: flows/_llm.py
+        from flows._llm import optimize_llm
+
+        return optimize_llm(source=given, prof=prof, calibration=calibration, evaluation=evaluation,
+                            candidates=candidates, name=model_name or _default_model_name(model, prof.name), base=base,
+                            work=work, refresh=refresh, allow_mismatch=allow_hardware_mismatch, progress=_progress)
     source, assessment = prepare_model_task(str(Path(model).expanduser().resolve()), work)
     seq = seq_len or prof.benchmark.seq_len
     calibration = prepare_data_task(calibration, assessment, seq, work, "calibration")

@@ -354,8 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     code = 1
     try:
         from edgeopt.bench.generate import run_generate_job
+        from edgeopt.evaluate.llm import run_eval_job
 
-        jobs = {"measure": _measure, "infer": _infer, "generate": run_generate_job}
+        jobs = {"measure": _measure, "infer": _infer, "generate": run_generate_job, "llm-eval": run_eval_job}
         if job.get("mode") not in jobs:
             raise ConfigError(f"unknown job mode {job.get('mode')!r} (allowed: {', '.join(jobs)})")
         payload: dict[str, Any] = {"ok": True, **jobs[job["mode"]](job)}

@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edgeopt.errors import DataError
 
-__all__ = ["GarbageVerdict", "LLMScores", "garbage_check", "kl_divergence", "perplexity", "tokenize_text",
-           "window_logprobs"]
+__all__ = ["GarbageVerdict", "LLMScores", "garbage_check", "kl_divergence", "perplexity", "run_eval_job",
+           "tokenize_text", "window_logprobs"]
 
 #: a greedy continuation whose most frequent token makes up more than this share is degenerate
 DEGENERATE_SHARE = 0.8
@@ -109,3 +110,34 @@ def garbage_check(llm: Any, prompt: str, *, tokens: int = 32) -> GarbageVerdict:
     if len(out) >= 8 and top / len(out) > DEGENERATE_SHARE:
         return GarbageVerdict(False, f"degenerate continuation (one token is {top}/{len(out)} of it)", text)
     return GarbageVerdict(True, "", text)
+
+
+#: the prompt of the garbage check (any short text the tokenizer knows)
+GARBAGE_PROMPT = "The import statement"
+
+
+def run_eval_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Worker side (``python -m edgeopt.bench.worker``, job mode ``llm-eval``): the garbage check, then the
+    log-probabilities of the evaluation text's first ``max_windows`` windows. The F16 reference writes them
+    to ``reference_out`` (float32 npz); a candidate reads the reference's and returns its perplexity, KLD and
+    top-1 agreement on the same positions."""
+    from edgeopt.backends.llamacpp import open_llama
+
+    window, max_windows = int(job["window"]), int(job["max_windows"])
+    llm = open_llama(job["path"], {**job["runtime"], "n_ctx": window + 8}, logits_all=True)
+    g = garbage_check(llm, GARBAGE_PROMPT)
+    ids = tokenize_text(llm, Path(job["evaluation"]).read_text(encoding="utf-8"))
+    logp, targets = window_logprobs(llm, ids[:window * max_windows + 1], window=window)
+    out: dict[str, Any] = {"garbage": g.reason, "garbage_text": g.text[:200], "tokens": len(targets),
+                           "perplexity": perplexity(logp, targets), "window": window}
+    if job.get("reference_out"):
+        np.savez(job["reference_out"], logp=logp.astype(np.float32), targets=targets)
+        out.update(kld_mean=0.0, kld_p99=0.0, kld_max=0.0, top1_agreement=1.0)
+        return out
+    with np.load(job["reference"]) as ref:
+        if not np.array_equal(ref["targets"], targets):
+            raise DataError("the candidate tokenizes the evaluation text differently from the F16 reference; "
+                            "KLD needs the same tokens")
+        kld_mean, kld_p99, kld_max, top1 = kl_divergence(ref["logp"].astype(np.float64), logp)
+    out.update(kld_mean=kld_mean, kld_p99=kld_p99, kld_max=kld_max, top1_agreement=top1)
+    return out

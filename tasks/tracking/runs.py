@@ -151,7 +151,8 @@ def _metrics(o: CandidateOutcome) -> dict[str, float]:
         m["latency_p50_spread_pct"] = b.latency_p50_spread_pct
         if b.seq_len_mean is not None:
             m["seq_len_mean"] = b.seq_len_mean
-    if o.evaluation:
+    m |= _llm_metrics(o)
+    if o.evaluation and o.generation is None:  # a language model's scores are in _llm_metrics
         e = o.evaluation
         m[e.metric] = e.value
         m[f"{e.metric}_baseline"] = e.baseline
@@ -319,6 +320,29 @@ def record_selection(*, data_dir: str, run_id: str, selection: Selection, report
                                                 RunTag("mlflow.note.content", note[:20000])])
 
 
+#: a language model's headline figures, also the parent run's ``selected_*`` metrics
+_LLM_HEADLINE = ("gen_tps", "prompt_tps", "ttft_ms", "rss_peak_mb", "perplexity", "kld_mean", "top1_agreement")
+
+
+def _llm_metrics(o: CandidateOutcome) -> dict[str, float]:
+    """A language model's generation benchmark and scores against the F16 reference (NaN kept: a gate failed on it)."""
+    m: dict[str, float] = {}
+    g, e = o.generation, o.llm_eval
+    if g is not None:
+        for field in ("prompt_tps", "gen_tps", "ttft_ms", "token_ms_p50", "token_ms_p95", "token_ms_p99",
+                      "rss_peak_mb", "rss_model_mb", "load_time_ms", "size_bytes"):
+            m[field] = float(getattr(g, field))
+        m |= {"prompt_tokens": float(g.prompt_tokens), "gen_tokens": float(g.gen_tokens),
+              "threads": float(g.threads), "gen_runs": float(len(g.gen_tps_rounds))}
+        if o.speedup_p50 is not None:
+            m["generation_speedup"] = float(o.speedup_p50)
+    if e is not None:
+        m |= {"perplexity": e.perplexity, "perplexity_baseline": e.baseline_perplexity, "kld_mean": e.kld_mean,
+              "kld_p99": e.kld_p99, "kld_max": e.kld_max, "top1_agreement": e.top1_agreement,
+              "eval_tokens": float(e.tokens)}
+    return m
+
+
 def _selected_figures(o: CandidateOutcome | None) -> dict[str, float]:
     """The selected candidate's headline figures (finite ones only)."""
     if o is None:
@@ -330,6 +354,9 @@ def _selected_figures(o: CandidateOutcome | None) -> dict[str, float]:
                     "rss_steady_mb": b.rss_steady_mb, "size_mb": b.size_bytes / 1e6}
     if e is not None:
         figures |= {"accuracy": e.value, "accuracy_baseline": e.baseline}
+    if o.generation is not None:
+        figures |= {k: v for k, v in _llm_metrics(o).items() if k in _LLM_HEADLINE}
+        figures["size_mb"] = o.generation.size_bytes / 1e6
     return {k: float(v) for k, v in figures.items() if v is not None and math.isfinite(v)}
 
 

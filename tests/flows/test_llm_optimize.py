@@ -1,0 +1,174 @@
+"""``edgeopt optimize`` on a language model, run as a user runs it (the command in a subprocess, its own data
+folder, Prefect's embedded API, a real MLflow store, real llama.cpp builds and measurements): the briefly
+trained tiny Llama (tests/conftest.py ``tiny_llama``), the F16 GGUF reference and two llama.cpp candidates.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import write_profile
+from tests.test_cli import run
+
+pytest.importorskip("llama_cpp")
+pytestmark = [pytest.mark.flow]
+
+CANDIDATES = [{"name": n, "backend": "llamacpp", "kinds": ["llm"], "recipe": {"quant": q}}
+              for n, q in (("llamacpp-q8_0", "Q8_0"), ("llamacpp-q4_0", "Q4_0"),
+                           ("llamacpp-q4_k_m-imatrix", "Q4_K_M"))]
+CANDIDATES[2]["recipe"]["imatrix"] = True
+#: short measurements: 2 interleaved rounds of 2 runs of 32 generated tokens; 4 windows of 64 tokens scored
+FAST = {"repeats": 2, "llm": {"prompt_tokens": 32, "gen_tokens": 32, "runs": 2, "eval_window": 64,
+                              "eval_max_windows": 4}}
+
+
+def _env(home: Path) -> dict[str, str]:
+    env = {**os.environ, "EDGEOPT_HOME": str(home), "PREFECT_HOME": str(home / "prefect"), "COLUMNS": "250",
+           "NO_COLOR": "1"}
+    for key in [k for k in env if k.startswith(("PREFECT_LOGGING", "MLFLOW_LOGGING", "PREFECT_RESULTS_LOCAL",
+                                                 "PREFECT_LOCAL_STORAGE"))]:
+        env.pop(key)
+    return env
+
+
+def _registered(home: Path) -> list:
+    db = home / "mlflow" / "mlflow.db"
+    if not db.exists():
+        return []
+    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{db}").search_registered_models()
+
+
+def test_llm_optimize_end_to_end(tiny_llama, tmp_path):
+    """F16 reference + Q8_0 + Q4_0 through the real flow: the LLM table with finite figures, speed-ups that are
+    the ratio of this run's tokens/s, scores in MLflow, verdicts that follow the thresholds, and a registered
+    version only for a candidate that passed."""
+    home = tmp_path / "home"
+    # speed and memory gates out of the way: a 4M-parameter model is dominated by per-token overhead, and two
+    # rounds on a shared 2-vCPU machine give speed-up intervals too wide for any fixed threshold to settle
+    # every time; the quality gates keep their defaults (perplexity within 5%, mean KLD <= 0.01)
+    profile = write_profile(tmp_path / "llm.yaml", candidates=CANDIDATES, benchmark=FAST,
+                            gates={"speedup_min": 0.0, "memory_reduction_min": -1.0})
+    report_path = tmp_path / "report.json"
+    r = run(_env(home), "optimize", tiny_llama["hf"], "--profile", profile, "-c", "llamacpp-q8_0",
+            "-c", "llamacpp-q4_0", "--eval", tiny_llama["eval"], "--json", report_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for column in ("gen tok/s", "prompt tok/s", "TTFT ms", "speed-up", "peak RSS MB", "size MB", "perplexity",
+                   "KLD vs F16", "top-1 agree", "verdict"):
+        assert column in r.stdout, r.stdout
+    assert "llama_model_quantize" not in r.stdout + r.stderr, "llama.cpp's log goes to the build log"
+    doc = json.loads(report_path.read_text())
+    outcomes = {o["spec"]["name"]: o for o in doc["outcomes"]}
+    assert list(outcomes) == ["llamacpp-f16", "llamacpp-q8_0", "llamacpp-q4_0"]
+    ref = outcomes["llamacpp-f16"]
+    for name, o in outcomes.items():
+        assert o["failure"] is None, o["failure"]
+        g, e = o["generation"], o["llm_eval"]
+        # like for like: the same prompt length, generated tokens and threads for every row
+        assert (g["prompt_tokens"], g["gen_tokens"], g["threads"]) == (32, 32, 1)
+        assert len(g["gen_tps_rounds"]) == 2 * 2, "2 interleaved rounds of 2 runs each, all kept"
+        for key in ("gen_tps", "prompt_tps", "ttft_ms", "rss_peak_mb"):
+            assert math.isfinite(g[key]) and g[key] > 0, (name, key, g[key])
+        assert math.isfinite(e["perplexity"]) and e["perplexity"] > 1
+        assert e["tokens"] == 4 * 64
+        # the pooled runs are exactly the rounds recorded on disk by this run's measurements
+        recorded = [json.loads(f.read_text())["gen_tps_rounds"]
+                    for f in sorted((home / "work" / "generate").glob(f"{name}-*/generation.json"))]
+        assert len(recorded) == 2
+        assert sorted(v for r in recorded for v in r) == sorted(g["gen_tps_rounds"])
+        if name == "llamacpp-f16":
+            continue
+        # the speed-up is this run's ratio: medians of the per-run tokens/s of both sides
+        expected = np.median(g["gen_tps_rounds"]) / np.median(ref["generation"]["gen_tps_rounds"])
+        assert o["speedup_p50"] == pytest.approx(expected, rel=1e-9)
+        speed = next(v for v in o["verdicts"] if v["gate"] == "speedup")
+        assert speed["ci_low"] <= speed["measured"] <= speed["ci_high"]
+        # verdicts follow the thresholds (quality gates: point values, no interval)
+        for v in o["verdicts"]:
+            if v["ci_low"] is None:
+                ok = v["measured"] <= v["threshold"] if v["comparator"] == "<=" else v["measured"] >= v["threshold"]
+                assert v["passed"] == ok, v
+            else:
+                bound = v["ci_low"] if v["comparator"] == ">=" else v["ci_high"]
+                assert v["passed"] == (bound >= v["threshold"] if v["comparator"] == ">=" else bound <= v["threshold"])
+        assert {v["gate"] for v in o["verdicts"]} == {"perplexity", "kld", "speedup", "memory"}
+    # Q8_0 keeps the F16 model's distributions (mean KLD far below the 0.01 gate on any CPU): a broken
+    # evaluation (wrong reference, misaligned positions) would not
+    assert outcomes["llamacpp-q8_0"]["llm_eval"]["kld_mean"] < 0.002
+    assert outcomes["llamacpp-q8_0"]["llm_eval"]["top1_agreement"] > 0.9
+
+    cl = mlflow.MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow' / 'mlflow.db'}")
+    children = {run_.info.run_name: run_ for run_ in cl.search_runs(
+        [doc["experiment_id"]], f"tags.mlflow.parentRunId = '{doc['mlflow_run_id']}'")}
+    assert set(children) == set(outcomes)
+    for name, o in outcomes.items():
+        m = children[name].data.metrics
+        assert m["gen_tps"] == pytest.approx(o["generation"]["gen_tps"])
+        assert m["perplexity"] == pytest.approx(o["llm_eval"]["perplexity"])
+        assert m["kld_mean"] == pytest.approx(o["llm_eval"]["kld_mean"])
+        assert {"prompt_tps", "ttft_ms", "rss_peak_mb", "size_bytes", "top1_agreement"} <= set(m)
+    passed = [n for n, o in outcomes.items() if o["verdicts"] and all(v["passed"] for v in o["verdicts"])]
+    selected = doc["selection"]["selected"]
+    models = _registered(home)
+    if selected is None:
+        assert models == []
+    else:
+        assert selected in passed
+        version = cl.get_model_version_by_alias(doc["model_name"], "candidate")
+        assert version.tags["edgeopt.candidate"] == selected
+        assert cl.get_run(doc["mlflow_run_id"]).data.metrics["selected_gen_tps"] > 0
+    assert passed, "Q8_0 passes quality gates this loose profile leaves at their defaults"
+
+
+@pytest.mark.parametrize("case", ["missing-eval", "empty-eval", "no-calibration-for-imatrix", "quantized-gguf"])
+def test_llm_bad_input_is_one_line(tiny_llama, tmp_path, case):
+    """Bad input: one error line, a non-zero exit, nothing registered."""
+    home = tmp_path / "home"
+    profile = write_profile(tmp_path / "llm.yaml", candidates=CANDIDATES, benchmark=FAST)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n", encoding="utf-8")
+    model = tiny_llama["hf"]
+    if case == "quantized-gguf":
+        from edgeopt.backends.llamacpp import quantize_gguf
+
+        model = tmp_path / "model-q4_0.gguf"
+        quantize_gguf(tiny_llama["f16"], model, "Q4_0")
+    args = {"missing-eval": ["-c", "llamacpp-q8_0", "--eval", tmp_path / "nope.txt"],
+            "empty-eval": ["-c", "llamacpp-q8_0", "--eval", empty],
+            "no-calibration-for-imatrix": ["-c", "llamacpp-q4_k_m-imatrix", "--eval", tiny_llama["eval"]],
+            "quantized-gguf": ["-c", "llamacpp-q8_0", "--eval", tiny_llama["eval"]]}[case]
+    r = run(_env(home), "optimize", model, "--profile", profile, *args, timeout=120)
+    assert r.returncode != 0
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    assert {"missing-eval": "no such file", "empty-eval": "evaluation data",
+            "no-calibration-for-imatrix": "--calibration", "quantized-gguf": "already quantized"}[case] in lines[0]
+    assert _registered(home) == []
+
+
+@pytest.mark.heavy
+def test_llm_optimize_from_a_gguf_uses_it_as_the_reference(tiny_llama, tmp_path):
+    """A GGUF given on the command line is the F16 reference itself (byte for byte), on a profile of another
+    architecture with --allow-hardware-mismatch; the imatrix recipe is left out (it needs the checkpoint)."""
+    import hashlib
+
+    home = tmp_path / "home"
+    profile = write_profile(tmp_path / "llm.yaml", candidates=CANDIDATES, benchmark=FAST)
+    doc = yaml.safe_load(profile.read_text())
+    doc["hardware"]["arch"] = "arm64"  # not this machine
+    profile.write_text(yaml.safe_dump(doc))
+    report_path = tmp_path / "report.json"
+    r = run(_env(home), "optimize", tiny_llama["f16"], "--profile", profile, "--allow-hardware-mismatch",
+            "--eval", tiny_llama["eval"], "--json", report_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    outcomes = {o["spec"]["name"]: o for o in json.loads(report_path.read_text())["outcomes"]}
+    assert list(outcomes) == ["llamacpp-f16", "llamacpp-q8_0", "llamacpp-q4_0"]
+    assert outcomes["llamacpp-f16"]["artifact"]["sha256"] == hashlib.sha256(tiny_llama["f16"].read_bytes()).hexdigest()
+    assert all(o["failure"] is None and o["generation"]["gen_tps"] > 0 for o in outcomes.values())
