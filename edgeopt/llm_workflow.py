@@ -55,7 +55,8 @@ log = logging.getLogger(__name__)
 
 #: the reference every llama.cpp candidate is compared with: the F16 GGUF, run with the recipes' defaults
 BASELINE = CandidateSpec(name="llamacpp-f16", backend="llamacpp", recipe={"quant": "F16"}, baseline=True)
-_BACKENDS = ("llamacpp",)
+#: backends that build language-model candidates, and the model formats each takes
+_BACKENDS = {"llamacpp": ("hf", "gguf"), "openvino-genai": ("hf",)}
 
 
 def plan(profile: Profile, *, only: tuple[str, ...] = (), model_format: str = "hf") -> tuple[list[CandidateSpec], list[str]]:
@@ -66,7 +67,10 @@ def plan(profile: Profile, *, only: tuple[str, ...] = (), model_format: str = "h
     for spec in profile.candidate_specs(only, kind="llm"):
         why = None
         if spec.backend not in _BACKENDS:
-            why = f"{spec.name}: the {spec.backend} backend does not run language models here (llamacpp does)"
+            why = (f"{spec.name}: the {spec.backend} backend does not run language models here "
+                   f"({' and '.join(_BACKENDS)} do)")
+        elif model_format not in _BACKENDS[spec.backend]:
+            why = f"{spec.name}: {spec.backend} builds from the Hugging Face checkpoint; this model is a {model_format} file"
         elif model_format == "gguf" and spec.recipe.get("imatrix"):
             why = (f"{spec.name}: its importance matrix is computed on the Hugging Face checkpoint; "
                    "this model is a GGUF file")
@@ -77,8 +81,8 @@ def plan(profile: Profile, *, only: tuple[str, ...] = (), model_format: str = "h
             continue
         specs.append(spec)
     if not specs:
-        raise ConfigError(f"profile {profile.name}: no llama.cpp candidate for a language model; add recipes with "
-                          "backend llamacpp and kinds [llm] (see profiles/intel-cpu.yaml)")
+        raise ConfigError(f"profile {profile.name}: no candidate for a language model; add recipes with backend "
+                          "llamacpp or openvino-genai and kinds [llm] (see profiles/intel-cpu.yaml)")
     return specs, skipped
 
 

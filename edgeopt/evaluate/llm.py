@@ -121,10 +121,15 @@ def run_eval_job(job: dict[str, Any]) -> dict[str, Any]:
     log-probabilities of the evaluation text's first ``max_windows`` windows. The F16 reference writes them
     to ``reference_out`` (float32 npz); a candidate reads the reference's and returns its perplexity, KLD and
     top-1 agreement on the same positions."""
-    from edgeopt.backends.llamacpp import open_llama
-
     window, max_windows = int(job["window"]), int(job["max_windows"])
-    llm = open_llama(job["path"], {**job["runtime"], "n_ctx": window + 8}, logits_all=True)
+    if (job.get("artifact") or {}).get("backend") == "openvino-genai":  # the IR's logits, the same surface
+        from edgeopt.backends.ov_genai import OvGenAISession
+
+        llm: Any = OvGenAISession(job["path"], job["runtime"])
+    else:
+        from edgeopt.backends.llamacpp import open_llama
+
+        llm = open_llama(job["path"], {**job["runtime"], "n_ctx": window + 8}, logits_all=True)
     g = garbage_check(llm, GARBAGE_PROMPT)
     ids = tokenize_text(llm, Path(job["evaluation"]).read_text(encoding="utf-8"))
     logp, targets = window_logprobs(llm, ids[:window * max_windows + 1], window=window)

@@ -5,6 +5,7 @@ trained tiny Llama (tests/conftest.py ``tiny_llama``), the F16 GGUF reference an
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -25,6 +26,9 @@ CANDIDATES = [{"name": n, "backend": "llamacpp", "kinds": ["llm"], "recipe": {"q
               for n, q in (("llamacpp-q8_0", "Q8_0"), ("llamacpp-q4_0", "Q4_0"),
                            ("llamacpp-q4_k_m-imatrix", "Q4_K_M"))]
 CANDIDATES[2]["recipe"]["imatrix"] = True
+#: OpenVINO GenAI's INT8 weight compression, measured against the same llama.cpp F16 reference
+OV_INT8 = {"name": "ov-genai-int8", "backend": "openvino-genai", "kinds": ["llm"], "recipe": {"weights": "int8"}}
+has_ov_genai = importlib.util.find_spec("openvino_genai") is not None
 #: short measurements: 2 interleaved rounds of 2 runs of 32 generated tokens; 4 windows of 64 tokens scored
 FAST = {"repeats": 2, "llm": {"prompt_tokens": 32, "gen_tokens": 32, "runs": 2, "eval_window": 64,
                               "eval_max_windows": 4}}
@@ -47,18 +51,19 @@ def _registered(home: Path) -> list:
 
 
 def test_llm_optimize_end_to_end(tiny_llama, tmp_path):
-    """F16 reference + Q8_0 + Q4_0 through the real flow: the LLM table with finite figures, speed-ups that are
-    the ratio of this run's tokens/s, scores in MLflow, verdicts that follow the thresholds, and a registered
-    version only for a candidate that passed."""
+    """F16 reference + Q8_0 + Q4_0 (+ OpenVINO GenAI INT8 where installed) through the real flow: the LLM table
+    with finite figures, speed-ups that are the ratio of this run's tokens/s, scores in MLflow, verdicts that
+    follow the thresholds, and a registered version only for a candidate that passed."""
     home = tmp_path / "home"
     # speed and memory gates out of the way: a 4M-parameter model is dominated by per-token overhead, and two
     # rounds on a shared 2-vCPU machine give speed-up intervals too wide for any fixed threshold to settle
     # every time; the quality gates keep their defaults (perplexity within 5%, mean KLD <= 0.01)
-    profile = write_profile(tmp_path / "llm.yaml", candidates=CANDIDATES, benchmark=FAST,
+    profile = write_profile(tmp_path / "llm.yaml", candidates=[*CANDIDATES, OV_INT8], benchmark=FAST,
                             gates={"speedup_min": 0.0, "memory_reduction_min": -1.0})
     report_path = tmp_path / "report.json"
-    r = run(_env(home), "optimize", tiny_llama["hf"], "--profile", profile, "-c", "llamacpp-q8_0",
-            "-c", "llamacpp-q4_0", "--eval", tiny_llama["eval"], "--json", report_path)
+    names = ["llamacpp-f16", "llamacpp-q8_0", "llamacpp-q4_0", *(["ov-genai-int8"] if has_ov_genai else [])]
+    r = run(_env(home), "optimize", tiny_llama["hf"], "--profile", profile,
+            *[a for n in names[1:] for a in ("-c", n)], "--eval", tiny_llama["eval"], "--json", report_path)
     assert r.returncode == 0, r.stdout + r.stderr
     for column in ("gen tok/s", "prompt tok/s", "TTFT ms", "speed-up", "peak RSS MB", "size MB", "perplexity",
                    "KLD vs F16", "top-1 agree", "verdict"):
@@ -66,7 +71,7 @@ def test_llm_optimize_end_to_end(tiny_llama, tmp_path):
     assert "llama_model_quantize" not in r.stdout + r.stderr, "llama.cpp's log goes to the build log"
     doc = json.loads(report_path.read_text())
     outcomes = {o["spec"]["name"]: o for o in doc["outcomes"]}
-    assert list(outcomes) == ["llamacpp-f16", "llamacpp-q8_0", "llamacpp-q4_0"]
+    assert list(outcomes) == names
     ref = outcomes["llamacpp-f16"]
     for name, o in outcomes.items():
         assert o["failure"] is None, o["failure"]
@@ -103,6 +108,9 @@ def test_llm_optimize_end_to_end(tiny_llama, tmp_path):
     # evaluation (wrong reference, misaligned positions) would not
     assert outcomes["llamacpp-q8_0"]["llm_eval"]["kld_mean"] < 0.002
     assert outcomes["llamacpp-q8_0"]["llm_eval"]["top1_agreement"] > 0.9
+    if has_ov_genai:  # another runtime's INT8 weights: the same distributions as llama.cpp's F16 within the gate
+        assert outcomes["ov-genai-int8"]["llm_eval"]["kld_mean"] < 0.01
+        assert outcomes["ov-genai-int8"]["artifact"]["backend"] == "openvino-genai"
 
     cl = mlflow.MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow' / 'mlflow.db'}")
     children = {run_.info.run_name: run_ for run_ in cl.search_runs(
