@@ -169,13 +169,42 @@ class OvGenAIBackend(Backend):
         return OvGenAISession(path, runtime)
 
     def warm(self, *, runtime: dict[str, Any]) -> None:
-        import openvino as ov
+        _warm_cpu_plugin(runtime.get("threads"))
 
-        ov.Core().get_available_devices()
+
+def _warm_cpu_plugin(threads: int | None) -> None:
+    """Load OpenVINO's CPU plugin, its thread pool and kernels with a tiny model (run once, released), so
+    that the memory reference point taken after it counts only what the language model adds."""
+    import openvino as ov
+
+    from edgeopt.backends.base import WARM_SIZE, tiny_onnx_model
+
+    core = ov.Core()
+    with tempfile.TemporaryDirectory(prefix="edgeopt-warm-") as tmp:
+        path = Path(tmp) / "warm.onnx"
+        path.write_bytes(tiny_onnx_model())
+        compiled = core.compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads} if threads else {})
+        compiled.create_infer_request().infer({0: np.ones((1, WARM_SIZE), dtype=np.float32)})
+        del compiled
 
 
 def _export(src: Path, dst: Path, recipe: OvGenAIRecipe, texts: list[str] | None) -> None:
-    """optimum-intel's export with the recipe's weight compression, plus the GenAI tokenizer pair."""
+    """optimum-intel's export with the recipe's weight compression, plus the GenAI tokenizer pair; quiet (the
+    exporter's warnings, NNCF's tables and progress bars go to the log) and one build at a time per process
+    (the lock ``quiet_nncf`` holds: two threads importing optimum.intel at once saw half-initialised modules)."""
+    import transformers
+
+    from edgeopt.backends.optimum_intel import _declined_telemetry, _quiet
+    from edgeopt.backends.ov_nncf import import_nncf
+    from edgeopt.intake.hf import quiet_transformers
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub: everything is local
+    import_nncf()  # before optimum.intel, which imports it (its telemetry off first)
+    with _quiet(), quiet_transformers(transformers), _declined_telemetry():
+        _export_quietly(src, dst, recipe, texts)
+
+
+def _export_quietly(src: Path, dst: Path, recipe: OvGenAIRecipe, texts: list[str] | None) -> None:
     import openvino as ov
     from openvino_tokenizers import convert_tokenizer
     from optimum.intel import OVModelForCausalLM, OVWeightQuantizationConfig
@@ -277,7 +306,7 @@ def generate_job(job: dict[str, Any]) -> dict[str, Any]:
     from edgeopt.bench import memory
 
     threads = int(job["runtime"].get("threads") or os.cpu_count() or 1)
-    ov.Core().get_available_devices()  # the plugin before the reference point, as warm() does
+    _warm_cpu_plugin(threads)  # the CPU plugin and its thread pool are the runtime's, not the model's memory
     before = memory.read()
     memory.reset_peak()
     t0 = time.perf_counter()
