@@ -72,6 +72,8 @@ class Backend(ABC):
     requires: ClassVar[tuple[str, ...]]
     #: distribution names whose versions are recorded with every artifact
     distributions: ClassVar[tuple[str, ...]] = ()
+    #: the model kinds it builds (``Assessment.kind``); empty: every kind its formats hold
+    model_kinds: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
     def available(cls) -> bool:

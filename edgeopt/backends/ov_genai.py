@@ -122,6 +122,7 @@ class OvGenAIBackend(Backend):
     distributions: ClassVar[tuple[str, ...]] = ("openvino", "openvino-genai", "openvino-tokenizers", "nncf",
                                                 "optimum-intel", "transformers")
     calibrated_recipe: ClassVar[str] = "AWQ / scale estimation"
+    model_kinds: ClassVar[frozenset[str]] = frozenset({"llm"})
 
     def optimize(self, *, model: ModelRef, assessment: Assessment, recipe: Recipe, candidate: str,
                  out_dir: Path, calibration: Dataset | None = None) -> Artifact:
@@ -129,7 +130,7 @@ class OvGenAIBackend(Backend):
 
         self.check_request(model=model, recipe=recipe, candidate=candidate, calibration=calibration)
         assert isinstance(recipe, OvGenAIRecipe)
-        if assessment.kind != "llm":
+        if assessment.kind not in self.model_kinds:
             raise CandidateFailed("build-error", f"{candidate}: openvino-genai builds language models; this model "
                                   f"is a {assessment.kind}")
         out_dir = Path(out_dir)

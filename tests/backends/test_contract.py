@@ -34,9 +34,10 @@ def test_recipe_validation_names_allowed_fields(name):
 
 def _model_for(b: Backend, tiny, tiny_bert, request) -> tuple[str, dict[str, np.ndarray]]:
     """A model in a format the backend builds, and two samples of its inputs."""
-    if "gguf" in b.formats:  # language models: the tests' tiny Llama, two rows of token ids
+    if "gguf" in b.formats or "llm" in b.model_kinds:  # language models: the tests' tiny Llama, two rows of ids
         llama = request.getfixturevalue("tiny_llama")
-        return str(llama["f16"]), {"input_ids": np.arange(2 * 16).reshape(2, 16) % 1000 + 5}
+        path = llama["f16"] if "gguf" in b.formats else llama["hf"]
+        return str(path), {"input_ids": np.arange(2 * 16).reshape(2, 16) % 1000 + 5}
     if "onnx" in b.formats:
         return str(tiny["model"]), {"input": np.load(tiny["eval"])["input"][:2]}
     assert "hf" in b.formats, f"no test model in {sorted(b.formats)}"
