@@ -48,6 +48,32 @@ def _sh(args: list[str], env: dict, timeout: float) -> subprocess.CompletedProce
     return subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False)
 
 
+def _breakdown(client, fr, t0_wall: float, t_deploy: float) -> dict[str, float]:
+    """Where the deployment run's wall time went, from its state history and its task runs (server clock)."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
+
+    states = sorted(client.read_flow_run_states(fr.id), key=lambda s: s.timestamp)
+    first = {}
+    for st in states:
+        first.setdefault(st.type.value, st.timestamp.timestamp())
+    subs = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(
+        any_=[fr.id])))
+    tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fr.id, *[s.id for s in subs]])),
+                                  limit=500)
+    by: dict[str, float] = {}
+    for t in tasks:
+        group = t.name.split("-")[0] if not t.name.startswith("mlflow") else "mlflow"
+        by[group] = by.get(group, 0.0) + t.total_run_time.total_seconds()
+    out = {"request -> picked up by the worker (Pending)": first["PENDING"] - t0_wall,
+           "Pending -> Running (flow-run process start, prefect import, pull steps, flow module import)":
+               first["RUNNING"] - first["PENDING"],
+           "Running -> Completed (the flow run)": first["COMPLETED"] - first["RUNNING"],
+           "Completed -> seen by the client": t0_wall + t_deploy - first["COMPLETED"],
+           "task runs (count)": float(len(tasks))}
+    out.update({f"task runs {k}-*: sum of run times": v for k, v in sorted(by.items(), key=lambda kv: -kv[1])[:8]})
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--candidates", default="ort-fp32-optimized,ort-int8-dynamic")
@@ -108,7 +134,7 @@ def main() -> int:
 
         with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
             print("deployment run ...", flush=True)
-            t0 = time.perf_counter()
+            t0, t0_wall = time.perf_counter(), time.time()
             run = run_deployment("optimize/optimize-intel-cpu", timeout=0, parameters={
                 "model": model, "profile": str(profile), "calibration": cal, "evaluation": ev,
                 "model_name": "digits-resnet-orchestration"})
@@ -123,10 +149,14 @@ def main() -> int:
         if not fr.state.is_completed():
             print(f"the deployment run ended {fr.state.name}: {fr.state.message}", file=sys.stderr)
             return 1
+            breakdown = _breakdown(client, fr, t0_wall, t_deploy)
         t_flow = fr.total_run_time.total_seconds()
         print(f"deployment: {t_deploy:.1f} s from the request to Completed (the flow itself: {t_flow:.1f} s)")
-        result = {"candidates": sorted(keep), "wall_s": {"direct": t_direct, "deployment": t_deploy,
-                                                         "flow_run_total_run_time": t_flow},
+        for k, v in breakdown.items():
+            print(f"  {k}: {v:.1f} s")
+        result = {"candidates": sorted(keep), "worker_query_seconds": env.get("FLEET_WORKER_QUERY_SECONDS", "2"),
+                  "breakdown_s": breakdown,
+                  "wall_s": {"direct": t_direct, "deployment": t_deploy, "flow_run_total_run_time": t_flow},
                   "overhead": t_deploy / t_direct, "overhead_flow_only": t_flow / t_direct,
                   "load_average": os.getloadavg()}
         print(f"\norchestration overhead against the server: deployment {t_deploy:.1f} s / direct {t_direct:.1f} s"

@@ -1,10 +1,11 @@
 """The local fleet the end-to-end tests run against, started and stopped as a user does it.
 
-``fleet`` (one per test module): ``deployments/fleet.sh up`` in a temporary folder with PostgreSQL, a
-Prefect server on it, an MLflow tracking server, the work pools and one process worker (pool
-``intel-cpu``; ``arm64`` too, to show the refusal on a host that does not fit); ``fleet.sh down`` at the
-end, which must leave no process behind. The deployments clone this test's own clone of the repository
-at its branch. Everything listens on 127.0.0.1 on ports the OS hands out; every wait has a deadline.
+``fleet`` (one per pytest session: the smoke and the heavy modules share it): ``deployments/fleet.sh up``
+in a temporary folder with PostgreSQL, a Prefect server on it, an MLflow tracking server, the work pools
+and one process worker (pool ``intel-cpu``; ``arm64`` too, to show the refusal on a host that does not
+fit); ``fleet.sh down`` at the end, which must leave no process behind (any process with the fleet's
+``FLEET_DIR`` in its environment still running after it fails the session, and is killed). The
+deployments clone this test's own clone of the repository at its branch. Everything listens on 127.0.0.1 on ports the OS hands out; every wait has a deadline.
 """
 
 from __future__ import annotations
@@ -27,16 +28,42 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shuti
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct loopback ports the OS hands out (all bound at once, so none is handed out twice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def leftovers(fleet_dir: Path) -> list[str]:
+    """Processes still running with this fleet's FLEET_DIR in their environment (anything the fleet started:
+    servers, workers, their flow-run processes and what those started), each killed; their descriptions."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if p.environ().get("FLEET_DIR") == str(fleet_dir):
+                found.append(f"{p.pid}: {' '.join(p.info['cmdline'] or [])[:200]}")
+                p.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
 
 
 def sh(args: list[str], env: dict, timeout: float, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def fleet():
     if PG is None:
         pytest.skip("PostgreSQL is not installed (no initdb on PATH or under /usr/lib/postgresql): "
@@ -58,7 +85,7 @@ def fleet():
     r = sh(["git", "clone", "--quiet", "--branch", branch, str(REPO), str(clone)], dict(os.environ), 120)
     assert r.returncode == 0, r.stderr
     home = tmp / "home"
-    ports = {"FLEET_PG_PORT": free_port(), "FLEET_PREFECT_PORT": free_port(), "FLEET_MLFLOW_PORT": free_port()}
+    ports = dict(zip(("FLEET_PG_PORT", "FLEET_PREFECT_PORT", "FLEET_MLFLOW_PORT"), free_ports(3), strict=True))
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("PREFECT_", "MLFLOW_TRACKING", "EDGEOPT_"))}
     env.update({k: str(v) for k, v in ports.items()})
@@ -81,12 +108,15 @@ def fleet():
     finally:
         down = sh(["bash", script, "down"], env, 180)
         pids = list((tmp / "fleet" / "pids").glob("*.pid")) if (tmp / "fleet" / "pids").is_dir() else []
-        if down.returncode == 0 and not pids:
+        left = leftovers(tmp / "fleet")
+        if down.returncode == 0 and not pids and not left:
             shutil.rmtree(tmp, ignore_errors=True)
-        assert down.returncode == 0 and not pids, (down.stdout + down.stderr, pids, f"left for a look: {tmp}")
+        assert down.returncode == 0 and not pids and not left, (
+            down.stdout + down.stderr, pids, "still running after fleet.sh down (now killed):", left,
+            f"left for a look: {tmp}")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def client(fleet):
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings

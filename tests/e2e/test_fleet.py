@@ -49,7 +49,7 @@ def deployed_run(fleet, client):
             fr = client.read_flow_run(run.id)
             if fr.state and fr.state.is_final():
                 done[pool] = fr
-        time.sleep(3)
+        time.sleep(1)
     assert set(done) == set(runs), {p: client.read_flow_run(r.id).state for p, r in runs.items()}
     return done["intel-cpu"], done["arm64"]
 

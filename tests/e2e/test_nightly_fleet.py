@@ -26,7 +26,7 @@ import pytest
 from tests.conftest import write_profile
 from tests.e2e.conftest import BIN, CHROMIUM, sh
 
-pytestmark = [pytest.mark.slow, pytest.mark.heavy, pytest.mark.timeout(2400)]
+pytestmark = [pytest.mark.slow, pytest.mark.heavy, pytest.mark.timeout(1200)]
 
 NAME = "digits-resnet-e2e"
 POOL = "intel-cpu"
@@ -45,7 +45,7 @@ def _wait(client, run_id, timeout: float, until=lambda fr: fr.state is not None 
         if until(fr):
             return fr
         assert time.monotonic() < deadline, (fr.name, fr.state)
-        time.sleep(2)
+        time.sleep(1)
 
 
 def _run(client, deployment: str, parameters: dict, timeout: float = 600):
@@ -244,6 +244,9 @@ def test_a_night_run_from_the_ui_form(fleet, client, night, tmp_path):
         b.wait_for(f"!!({_PROP % 'candidates'})", 60, what="the parameter form")
         # the deployment's defaults are in the form: the reference CNN and its data, relative to the worker's clone
         assert b.eval(f"({_PROP % 'model'}).querySelector('textarea').value") == dep.parameters["model"]
+        # the flow's docstring is each field's description (Markdown: no `<...>` the renderer would drop)
+        described = b.eval(f"({_PROP % 'model_name'}).querySelector('.schema-form-property__description').innerText")
+        assert "registered model name in MLflow" in described and "digits-resnet-intel-cpu" in described, described
         _form_type(b, "profile", str(night["profile"]))
         _form_click(b, "model_name", "str")
         _form_type(b, "model_name", NAME)
