@@ -77,6 +77,7 @@ def _breakdown(client, fr, t0_wall: float, t_deploy: float) -> dict[str, float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--candidates", default="ort-fp32-optimized,ort-int8-dynamic")
+    ap.add_argument("--zoo", default=None, help="folder of zoo builds to reuse (default: a new one, trained here)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "orchestration.json"))
     args = ap.parse_args()
     keep = set(args.candidates.split(","))
@@ -97,7 +98,7 @@ def main() -> int:
 
     from edgeopt import zoo
 
-    entry = zoo.build("digits-resnet", out_dir=tmp / "home" / "zoo")
+    entry = zoo.build("digits-resnet", out_dir=Path(args.zoo) if args.zoo else tmp / "home" / "zoo")
     model, cal, ev = str(entry.model), str(entry.calibration), str(entry.evaluation)
     print(f"direct core calls: {sorted(keep)} ...", flush=True)
     t_direct, outcomes, _ = _direct(model, cal, ev, str(profile), tmp / "direct-work")
@@ -146,10 +147,10 @@ def main() -> int:
                     raise TimeoutError(f"the deployment run did not finish in 30 min: {fr.state}")
                 time.sleep(0.5)
             t_deploy = time.perf_counter() - t0
+            breakdown = _breakdown(client, fr, t0_wall, t_deploy) if fr.state.is_completed() else {}
         if not fr.state.is_completed():
             print(f"the deployment run ended {fr.state.name}: {fr.state.message}", file=sys.stderr)
             return 1
-            breakdown = _breakdown(client, fr, t0_wall, t_deploy)
         t_flow = fr.total_run_time.total_seconds()
         print(f"deployment: {t_deploy:.1f} s from the request to Completed (the flow itself: {t_flow:.1f} s)")
         for k, v in breakdown.items():

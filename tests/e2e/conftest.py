@@ -17,6 +17,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -64,7 +66,7 @@ def sh(args: list[str], env: dict, timeout: float, cwd: Path = REPO) -> subproce
 
 
 @pytest.fixture(scope="session")
-def fleet():
+def fleet(request):
     if PG is None:
         pytest.skip("PostgreSQL is not installed (no initdb on PATH or under /usr/lib/postgresql): "
                     "apt-get install postgresql")
@@ -95,9 +97,20 @@ def fleet():
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "COLUMNS": "200",
                 "NO_COLOR": "1"})
     script = str(REPO / "deployments" / "fleet.sh")
+    # the heavy tests' reference CNN trains while the fleet starts (mostly waiting on servers)
+    training = None
+    if any(item.get_closest_marker("heavy") for item in request.session.items):
+        from edgeopt import zoo
+
+        training = ThreadPoolExecutor(1).submit(zoo.build, "digits-resnet", out_dir=home / "zoo")
     try:
+        started = time.monotonic()
         up = sh(["bash", script, "up"], env, 300)
+        print(f"fleet up: {time.monotonic() - started:.0f} s", flush=True)
         assert up.returncode == 0, up.stdout + up.stderr
+        if training is not None:
+            training.result(timeout=900)
+            print(f"fleet up and digits-resnet trained: {time.monotonic() - started:.0f} s", flush=True)
         api = f"http://127.0.0.1:{ports['FLEET_PREFECT_PORT']}/api"
         tracking = f"http://127.0.0.1:{ports['FLEET_MLFLOW_PORT']}"
         assert f"export PREFECT_API_URL={api} MLFLOW_TRACKING_URI={tracking}" in up.stdout, up.stdout
@@ -106,7 +119,11 @@ def fleet():
         yield {"env": env, "tmp": tmp, "home": home, "api": api, "tracking": tracking, "up": up,
                "ui": f"http://127.0.0.1:{ports['FLEET_PREFECT_PORT']}", "script": script}
     finally:
+        if training is not None:
+            training.cancel() or training.exception(timeout=900)  # never leave it writing into tmp
+        started = time.monotonic()
         down = sh(["bash", script, "down"], env, 180)
+        print(f"fleet down: {time.monotonic() - started:.0f} s: {' | '.join(down.stderr.splitlines())}", flush=True)
         pids = list((tmp / "fleet" / "pids").glob("*.pid")) if (tmp / "fleet" / "pids").is_dir() else []
         left = leftovers(tmp / "fleet")
         if down.returncode == 0 and not pids and not left:

@@ -16,6 +16,7 @@ train the CNN): ``make test-e2e`` runs it.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -384,38 +385,29 @@ def test_drift_starts_reoptimization_with_the_production_sample(fleet, client, n
     assert run.data.tags["prefect.flow_run_id"] == str(done.id) and run.data.tags["nightly.result"] != "unchanged"
 
 
-def _chromium(args: list[str], url: str, cwd: Path, env: dict):
-    base = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            "--disable-extensions", "--hide-scrollbars", "--window-size=1400,1000",
-            f"--user-data-dir={cwd / 'profile'}", "--virtual-time-budget=25000"]
-    return sh([*base, *args, url], env, 150, cwd=cwd)
+def _page_shows(b, url: str, texts: list[str], png: Path) -> None:
+    """Open ``url`` and wait until the single-page app has rendered every one of ``texts``; a screenshot."""
+    b.goto(url)
+    b.wait_for(f"(() => {{ const t = document.body ? document.body.textContent : ''; "
+               f"return {json.dumps(texts)}.every(x => t.includes(x)) }})()", 90, what=f"{texts} on {url}")
+    assert b.screenshot(png).stat().st_size > 10_000
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH (`make browser` installs Debian's)")
 def test_the_uis_show_the_night(fleet, night, tmp_path):
+    from tests.e2e.browser import Browser
+
     fr = night["runs"].get("first")
     assert fr is not None, "needs the first night"
-    # the Prefect UI's flow-run page: the run, its state, and its log (the nightly's verdict line)
-    url = f"{fleet['ui']}/runs/flow-run/{fr.id}"
-    dom = _chromium(["--dump-dom"], url, tmp_path, fleet["env"])
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    for text in (fr.name, "Completed", f"nightly {NAME} on nightly-short"):
-        assert text in dom.stdout, (text, dom.stdout[-3000:])
-    png = tmp_path / "prefect-flow-run.png"
-    shot = _chromium([f"--screenshot={png}"], url, tmp_path, fleet["env"])
-    assert shot.returncode == 0 and png.stat().st_size > 10_000, shot.stderr[-2000:]
-    # the MLflow run page of that night: its name and its result tag
     cl = _mlflow(fleet)
     run = next(r for r in _nightly_runs(cl) if r.data.tags["prefect.flow_run_id"] == str(fr.id))
-    url = f"{fleet['tracking']}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
-    dom = _chromium(["--dump-dom"], url, tmp_path, fleet["env"])
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    for text in (run.info.run_name, run.data.tags["nightly.result"]):
-        assert text in dom.stdout, (text, dom.stdout[-3000:])
-    png = tmp_path / "mlflow-run.png"
-    shot = _chromium([f"--screenshot={png}"], url, tmp_path, fleet["env"])
-    assert shot.returncode == 0 and png.stat().st_size > 10_000, shot.stderr[-2000:]
+    with Browser(CHROMIUM, tmp_path) as b:
+        # the Prefect UI's flow-run page: the run, its state, and its log (the nightly's verdict line)
+        _page_shows(b, f"{fleet['ui']}/runs/flow-run/{fr.id}", [fr.name, "Completed", f"nightly {NAME} on nightly-short"],
+                    tmp_path / "prefect-flow-run.png")
+        # the MLflow run page of that night: its name and its result tag
+        _page_shows(b, f"{fleet['tracking']}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}",
+                    [run.info.run_name, run.data.tags["nightly.result"]], tmp_path / "mlflow-run.png")
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH (`make browser` installs Debian's)")
