@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import write_profile
 from tests.e2e.conftest import BIN, CHROMIUM, sh
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # the first one waits for the session's fleet
 
 MODEL_NAME = "digits-tiny-fleet"
 

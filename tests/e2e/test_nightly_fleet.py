@@ -218,7 +218,7 @@ def _form_type(b, name: str, text: str) -> None:
     b.wait_for(f"!!({_PROP % name}).querySelector('textarea, input:not([type=checkbox])')", 10,
                what=f"a text field for parameter {name}")
     b.eval(f"(() => {{ const f = [...({_PROP % name}).querySelectorAll('textarea, input:not([type=checkbox])')]"
-           ".at(-1); f.focus(); f.select() }})()")
+           ".at(-1); f.focus(); f.select() })()")
     b.send("Input.insertText", text=text)
 
 
