@@ -23,7 +23,7 @@ demo: $(STAMP)
 ## test: the default suite (slow tests included; `heavy` ones, which would push CI past its budget, left out),
 ## then, in a session of its own, the fleet's end-to-end tests, smoke and heavy nightly ones on one fleet
 ## (tests/e2e: a real PostgreSQL-backed Prefect server, MLflow server and worker; the nightly deployment,
-## a worker killed mid-run, automations, the UIs in Chromium; ~8 min quiet), bounded by E2E_BUDGET seconds
+## a worker killed mid-run, automations, the UIs in Chromium; ~10 min at load 5-8), bounded by E2E_BUDGET seconds
 ## (SIGINT: pytest stops and its fixtures stop the fleet). CI (.ci/run) runs this.
 E2E_BUDGET ?= 2400
 test: $(STAMP) browser
