@@ -12,7 +12,8 @@
 # Settings (environment): FLEET_DIR (default ./.edgeopt/fleet), FLEET_PG_PORT (54329),
 # FLEET_PREFECT_PORT (4200), FLEET_MLFLOW_PORT (5000), FLEET_POOLS (default: the pools whose profile
 # fits this host, see `python -m flows._pools`), FLEET_DEPLOY (1: `prefect deploy` the deployments whose
-# entrypoint exists; 0: skip), FLEET_BIN (folder with python/prefect/mlflow; default .venv/bin or PATH).
+# entrypoint exists; 0: skip), FLEET_BIN (folder with python/prefect/mlflow; default .venv/bin or PATH),
+# FLEET_WORKER_QUERY_SECONDS (2: how often a worker asks the server for runs; Prefect's default is 10).
 # Workers clone EDGEOPT_GIT_URL (default: this checkout) at EDGEOPT_GIT_BRANCH (default: its branch)
 # and read models and data from EDGEOPT_HOME (default: ./.edgeopt).
 set -euo pipefail
@@ -68,15 +69,33 @@ start() {
   say "$name started (pid $!, log $LOGS/$name.log)"
 }
 
-# stop NAME: SIGTERM to its process group, SIGKILL after 15 s
+# descendants PID: every process under PID (children first-level, then theirs)
+descendants() {
+  local p
+  for p in $(ps -o pid= --ppid "$1" 2>/dev/null); do echo "$p"; descendants "$p"; done
+}
+
+# stop NAME: SIGTERM to its process group, SIGKILL after 15 s; then the same to what it started in sessions
+# of their own (a worker's flow-run processes), which its process group does not hold
 stop() {
-  local name="$1" pid i
+  local name="$1" pid i p kids left=""
   [ -f "$PIDS/$name.pid" ] || return 0
   pid="$(cat "$PIDS/$name.pid")"
   if kill -0 "$pid" 2>/dev/null; then
+    kids="$(descendants "$pid" | tr '\n' ' ')"
     kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
     for i in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
     kill -0 "$pid" 2>/dev/null && { kill -KILL -- "-$pid" 2>/dev/null || true; say "$name killed"; }
+    if [ -n "${kids// /}" ]; then
+      # shellcheck disable=SC2086
+      kill -TERM $kids 2>/dev/null || true
+      for i in $(seq 1 20); do
+        left=""; for p in $kids; do kill -0 "$p" 2>/dev/null && left="$left $p"; done
+        [ -z "$left" ] && break; sleep 0.5
+      done
+      # shellcheck disable=SC2086
+      [ -n "$left" ] && { kill -KILL $left 2>/dev/null || true; say "$name: killed what it had started:$left"; }
+    fi
   fi
   rm -f "$PIDS/$name.pid"
   say "$name stopped"
@@ -166,8 +185,11 @@ up() {
     (cd "$ROOT" && "$BIN/python" deployments/setup.py) >&2  # the automations, now that their deployments exist
   fi
   local pool
+  # a worker asks for work every PREFECT_WORKER_QUERY_SECONDS (Prefect's default 10: a run started from the
+  # CLI or the UI waits 5 s on average, up to 10, before anything happens); 2 s costs one small query
   for pool in $fitting; do
-    start "worker-$pool" "$BIN/prefect" worker start --pool "$pool" --type process --name "$(hostname)-$pool"
+    PREFECT_WORKER_QUERY_SECONDS="${FLEET_WORKER_QUERY_SECONDS:-2}" \
+      start "worker-$pool" "$BIN/prefect" worker start --pool "$pool" --type process --name "$(hostname)-$pool"
   done
   [ -n "$fitting" ] || say "no pool's profile fits this host: no worker started (set FLEET_POOLS to force)"
   say "Prefect UI: http://127.0.0.1:${PREFECT_PORT}   MLflow UI: $TRACKING_URI"

@@ -75,7 +75,8 @@ def drift_flow(
         calibration: the calibration data the model was optimized with (same format).
         model: path to the model on the worker (.onnx file or Hugging Face checkpoint folder).
         profile: target profile name or YAML path (for re-optimization and the text sequence length).
-        model_name: registered model name in MLflow (default: <model>-<profile>).
+        model_name: registered model name in MLflow (default: the model's name and the profile's, as in
+            ``digits-resnet-intel-cpu``).
         evaluation: evaluation data for the re-optimization.
         psi_threshold: mean PSI of an input above this is drift (0.2: a significant shift).
         ks_pvalue: family-wise level of the per-feature Kolmogorov-Smirnov tests (Bonferroni).

@@ -94,7 +94,8 @@ def nightly_flow(
         profile: target profile name (profiles/*.yaml) or path to a profile file.
         calibration: calibration data (.npz, or .txt/.jsonl sentences for text models).
         evaluation: evaluation data (.npz with ``labels`` for accuracy, or sentences).
-        model_name: registered model name in MLflow (default: <model>-<profile>).
+        model_name: registered model name in MLflow (default: the model's name and the profile's, as in
+            ``digits-resnet-intel-cpu``).
         candidates: only these candidate names from the profile (default: all).
         data_dir: edgeopt data folder (default: $EDGEOPT_HOME or ./.edgeopt).
         certify: certify a challenger that beats the champion, then move ``champion`` (False: record it

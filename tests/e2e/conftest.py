@@ -1,10 +1,11 @@
 """The local fleet the end-to-end tests run against, started and stopped as a user does it.
 
-``fleet`` (one per test module): ``deployments/fleet.sh up`` in a temporary folder with PostgreSQL, a
-Prefect server on it, an MLflow tracking server, the work pools and one process worker (pool
-``intel-cpu``; ``arm64`` too, to show the refusal on a host that does not fit); ``fleet.sh down`` at the
-end, which must leave no process behind. The deployments clone this test's own clone of the repository
-at its branch. Everything listens on 127.0.0.1 on ports the OS hands out; every wait has a deadline.
+``fleet`` (one per pytest session: the smoke and the heavy modules share it): ``deployments/fleet.sh up``
+in a temporary folder with PostgreSQL, a Prefect server on it, an MLflow tracking server, the work pools
+and one process worker (pool ``intel-cpu``; ``arm64`` too, to show the refusal on a host that does not
+fit); ``fleet.sh down`` at the end, which must leave no process behind (any process with the fleet's
+``FLEET_DIR`` in its environment still running after it fails the session, and is killed). The
+deployments clone this test's own clone of the repository at its branch. Everything listens on 127.0.0.1 on ports the OS hands out; every wait has a deadline.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -27,17 +30,43 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shuti
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct loopback ports the OS hands out (all bound at once, so none is handed out twice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def leftovers(fleet_dir: Path) -> list[str]:
+    """Processes still running with this fleet's FLEET_DIR in their environment (anything the fleet started:
+    servers, workers, their flow-run processes and what those started), each killed; their descriptions."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if p.environ().get("FLEET_DIR") == str(fleet_dir):
+                found.append(f"{p.pid}: {' '.join(p.info['cmdline'] or [])[:200]}")
+                p.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
 
 
 def sh(args: list[str], env: dict, timeout: float, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False)
 
 
-@pytest.fixture(scope="module")
-def fleet():
+@pytest.fixture(scope="session")
+def fleet(request):
     if PG is None:
         pytest.skip("PostgreSQL is not installed (no initdb on PATH or under /usr/lib/postgresql): "
                     "apt-get install postgresql")
@@ -58,7 +87,7 @@ def fleet():
     r = sh(["git", "clone", "--quiet", "--branch", branch, str(REPO), str(clone)], dict(os.environ), 120)
     assert r.returncode == 0, r.stderr
     home = tmp / "home"
-    ports = {"FLEET_PG_PORT": free_port(), "FLEET_PREFECT_PORT": free_port(), "FLEET_MLFLOW_PORT": free_port()}
+    ports = dict(zip(("FLEET_PG_PORT", "FLEET_PREFECT_PORT", "FLEET_MLFLOW_PORT"), free_ports(3), strict=True))
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("PREFECT_", "MLFLOW_TRACKING", "EDGEOPT_"))}
     env.update({k: str(v) for k, v in ports.items()})
@@ -68,9 +97,20 @@ def fleet():
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "COLUMNS": "200",
                 "NO_COLOR": "1"})
     script = str(REPO / "deployments" / "fleet.sh")
+    # the heavy tests' reference CNN trains while the fleet starts (mostly waiting on servers)
+    training = None
+    if any(item.get_closest_marker("heavy") for item in request.session.items):
+        from edgeopt import zoo
+
+        training = ThreadPoolExecutor(1).submit(zoo.build, "digits-resnet", out_dir=home / "zoo")
     try:
+        started = time.monotonic()
         up = sh(["bash", script, "up"], env, 300)
+        print(f"fleet up: {time.monotonic() - started:.0f} s", flush=True)
         assert up.returncode == 0, up.stdout + up.stderr
+        if training is not None:
+            training.result(timeout=900)
+            print(f"fleet up and digits-resnet trained: {time.monotonic() - started:.0f} s", flush=True)
         api = f"http://127.0.0.1:{ports['FLEET_PREFECT_PORT']}/api"
         tracking = f"http://127.0.0.1:{ports['FLEET_MLFLOW_PORT']}"
         assert f"export PREFECT_API_URL={api} MLFLOW_TRACKING_URI={tracking}" in up.stdout, up.stdout
@@ -79,14 +119,21 @@ def fleet():
         yield {"env": env, "tmp": tmp, "home": home, "api": api, "tracking": tracking, "up": up,
                "ui": f"http://127.0.0.1:{ports['FLEET_PREFECT_PORT']}", "script": script}
     finally:
+        if training is not None:
+            training.cancel() or training.exception(timeout=900)  # never leave it writing into tmp
+        started = time.monotonic()
         down = sh(["bash", script, "down"], env, 180)
+        print(f"fleet down: {time.monotonic() - started:.0f} s: {' | '.join(down.stderr.splitlines())}", flush=True)
         pids = list((tmp / "fleet" / "pids").glob("*.pid")) if (tmp / "fleet" / "pids").is_dir() else []
-        if down.returncode == 0 and not pids:
+        left = leftovers(tmp / "fleet")
+        if down.returncode == 0 and not pids and not left:
             shutil.rmtree(tmp, ignore_errors=True)
-        assert down.returncode == 0 and not pids, (down.stdout + down.stderr, pids, f"left for a look: {tmp}")
+        assert down.returncode == 0 and not pids and not left, (
+            down.stdout + down.stderr, pids, "still running after fleet.sh down (now killed):", left,
+            f"left for a look: {tmp}")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def client(fleet):
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings

@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import write_profile
 from tests.e2e.conftest import BIN, CHROMIUM, sh
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # the first one waits for the session's fleet
 
 MODEL_NAME = "digits-tiny-fleet"
 
@@ -49,7 +49,7 @@ def deployed_run(fleet, client):
             fr = client.read_flow_run(run.id)
             if fr.state and fr.state.is_final():
                 done[pool] = fr
-        time.sleep(3)
+        time.sleep(1)
     assert set(done) == set(runs), {p: client.read_flow_run(r.id).state for p, r in runs.items()}
     return done["intel-cpu"], done["arm64"]
 
@@ -149,17 +149,14 @@ def test_fleet_status_and_the_cli_against_the_servers(fleet, deployed_run, clien
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH (`make browser` installs Debian's)")
 def test_prefect_ui_shows_the_flow_run(fleet, deployed_run, tmp_path):
+    from tests.e2e.browser import Browser
+
     run = deployed_run[0]
-    url = f"{fleet['ui']}/runs/flow-run/{run.id}"
-    base = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            "--disable-extensions", "--hide-scrollbars", "--window-size=1400,1000",
-            f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=20000"]
-    dom = sh([*base, "--dump-dom", url], fleet["env"], 120, cwd=tmp_path)
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    # the single-page app rendered the run: its name and its final state are on the page
-    assert run.name in dom.stdout, dom.stdout[-3000:]
-    assert "Completed" in dom.stdout, dom.stdout[-3000:]
-    png = tmp_path / "flow-run.png"
-    shot = sh([*base, f"--screenshot={png}", url], fleet["env"], 120, cwd=tmp_path)
-    assert shot.returncode == 0 and png.is_file() and png.stat().st_size > 10_000, shot.stderr[-2000:]
+    with Browser(CHROMIUM, tmp_path) as b:
+        b.goto(f"{fleet['ui']}/runs/flow-run/{run.id}")
+        # the single-page app rendered the run: its name and its final state are on the page
+        b.wait_for(f"(() => {{ const t = document.body ? document.body.textContent : ''; "
+                   f"return t.includes({run.name!r}) && t.includes('Completed') }})()", 90,
+                   what=f"flow run {run.name} and 'Completed' on its page")
+        png = b.screenshot(tmp_path / "flow-run.png")
+    assert png.stat().st_size > 10_000

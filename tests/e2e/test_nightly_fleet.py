@@ -16,6 +16,7 @@ train the CNN): ``make test-e2e`` runs it.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import pytest
 from tests.conftest import write_profile
 from tests.e2e.conftest import BIN, CHROMIUM, sh
 
-pytestmark = [pytest.mark.slow, pytest.mark.heavy, pytest.mark.timeout(2400)]
+pytestmark = [pytest.mark.slow, pytest.mark.heavy, pytest.mark.timeout(1200)]
 
 NAME = "digits-resnet-e2e"
 POOL = "intel-cpu"
@@ -45,7 +46,7 @@ def _wait(client, run_id, timeout: float, until=lambda fr: fr.state is not None 
         if until(fr):
             return fr
         assert time.monotonic() < deadline, (fr.name, fr.state)
-        time.sleep(2)
+        time.sleep(1)
 
 
 def _run(client, deployment: str, parameters: dict, timeout: float = 600):
@@ -200,6 +201,78 @@ def test_second_night_is_unchanged_in_seconds(fleet, client, night):
     assert _alias(cl, "champion") == night["champion"]
 
 
+# the Prefect UI's run form: one `.schema-form-property` per parameter, its label "name" or "name (Optional)"
+_PROP = ("[...document.querySelectorAll('.schema-form-property')].find(p => "
+         "p.querySelector('.schema-form-property__label').innerText.trim().split(' ')[0] == %r)")
+
+
+def _form_click(b, name: str, label: str) -> None:
+    """Click the button labelled ``label`` (a type switch such as ``str``/``list``, or ``Add item``) of a parameter."""
+    found = b.eval(f"(() => {{ const e = [...({_PROP % name}).querySelectorAll('button')]"
+                   f".find(e => e.innerText.trim() == {label!r}); if (e) e.click(); return !!e }})()")
+    assert found, f"parameter {name}: no button {label!r} in the form"
+
+
+def _form_type(b, name: str, text: str) -> None:
+    """Type ``text`` over the value of a parameter's (last) text field, as a user does (key events, Vue's v-model)."""
+    b.wait_for(f"!!({_PROP % name}).querySelector('textarea, input:not([type=checkbox])')", 10,
+               what=f"a text field for parameter {name}")
+    b.eval(f"(() => {{ const f = [...({_PROP % name}).querySelectorAll('textarea, input:not([type=checkbox])')]"
+           ".at(-1); f.focus(); f.select() })()")
+    b.send("Input.insertText", text=text)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH (`make browser` installs Debian's)")
+def test_a_night_run_from_the_ui_form(fleet, client, night, tmp_path):
+    """Run -> Custom run on the deployment's page in the Prefect UI: the typed form (model, data and zoo defaults
+    pre-filled by the deployment), the profile, model name, candidate filter and budgets typed in, Submit; the
+    run has exactly those parameters, runs on the worker, and (same inputs as the first night) is "unchanged"."""
+    from datetime import UTC, datetime, timedelta
+
+    from tests.e2e.browser import Browser
+
+    assert "first" in night["runs"], "needs the first night"
+    dep = client.read_deployment_by_name(NIGHTLY)
+    since = datetime.now(UTC) - timedelta(seconds=5)
+    with Browser(CHROMIUM, tmp_path) as b:
+        b.goto(f"{fleet['ui']}/deployments/deployment/{dep.id}")
+        b.wait_for("[...document.querySelectorAll('button')].some(e => e.innerText.trim() == 'Run')", 90,
+                   what="the deployment page's Run button")
+        b.eval("[...document.querySelectorAll('button')].find(e => e.innerText.trim() == 'Run').click()")
+        b.wait_for("!![...document.querySelectorAll('a')].find(e => e.innerText.trim() == 'Custom run')", 30,
+                   what="Run -> Custom run")
+        b.eval("[...document.querySelectorAll('a')].find(e => e.innerText.trim() == 'Custom run').click()")
+        b.wait_for(f"!!({_PROP % 'candidates'})", 60, what="the parameter form")
+        # the deployment's defaults are in the form: the reference CNN and its data, relative to the worker's clone
+        assert b.eval(f"({_PROP % 'model'}).querySelector('textarea').value") == dep.parameters["model"]
+        # the flow's docstring is each field's description (Markdown: no `<...>` the renderer would drop)
+        described = b.eval(f"({_PROP % 'model_name'}).querySelector('.schema-form-property__description').innerText")
+        assert "registered model name in MLflow" in described and "digits-resnet-intel-cpu" in described, described
+        _form_type(b, "profile", str(night["profile"]))
+        _form_click(b, "model_name", "str")
+        _form_type(b, "model_name", NAME)
+        _form_click(b, "candidates", "list")
+        _form_click(b, "candidates", "Add item")
+        _form_type(b, "candidates", DYNAMIC["name"])
+        _form_type(b, "soak_s", "4")
+        _form_type(b, "duel_rounds", "2")
+        b.screenshot(tmp_path / "prefect-custom-run.png")
+        b.eval("[...document.querySelectorAll('button')].find(e => e.innerText.trim() == 'Submit').click()")
+        b.wait_for("!location.pathname.endsWith('/run')", 30, what="the form to be submitted")
+    # the run the form created (the schedule's runs carry the deployment's default profile)
+    (created,) = _triggered(client, NIGHTLY, since, lambda n: n.parameters.get("model_name") == NAME, timeout=60)
+    params = created.parameters
+    assert params["profile"] == str(night["profile"]) and params["model_name"] == NAME, params
+    assert params["candidates"] == [DYNAMIC["name"]] and params["soak_s"] == 4 and params["duel_rounds"] == 2, params
+    assert params["model"] == dep.parameters["model"] == ".edgeopt/zoo/digits-resnet/model.onnx", params
+    fr = _wait(client, created.id, 300)
+    print(f"night from the UI form: {fr.name} {fr.state.name} in {fr.total_run_time.total_seconds():.1f} s")
+    assert fr.state.is_completed() and fr.work_pool_name == POOL, (fr.state.name, fr.state.message)
+    # the relative paths were read from the worker's data folder: the same inputs as before, so nothing to redo
+    assert "**unchanged**" in _artifacts(client, fr.id)["nightly-nightly-short"].data, _logs(client, fr.id)[-2000:]
+    assert _nightly_runs(_mlflow(fleet))[-1].data.tags["prefect.flow_run_id"] == str(fr.id)
+
+
 def test_a_failed_night_starts_the_notification(fleet, client, night):
     from datetime import UTC, datetime, timedelta
 
@@ -312,35 +385,58 @@ def test_drift_starts_reoptimization_with_the_production_sample(fleet, client, n
     assert run.data.tags["prefect.flow_run_id"] == str(done.id) and run.data.tags["nightly.result"] != "unchanged"
 
 
-def _chromium(args: list[str], url: str, cwd: Path, env: dict):
-    base = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            "--disable-extensions", "--hide-scrollbars", "--window-size=1400,1000",
-            f"--user-data-dir={cwd / 'profile'}", "--virtual-time-budget=25000"]
-    return sh([*base, *args, url], env, 150, cwd=cwd)
+def _page_shows(b, url: str, texts: list[str], png: Path) -> None:
+    """Open ``url`` and wait until the single-page app has rendered every one of ``texts``; a screenshot."""
+    b.goto(url)
+    b.wait_for(f"(() => {{ const t = document.body ? document.body.textContent : ''; "
+               f"return {json.dumps(texts)}.every(x => t.includes(x)) }})()", 90, what=f"{texts} on {url}")
+    assert b.screenshot(png).stat().st_size > 10_000
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH (`make browser` installs Debian's)")
 def test_the_uis_show_the_night(fleet, night, tmp_path):
+    from tests.e2e.browser import Browser
+
     fr = night["runs"].get("first")
     assert fr is not None, "needs the first night"
-    # the Prefect UI's flow-run page: the run, its state, and its log (the nightly's verdict line)
-    url = f"{fleet['ui']}/runs/flow-run/{fr.id}"
-    dom = _chromium(["--dump-dom"], url, tmp_path, fleet["env"])
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    for text in (fr.name, "Completed", f"nightly {NAME} on nightly-short"):
-        assert text in dom.stdout, (text, dom.stdout[-3000:])
-    png = tmp_path / "prefect-flow-run.png"
-    shot = _chromium([f"--screenshot={png}"], url, tmp_path, fleet["env"])
-    assert shot.returncode == 0 and png.stat().st_size > 10_000, shot.stderr[-2000:]
-    # the MLflow run page of that night: its name and its result tag
     cl = _mlflow(fleet)
     run = next(r for r in _nightly_runs(cl) if r.data.tags["prefect.flow_run_id"] == str(fr.id))
-    url = f"{fleet['tracking']}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
-    dom = _chromium(["--dump-dom"], url, tmp_path, fleet["env"])
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    for text in (run.info.run_name, run.data.tags["nightly.result"]):
-        assert text in dom.stdout, (text, dom.stdout[-3000:])
-    png = tmp_path / "mlflow-run.png"
-    shot = _chromium([f"--screenshot={png}"], url, tmp_path, fleet["env"])
-    assert shot.returncode == 0 and png.stat().st_size > 10_000, shot.stderr[-2000:]
+    with Browser(CHROMIUM, tmp_path) as b:
+        # the Prefect UI's flow-run page: the run, its state, and its log (the nightly's verdict line)
+        _page_shows(b, f"{fleet['ui']}/runs/flow-run/{fr.id}", [fr.name, "Completed", f"nightly {NAME} on nightly-short"],
+                    tmp_path / "prefect-flow-run.png")
+        # the MLflow run page of that night: its name and its result tag
+        _page_shows(b, f"{fleet['tracking']}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}",
+                    [run.info.run_name, run.data.tags["nightly.result"]], tmp_path / "mlflow-run.png")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary on PATH (`make browser` installs Debian's)")
+def test_the_pareto_chart_renders_in_the_prefect_ui(fleet, client, night, tmp_path):
+    """The first night's Pareto chart artifact (Markdown with the SVG as a data-URI image): on its artifact page
+    the image is decoded (natural size), laid out (nonzero box), and its pixels show the candidates' points."""
+    from PIL import Image
+
+    from tests.e2e.browser import Browser
+
+    fr = night["runs"].get("first")
+    assert fr is not None, "needs the first night"
+    art = _artifacts(client, *[f.id for f in _family(client, fr.id)])["pareto-chart-nightly-short"]
+    img = "[...document.querySelectorAll('.markdown-renderer img')].find(i => i.src.startsWith('data:image/svg+xml'))"
+    with Browser(CHROMIUM, tmp_path) as b:
+        b.goto(f"{fleet['ui']}/artifacts/artifact/{art.id}")
+        box = b.wait_for(f"(() => {{ const i = {img}; if (!i || !i.complete || !i.naturalWidth) return null; "
+                         "const r = i.getBoundingClientRect(); return {x: r.x + scrollX, y: r.y + scrollY, "
+                         "width: r.width, height: r.height, natural: [i.naturalWidth, i.naturalHeight]} })()",
+                         90, what="the Pareto chart's image, decoded")
+        assert box["width"] >= 200 and box["height"] >= 150, box
+        png = b.screenshot(tmp_path / "prefect-pareto-chart.png",
+                           clip={k: box[k] for k in ("x", "y", "width", "height")})
+    raw = Image.open(png).convert("RGB").tobytes()
+    pixels = [tuple(raw[i:i + 3]) for i in range(0, len(raw), 3)]
+    near = lambda c, ref: sum(abs(a - b) for a, b in zip(c, ref)) < 60
+    points = sum(near(c, (0x1A, 0x73, 0xE8)) or near(c, (0xE8, 0x71, 0x0A)) for c in pixels)  # frontier, selected
+    dark = sum(max(c) < 80 for c in pixels)  # axes and labels
+    white = sum(min(c) > 240 for c in pixels)
+    print(f"Pareto chart on the artifact page: {box}; {points} point pixels, {dark} dark, {white} white of {len(pixels)}")
+    assert white > len(pixels) * 0.5, "the chart's white background is not there"
+    assert points > 50 and dark > 200, (points, dark)
