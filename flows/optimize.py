@@ -246,7 +246,7 @@ def optimize_flow(
         calibration: .npz calibration data, or .txt/.jsonl sentences for text models.
         evaluation: .npz evaluation data (a ``labels`` array gives accuracy), or .txt/.jsonl sentences.
         candidates: only these candidate names from the profile (default: all).
-        model_name: registered model name in MLflow (default: <model>-<profile>).
+        model_name: registered model name in MLflow (default: the model file's name, a dash, the profile).
         data_dir: edgeopt data folder (default: $EDGEOPT_HOME or ./.edgeopt).
         refresh: rebuild and re-measure everything, ignoring cached results.
         allow_hardware_mismatch: run even if this machine does not fit the profile's hardware.
