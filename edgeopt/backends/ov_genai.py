@@ -299,12 +299,11 @@ class OvGenAISession:
 
 def generate_job(job: dict[str, Any]) -> dict[str, Any]:
     """Worker side of a generation measurement (``edgeopt.bench.generate``): the same figures as llama.cpp's."""
-    import resource
-
     import openvino as ov
     import openvino_genai
 
     from edgeopt.bench import memory
+    from edgeopt.bench.generate import generation_figures
 
     threads = int(job["runtime"].get("threads") or os.cpu_count() or 1)
     _warm_cpu_plugin(threads)  # the CPU plugin and its thread pool are the runtime's, not the model's memory
@@ -339,11 +338,5 @@ def generate_job(job: dict[str, Any]) -> dict[str, Any]:
         ttft.append(float(metrics.get_ttft().mean))
         latencies.extend(steps)
         gen_tps.append(len(steps) / (sum(steps) / 1e3))
-    after = memory.read()
-    peak = after.peak if after.peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    lat = np.asarray(latencies)
-    return {"prompt_tps": prompt_tps, "gen_tps": gen_tps, "ttft_ms": ttft,
-            "token_ms_p50": float(np.percentile(lat, 50)), "token_ms_p95": float(np.percentile(lat, 95)),
-            "token_ms_p99": float(np.percentile(lat, 99)), "token_samples": int(lat.size),
-            "rss_peak_mb": float(peak), "rss_model_mb": memory.delta_mb(after.rss, before.rss),
-            "load_time_ms": load_ms, "threads": threads}
+    return generation_figures(prompt_tps=prompt_tps, gen_tps=gen_tps, ttft=ttft, latencies=latencies, before=before,
+                              load_ms=load_ms, threads=threads)

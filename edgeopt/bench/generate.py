@@ -25,7 +25,8 @@ import numpy as np
 from edgeopt.bench.supervise import exclusive, run_worker
 from edgeopt.records import Artifact, GenerationResult
 
-__all__ = ["bytes_per_token", "interleaved_generation", "measure_generation", "run_generate_job"]
+__all__ = ["bytes_per_token", "generation_figures", "interleaved_generation", "measure_generation",
+           "run_generate_job"]
 
 
 def run_generate_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -36,7 +37,6 @@ def run_generate_job(job: dict[str, Any]) -> dict[str, Any]:
         from edgeopt.backends.ov_genai import generate_job
 
         return generate_job(job)
-    import resource
 
     import llama_cpp
 
@@ -73,6 +73,18 @@ def run_generate_job(job: dict[str, Any]) -> dict[str, Any]:
         ttft.append(first)
         latencies.extend(steps)
         gen_tps.append(len(steps) / (sum(steps) / 1e3))
+    return generation_figures(prompt_tps=prompt_tps, gen_tps=gen_tps, ttft=ttft, latencies=latencies, before=before,
+                              load_ms=load_ms, threads=llm.context_params.n_threads)
+
+
+def generation_figures(*, prompt_tps: list[float], gen_tps: list[float], ttft: list[float], latencies: list[float],
+                       before: Any, load_ms: float, threads: int) -> dict[str, Any]:
+    """Worker side: the result of a generation measurement from its repeats' figures and the memory reading
+    taken before the model was loaded (every runtime's loop returns this, so the figures mean the same)."""
+    import resource
+
+    from edgeopt.bench import memory
+
     after = memory.read()
     peak = after.peak if after.peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     lat = np.asarray(latencies)
@@ -80,7 +92,7 @@ def run_generate_job(job: dict[str, Any]) -> dict[str, Any]:
             "token_ms_p50": float(np.percentile(lat, 50)), "token_ms_p95": float(np.percentile(lat, 95)),
             "token_ms_p99": float(np.percentile(lat, 99)), "token_samples": int(lat.size),
             "rss_peak_mb": float(peak), "rss_model_mb": memory.delta_mb(after.rss, before.rss),
-            "load_time_ms": load_ms, "threads": llm.context_params.n_threads}
+            "load_time_ms": load_ms, "threads": threads}
 
 
 def bytes_per_token(path: str | Path, *, kv_bytes_per_token: int, context_tokens: int) -> int:
