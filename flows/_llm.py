@@ -27,6 +27,7 @@ from edgeopt.records import (
     GenerationResult,
     HardwareFingerprint,
 )
+from flows._recording import log_outcomes
 from tasks import llm as llm_tasks
 from tasks import tracking
 from tasks.phases import benchmark_slot, fingerprint_task, host_spread_task, select_task
@@ -86,19 +87,10 @@ def optimize_llm(*, source: Assessment, prof: Profile, calibration: str | None, 
         progress("select", prof.name)
         selection = select_task(outcomes, prof)
         table = report.llm_rows(outcomes, selection)
-        for row in table:
-            logger.info("%s: %s", row["candidate"], "; ".join(f"{k} {row[k]}" for k in report.LLM_CLI_COLUMNS[1:]
-                                                            if row[k] not in ("", "-")))
-        logger.info("selection: %s", selection.message)
-        logs = [tracking.log_candidate.submit(data_dir=str(base), experiment_id=exp_id, parent_run_id=run_id,
-                                              outcome=o, cached=o.name in reused) for o in outcomes]
-        child_ids = {o.name: f.result() for o, f in zip(outcomes, logs, strict=True)}
-        url = tracking.run_url(experiment_id=exp_id, run_id=run_id, data_dir=str(base))
-        chosen = next((o for o in outcomes if o.name == selection.selected), None)
-        links = {"MLflow run": url}
-        if chosen is not None:
-            links["Registered model"] = f"{name}, alias '{tracking.CANDIDATE_ALIAS}'"
-        md = report.markdown(outcomes, selection, title=f"edgeopt optimize: {name} on {prof.name}", links=links)
+        logged = log_outcomes(outcomes=outcomes, selection=selection, table=table, columns=report.LLM_CLI_COLUMNS,
+                              reused=reused, base=str(base), experiment_id=exp_id, run_id=run_id, name=name,
+                              profile=prof, logger=logger)
+        child_ids, url, chosen, md = logged.child_ids, logged.url, logged.chosen, logged.markdown
         tracking.record_selection(data_dir=str(base), run_id=run_id, selection=selection, report_md=md,
                                   outcomes=outcomes)
         create_markdown_artifact(markdown=md, key=re.sub(r"[^a-z0-9-]+", "-", f"optimize-{prof.name}".lower()),

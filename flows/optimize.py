@@ -31,6 +31,7 @@ from edgeopt.records import CandidateOutcome, Selection
 from flows._measuring import Measurements, measure_rounds
 from flows._names import by_profile
 from flows._pools import refuse_wrong_host
+from flows._recording import log_outcomes
 from tasks import tracking
 from tasks.phases import (
     assess_task,
@@ -356,20 +357,11 @@ def optimize_flow(
         _progress("select", prof.name)
         selection = select_task([o for o in outcomes if o.name not in of_candidate], prof)
         table = report.rows(outcomes, selection)
-        for row in table:
-            logger.info("%s: %s", row["candidate"], "; ".join(f"{k} {row[k]}" for k in report.CLI_COLUMNS[1:]
-                                                            if row[k] not in ("", "-")))
-        logger.info("selection: %s", selection.message)
         reused = tuple(o.name for o in outcomes if m.reused(o.name))
-        logs = [tracking.log_candidate.submit(data_dir=str(base), experiment_id=exp_id, parent_run_id=run_id,
-                                              outcome=o, cached=o.name in reused) for o in outcomes]
-        child_ids = {o.name: f.result() for o, f in zip(outcomes, logs, strict=True)}
-        url = tracking.run_url(experiment_id=exp_id, run_id=run_id, data_dir=str(base))
-        chosen = next((o for o in outcomes if o.name == selection.selected), None)
-        links = {"MLflow run": url}
-        if chosen is not None:
-            links["Registered model"] = f"{name}, alias '{tracking.CANDIDATE_ALIAS}'"
-        md = report.markdown(outcomes, selection, title=f"edgeopt optimize: {name} on {prof.name}", links=links)
+        logged = log_outcomes(outcomes=outcomes, selection=selection, table=table, columns=report.CLI_COLUMNS,
+                              reused=reused, base=str(base), experiment_id=exp_id, run_id=run_id, name=name,
+                              profile=prof, logger=logger)
+        child_ids, url, chosen, md = logged.child_ids, logged.url, logged.chosen, logged.markdown
         if assessment.input_shapes:
             md += f"\n\nInput shapes (batch included): {describe_shapes(assessment.input_shapes)}\n"
         if assessment.per_sample_inputs:
