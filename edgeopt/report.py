@@ -166,6 +166,22 @@ def synthetic_note(roles: Sequence[str]) -> str:
             "shapes, no labels); accuracy figures compare candidates with the baseline on those, not on real data")
 
 
+def _misses_failures_verdicts(outcomes: Sequence[CandidateOutcome], selection: Selection) -> list[str]:
+    """The report's sections after its table: nearest misses, failures, every gate verdict."""
+    lines: list[str] = []
+    if selection.nearest_misses:
+        lines += ["", "**Nearest misses**", ""] + [f"- {m}" for m in selection.nearest_misses]
+    failures = [o for o in outcomes if o.failure]
+    if failures:
+        lines += ["", "**Failures**", ""] + [f"- {o.name}: `{o.failure.reason}` at {o.failure.stage}: {o.failure.message}"
+                                             for o in failures]
+    verdicts = [o for o in outcomes if o.verdicts]
+    if verdicts:
+        lines += ["", "**Gate verdicts**", ""] + [f"- {o.name}: " + "; ".join(v.describe() for v in o.verdicts)
+                                                  for o in verdicts]
+    return lines
+
+
 def markdown(outcomes: Sequence[CandidateOutcome], selection: Selection, *, title: str, links: dict[str, str]) -> str:
     note = spread_note(outcomes)
     floor = f", and at least as wide as {note}" if note else ""
@@ -183,17 +199,7 @@ def markdown(outcomes: Sequence[CandidateOutcome], selection: Selection, *, titl
     sources = sorted({o.benchmark.memory_source for o in outcomes if o.benchmark and o.benchmark.memory_source})
     if sources:
         lines += ["", f"Memory figures: {'; '.join(sources)}."]
-    if selection.nearest_misses:
-        lines += ["", "**Nearest misses**", ""] + [f"- {m}" for m in selection.nearest_misses]
-    failures = [o for o in outcomes if o.failure]
-    if failures:
-        lines += ["", "**Failures**", ""] + [f"- {o.name}: `{o.failure.reason}` at {o.failure.stage}: {o.failure.message}"
-                                             for o in failures]
-    verdicts = [o for o in outcomes if o.verdicts]
-    if verdicts:
-        lines += ["", "**Gate verdicts**", ""]
-        for o in verdicts:
-            lines.append(f"- {o.name}: " + "; ".join(v.describe() for v in o.verdicts))
+    lines += _misses_failures_verdicts(outcomes, selection)
     baselines = [o for o in outcomes if o.spec.baseline and o.benchmark]
     if len(baselines) > 1:
         lines += ["", ("**Baselines** (each candidate's ratios use the baseline in its `vs` column: same inputs, "
@@ -286,16 +292,7 @@ def _llm_markdown(outcomes: Sequence[CandidateOutcome], selection: Selection, *,
     lines.append("|" + "---|" * len(LLM_COLUMNS))
     for r in llm_rows(outcomes, selection):
         lines.append("| " + " | ".join(r[c] for c in LLM_COLUMNS) + " |")
-    if selection.nearest_misses:
-        lines += ["", "**Nearest misses**", ""] + [f"- {m}" for m in selection.nearest_misses]
-    failures = [o for o in outcomes if o.failure]
-    if failures:
-        lines += ["", "**Failures**", ""] + [f"- {o.name}: `{o.failure.reason}` at {o.failure.stage}: {o.failure.message}"
-                                             for o in failures]
-    verdicts = [o for o in outcomes if o.verdicts]
-    if verdicts:
-        lines += ["", "**Gate verdicts**", ""] + [f"- {o.name}: " + "; ".join(v.describe() for v in o.verdicts)
-                                                  for o in verdicts]
+    lines += _misses_failures_verdicts(outcomes, selection)
     notes = [f"- {o.name}: " + "; ".join(o.artifact.notes) for o in outcomes if o.artifact and o.artifact.notes]
     if notes:
         lines += ["", "**Builds**", ""] + notes
