@@ -82,7 +82,7 @@ class BenchmarkConfig(_Strict):
                                      "± z times this wide, so its verdict settles only when it would hold in "
                                      "another run; 0 = trust one run's rounds alone")
     run_to_run_history: bool = Field(True, description="pool the prior with the spread of speed-ups re-measured "
-                                     "in earlier runs on this hardware (<data>/hosts/), which narrows the floor "
+                                     "in earlier runs on this hardware (the host state folder, see edgeopt.settings), which narrows the floor "
                                      "on a quiet host and widens it on a noisy one")
     llm: LLMBenchmarkConfig = Field(default_factory=LLMBenchmarkConfig, description="language models "
                                     "(llama.cpp): prompt and generation lengths, perplexity windows")

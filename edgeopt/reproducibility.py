@@ -14,7 +14,9 @@ on this host (ISO 5725's reproducibility, which includes the within-run part) an
 quantile of the gate's confidence. ``s`` is estimated from a prior (the profile's
 ``benchmark.run_to_run_spread``, worth ``PRIOR_DF`` degrees of freedom) pooled with this host's
 history: every comparison measured afresh appends its log speed-up to
-``<data>/hosts/<hardware digest>.jsonl``; comparisons measured in two runs or more contribute their
+``<host state>/<hardware digest>.jsonl`` (``edgeopt.settings.host_state_dir``: the user's
+state folder, shared by every project folder and clone on this host, or the ``hosts/`` of a data folder
+chosen explicitly); comparisons measured in two runs or more contribute their
 deviations from their own mean::
 
     s² = (PRIOR_DF · s0² + Σ_i Σ_j (x_ij − x̄_i)²) / (PRIOR_DF + Σ_i (n_i − 1))
@@ -52,6 +54,7 @@ from pathlib import Path
 from edgeopt.intervals import Interval
 from edgeopt.keys import digest, hardware_identity
 from edgeopt.records import HardwareFingerprint
+from edgeopt.settings import host_state_dir
 
 __all__ = ["PRIOR_DF", "RatioRecord", "Spread", "earlier_runs", "estimate", "history_path", "own_sd", "pooled",
            "read_history", "record", "settleable", "z_value"]
@@ -96,8 +99,10 @@ class RatioRecord:
 
 
 def history_path(data_dir: Path | str, hw: HardwareFingerprint) -> Path:
-    """The history file of this hardware (same CPU, ISA, cores, OS and tool versions) under ``data_dir``."""
-    return Path(data_dir) / "hosts" / f"{digest(hardware_identity(hw))}.jsonl"
+    """The history file of this hardware (same CPU, ISA, cores, OS and tool versions) for the data folder
+    ``data_dir``: in the host's state folder (``edgeopt.settings.host_state_dir``: shared by every project
+    folder on this host unless the data folder was chosen explicitly)."""
+    return host_state_dir(data_dir) / f"{digest(hardware_identity(hw))}.jsonl"
 
 
 def read_history(path: Path) -> list[RatioRecord]:

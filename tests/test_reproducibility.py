@@ -199,3 +199,27 @@ def test_history_lines_carry_the_measurement(tmp_path: Path) -> None:
     record(path, run="r1", ratios={"a": 2.0}, measurements={"a": "m1"}, sds={"a": 0.07})
     back = read_history(path)[0]
     assert back.measurement == "m1" and back.sd_log == 0.07
+
+
+def test_the_hosts_evidence_is_shared_by_project_folders_unless_a_data_folder_is_chosen(tmp_path: Path,
+                                                                                          monkeypatch) -> None:
+    """Two clones on one host, each with the default ``./.edgeopt``, read and write one history (the
+    run-to-run spread is the host's); ``$EDGEOPT_HOME`` or another folder keeps its own; ``$EDGEOPT_HOST_STATE``
+    wins over both."""
+    from edgeopt.settings import host_state_dir
+
+    monkeypatch.delenv("EDGEOPT_HOME", raising=False)
+    monkeypatch.delenv("EDGEOPT_HOST_STATE", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    shared = tmp_path / "state" / "edgeopt" / "hosts"
+    for clone in ("clone-a", "clone-b"):
+        (tmp_path / clone).mkdir()
+        monkeypatch.chdir(tmp_path / clone)
+        assert host_state_dir() == shared
+        assert host_state_dir(Path(".edgeopt")) == shared
+    assert host_state_dir(tmp_path / "data") == tmp_path / "data" / "hosts"  # a folder chosen by the caller
+    monkeypatch.setenv("EDGEOPT_HOME", str(tmp_path / "home"))
+    assert host_state_dir() == tmp_path / "home" / "hosts"
+    assert host_state_dir(Path(".edgeopt")) == tmp_path / "clone-b" / ".edgeopt" / "hosts"
+    monkeypatch.setenv("EDGEOPT_HOST_STATE", str(tmp_path / "mine"))
+    assert host_state_dir(tmp_path / "data") == tmp_path / "mine"

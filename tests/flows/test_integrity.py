@@ -197,6 +197,30 @@ def test_a_re_measured_comparison_is_judged_on_every_run_of_it_on_this_host(mlp,
     assert len(lines) == 2, "the cached run is not recorded again"
 
 
+def test_a_fresh_clone_on_the_same_host_pools_what_the_host_measured_before(mlp, tmp_path, monkeypatch):
+    """Two project folders (e.g. two clones) with the default data folder on one host: the second's fresh
+    measurement of the same comparison is judged on both runs, as a re-run in the first folder would be."""
+    fp32 = {"name": "ort-fp32", "backend": "onnxruntime", "recipe": {"precision": "fp32", "graph_optimization": "all"}}
+    profile = write_profile(tmp_path / "p.yaml", candidates=[fp32],
+                            gates={"speedup_min": 0.5, "memory_reduction_min": -1.0, "accuracy_ratio_min": 0.5},
+                            benchmark={"repeats": 2, "extra_repeats": 0, "run_to_run_spread": 0.2})
+    monkeypatch.delenv("EDGEOPT_HOME", raising=False)
+    monkeypatch.delenv("EDGEOPT_HOST_STATE", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    verdicts = []
+    for clone in ("clone-a", "clone-b"):
+        (tmp_path / clone).mkdir()
+        monkeypatch.chdir(tmp_path / clone)
+        report = optimize_flow(model=str(mlp["model"]), profile=str(profile), evaluation=str(mlp["eval"]))
+        verdicts.append(next(v for v in _by_name(report)["ort-fp32"].verdicts if v.gate == "speedup"))
+        assert (tmp_path / clone / ".edgeopt" / "work").is_dir(), "each clone builds and measures in its own folder"
+    first, second = verdicts
+    assert first.runs_pooled == 1 and second.runs_pooled == 2
+    assert second.pooled_point == pytest.approx(math.sqrt(first.measured * second.measured), rel=1e-9)
+    lines = [ln for f in (tmp_path / "state" / "edgeopt" / "hosts").glob("*.jsonl") for ln in f.read_text().splitlines()]
+    assert len(lines) == 2 and not list((tmp_path / "clone-a" / ".edgeopt").glob("hosts/*.jsonl"))
+
+
 def _loose(tmp_path: Path) -> Path:
     return write_profile(tmp_path / "loose.yaml",
                          gates={"speedup_min": 1.0, "memory_reduction_min": 0.0, "accuracy_ratio_min": 0.8,
