@@ -210,7 +210,7 @@ def measure(artifact: Artifact, *, profile: Profile, prompt: list[int], evaluati
     cfg = profile.benchmark.llm
     result = measure_generation(a, prompt=prompt, gen_tokens=cfg.gen_tokens, threads=int(a.runtime["threads"]),
                                 repeats=cfg.runs, work_dir=folder, timeout_s=profile.benchmark.timeout_s,
-                                lock_path=lock_path)
+                                lock_path=lock_path, context_tokens=cfg.context_tokens)
     (folder / "generation.json").write_text(result.model_dump_json(indent=1), encoding="utf-8")
     write_stamp(folder, folder.name.removeprefix(f"{a.candidate}-"), files=["generation.json"])
     return result

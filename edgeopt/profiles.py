@@ -55,6 +55,8 @@ class LLMBenchmarkConfig(_Strict):
     runs: int = Field(3, ge=1, description="prompt + generation runs per fresh process (after one warm-up)")
     eval_window: int = Field(128, ge=8, description="tokens per perplexity / KLD window")
     eval_max_windows: int = Field(16, ge=1, description="windows of the evaluation text scored at most")
+    context_tokens: int = Field(2048, ge=1, description="context length the KV-cache memory figure is given at "
+                                "(tokens; the runtime's bytes per token x this)")
 
 
 class BenchmarkConfig(_Strict):

@@ -254,6 +254,12 @@ class GenerationResult(Record):
     bytes_per_token: int | None = Field(default=None, description="weights + KV cache read per generated token")
     bandwidth_gbps: float | None = Field(default=None, description="measured read bandwidth at these threads")
     bandwidth_fraction: float | None = Field(default=None, description="gen_tps x bytes_per_token / bandwidth")
+    kv_cache_bytes_per_token: float | None = Field(default=None, description="K and V bytes per context token as "
+                                                   "the runtime allocated them (its KV-cache type); None when the "
+                                                   "runtime does not report it")
+    kv_context_tokens: int | None = Field(default=None, description="context length kv_cache_mb is given at (the "
+                                          "profile's benchmark.llm.context_tokens)")
+    kv_cache_mb: float | None = Field(default=None, description="KV-cache memory at kv_context_tokens (MiB)")
 
 
 class EvalResult(Record):

@@ -20,7 +20,7 @@ CLI_COLUMNS = ("candidate", "runs as", "tokens", "vs", "p50 ms", "speed-up p50",
 
 #: language models (llama.cpp): generation against the F16 reference, measured side by side
 LLM_COLUMNS = ("candidate", "runs as", "vs", "gen tok/s", "prompt tok/s", "TTFT ms", "speed-up", "speed-up CI",
-               "peak RSS MB", "model MB", "memory -%", "size MB", "perplexity", "KLD vs F16", "KLD p99",
+               "peak RSS MB", "model MB", "KV MB", "memory -%", "size MB", "perplexity", "KLD vs F16", "KLD p99",
                "top-1 agree", "verdict")
 LLM_CLI_COLUMNS = ("candidate", "runs as", "gen tok/s", "prompt tok/s", "TTFT ms", "speed-up", "speed-up CI",
                    "peak RSS MB", "size MB", "perplexity", "KLD vs F16", "top-1 agree", "verdict")
@@ -118,6 +118,7 @@ def llm_rows(outcomes: Sequence[CandidateOutcome], selection: Selection | None =
             "speed-up CI": _ci(o, "speedup"),
             "peak RSS MB": _mem(g.rss_peak_mb) if g else "-",
             "model MB": _mem(g.rss_model_mb) if g else "-",
+            "KV MB": (f"{g.kv_cache_mb:.1f} @{g.kv_context_tokens}" if g and g.kv_cache_mb is not None else "-"),
             "memory -%": "-" if o.memory_reduction is None else ("NaN" if math.isnan(o.memory_reduction)
                                                                  else f"{o.memory_reduction * 100:.0f}%"),
             "size MB": _f(size / 1e6 if size is not None else None, ".2f"),

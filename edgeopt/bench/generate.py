@@ -11,11 +11,18 @@ ratios compare measurements taken side by side.
 ``bandwidth_fraction`` relates generation speed to the memory-bandwidth bound: each generated token
 reads every weight once (the token-embedding table excepted: one row is gathered) plus the KV cache
 filled so far; bytes per token x tokens/s / measured read bandwidth (``edgeopt.bench.bandwidth``).
+
+The KV cache's size is what the runtime allocated, not a formula: llama.cpp logs its KV buffer when the
+context is created (``llama_kv_cache: size = X MiB (N cells, ...)``), so bytes per token = X / N for the
+recipe's KV-cache type; the record gives it per token and at the profile's context length
+(``benchmark.llm.context_tokens``). Runtimes that do not report their KV cache leave both None.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -25,8 +32,40 @@ import numpy as np
 from edgeopt.bench.supervise import exclusive, run_worker
 from edgeopt.records import Artifact, GenerationResult
 
-__all__ = ["bytes_per_token", "generation_figures", "interleaved_generation", "measure_generation",
-           "run_generate_job"]
+__all__ = ["bytes_per_token", "generation_figures", "interleaved_generation", "kv_bytes_per_token_from_log",
+           "measure_generation", "run_generate_job"]
+
+_LOG_CALLBACK: list[Any] = []
+_KV_SIZE_RE = re.compile(r"llama_kv_cache\w*: size =\s*([0-9.]+) MiB \(\s*(\d+) cells")
+
+
+def kv_bytes_per_token_from_log(text: str) -> float | None:
+    """Bytes of K and V per context token from llama.cpp's context-creation log (the last KV cache it
+    reported), or None when the log has no such line."""
+    found = _KV_SIZE_RE.findall(text)
+    if not found:
+        return None
+    mib, cells = found[-1]
+    return float(mib) * 2**20 / int(cells) if int(cells) > 0 else None
+
+
+def _capture_llama_log() -> list[str]:
+    """Route llama.cpp's log lines (all levels) to descriptor 2 (the worker's log file) and keep them here."""
+    import ctypes
+
+    import llama_cpp
+
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def _keep(_level: int, text: bytes, _user: object) -> None:
+        line = text.decode("utf-8", errors="replace")
+        lines.append(line)
+        os.write(2, text)
+
+    _LOG_CALLBACK[:] = [_keep]  # kept alive: llama.cpp holds only the C pointer
+    llama_cpp.llama_log_set(_keep, ctypes.c_void_p(0))
+    return lines
 
 
 def run_generate_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -44,6 +83,7 @@ def run_generate_job(job: dict[str, Any]) -> dict[str, Any]:
     from edgeopt.bench import memory
 
     llama_cpp.llama_backend_init()
+    log_lines = _capture_llama_log()
     before = memory.read()
     memory.reset_peak()
     t0 = time.perf_counter()
@@ -74,11 +114,13 @@ def run_generate_job(job: dict[str, Any]) -> dict[str, Any]:
         latencies.extend(steps)
         gen_tps.append(len(steps) / (sum(steps) / 1e3))
     return generation_figures(prompt_tps=prompt_tps, gen_tps=gen_tps, ttft=ttft, latencies=latencies, before=before,
-                              load_ms=load_ms, threads=llm.context_params.n_threads)
+                              load_ms=load_ms, threads=llm.context_params.n_threads,
+                              kv_bytes_per_token=kv_bytes_per_token_from_log("".join(log_lines)))
 
 
 def generation_figures(*, prompt_tps: list[float], gen_tps: list[float], ttft: list[float], latencies: list[float],
-                       before: Any, load_ms: float, threads: int) -> dict[str, Any]:
+                       before: Any, load_ms: float, threads: int,
+                       kv_bytes_per_token: float | None = None) -> dict[str, Any]:
     """Worker side: the result of a generation measurement from its repeats' figures and the memory reading
     taken before the model was loaded (every runtime's loop returns this, so the figures mean the same)."""
     import resource
@@ -92,7 +134,7 @@ def generation_figures(*, prompt_tps: list[float], gen_tps: list[float], ttft: l
             "token_ms_p50": float(np.percentile(lat, 50)), "token_ms_p95": float(np.percentile(lat, 95)),
             "token_ms_p99": float(np.percentile(lat, 99)), "token_samples": int(lat.size),
             "rss_peak_mb": float(peak), "rss_model_mb": memory.delta_mb(after.rss, before.rss),
-            "load_time_ms": load_ms, "threads": threads}
+            "load_time_ms": load_ms, "threads": threads, "kv_bytes_per_token": kv_bytes_per_token}
 
 
 def bytes_per_token(path: str | Path, *, kv_bytes_per_token: int, context_tokens: int) -> int:
@@ -106,8 +148,9 @@ def bytes_per_token(path: str | Path, *, kv_bytes_per_token: int, context_tokens
 
 def measure_generation(artifact: Artifact, *, prompt: list[int], gen_tokens: int, threads: int,
                        repeats: int, work_dir: Path, timeout_s: float = 600.0,
-                       lock_path: Path | None = None) -> GenerationResult:
-    """One fresh-process generation measurement of ``artifact`` with ``threads`` threads."""
+                       lock_path: Path | None = None, context_tokens: int = 2048) -> GenerationResult:
+    """One fresh-process generation measurement of ``artifact`` with ``threads`` threads; its KV cache is
+    given at ``context_tokens``."""
     work_dir.mkdir(parents=True, exist_ok=True)
     runtime = {**artifact.runtime, "threads": threads,
                "n_ctx": max(int(artifact.runtime.get("n_ctx", 512)), len(prompt) + gen_tokens + 8)}
@@ -121,6 +164,8 @@ def measure_generation(artifact: Artifact, *, prompt: list[int], gen_tokens: int
         values = [float(v) for v in out[key] if math.isfinite(float(v))]
         return float(np.median(values)) if values else math.nan
 
+    kv = out.get("kv_bytes_per_token")
+    kv = float(kv) if kv is not None and math.isfinite(float(kv)) and float(kv) > 0 else None
     return GenerationResult(candidate=artifact.candidate, prompt_tokens=len(prompt), gen_tokens=gen_tokens,
                             repeats=repeats, threads=int(out["threads"]), prompt_tps=med("prompt_tps"),
                             gen_tps=med("gen_tps"), ttft_ms=med("ttft_ms"), token_ms_p50=out["token_ms_p50"],
@@ -128,7 +173,9 @@ def measure_generation(artifact: Artifact, *, prompt: list[int], gen_tokens: int
                             token_samples=out["token_samples"], rss_peak_mb=out["rss_peak_mb"],
                             rss_model_mb=out["rss_model_mb"], load_time_ms=out["load_time_ms"],
                             size_bytes=artifact.size_bytes,
-                            gen_tps_rounds=tuple(float(v) for v in out["gen_tps"]))
+                            gen_tps_rounds=tuple(float(v) for v in out["gen_tps"]),
+                            kv_cache_bytes_per_token=kv, kv_context_tokens=context_tokens if kv else None,
+                            kv_cache_mb=kv * context_tokens / 2**20 if kv else None)
 
 
 def interleaved_generation(artifacts: dict[str, Artifact], *, rounds: int, work_dir: Path,

@@ -334,6 +334,9 @@ def _llm_metrics(o: CandidateOutcome) -> dict[str, float]:
             m[field] = float(getattr(g, field))
         m |= {"prompt_tokens": float(g.prompt_tokens), "gen_tokens": float(g.gen_tokens),
               "threads": float(g.threads), "gen_runs": float(len(g.gen_tps_rounds))}
+        if g.kv_cache_mb is not None:
+            m |= {"kv_cache_mb": float(g.kv_cache_mb), "kv_cache_bytes_per_token": float(g.kv_cache_bytes_per_token),
+                  "kv_context_tokens": float(g.kv_context_tokens)}
         if o.speedup_p50 is not None:
             m["generation_speedup"] = float(o.speedup_p50)
     if e is not None:

@@ -12,7 +12,12 @@ llama_cpp = pytest.importorskip("llama_cpp")
 
 from edgeopt.backends.llamacpp import LlamaCppBackend, LlamaCppRecipe
 from edgeopt.bench.bandwidth import hardware_key, read_bandwidth_gbps
-from edgeopt.bench.generate import bytes_per_token, interleaved_generation
+from edgeopt.bench.generate import (
+    bytes_per_token,
+    interleaved_generation,
+    kv_bytes_per_token_from_log,
+    measure_generation,
+)
 from edgeopt.errors import CandidateFailed
 from edgeopt.hardware import fingerprint
 from edgeopt.intake import assess
@@ -30,6 +35,12 @@ def test_interleaved_generation_like_for_like(tiny_llama, tmp_path: Path) -> Non
         assert all(math.isfinite(v) and v > 0 for v in (r.gen_tps, r.prompt_tps, r.ttft_ms, r.token_ms_p99))
         assert r.token_ms_p50 <= r.token_ms_p95 <= r.token_ms_p99 and r.rss_peak_mb > r.rss_model_mb > 0
     assert res["Q4_0"].size_bytes < res["F16"].size_bytes / 3
+    # the KV cache llama.cpp allocated (F16 K and V) is what the model's shape says: 2 x layers x kv_heads x
+    # head_dim x 2 bytes per token (an independent figure: the GGUF's metadata), at the default 2048 tokens
+    for r in res.values():
+        assert r.kv_cache_bytes_per_token == pytest.approx(a.llm.kv_cache_bytes_per_token, rel=0.01)
+        assert r.kv_context_tokens == 2048
+        assert r.kv_cache_mb == pytest.approx(r.kv_cache_bytes_per_token * 2048 / 2**20, rel=1e-9)
     f16, q4 = (bytes_per_token(arts[q].path, kv_bytes_per_token=2048, context_tokens=40) for q in ("F16", "Q4_0"))
     assert q4 < f16 / 3 and f16 > 2048 * 40
     bad = tmp_path / "bad.gguf"
@@ -38,6 +49,27 @@ def test_interleaved_generation_like_for_like(tiny_llama, tmp_path: Path) -> Non
         interleaved_generation({"bad": arts["F16"].model_copy(update={"path": str(bad), "candidate": "bad"})},
                                rounds=1, work_dir=tmp_path / "b", prompt=[5, 6, 7], gen_tokens=4, threads=1, repeats=1)
     assert info.value.reason in ("build-error", "invalid-output") and "truncated" in str(info.value)
+
+
+def test_the_kv_cache_figure_follows_the_recipes_kv_type(tiny_llama, tmp_path: Path) -> None:
+    """A Q8_0 KV cache (34 bytes per 32 values) takes 17/32 of the F16 one: the figure is the runtime's
+    allocation for the recipe's type, given at the context length asked for."""
+    a = assess(tiny_llama["f16"])
+    art = LlamaCppBackend().optimize(model=a.model, assessment=a,
+                                     recipe=LlamaCppRecipe(quant="F16", kv_type="q8_0", flash_attn=True),
+                                     candidate="kv-q8", out_dir=tmp_path / "kv-q8")
+    r = measure_generation(art, prompt=list(range(5, 21)), gen_tokens=4, threads=1, repeats=1,
+                           work_dir=tmp_path / "w", context_tokens=4096)
+    assert r.kv_cache_bytes_per_token == pytest.approx(a.llm.kv_cache_bytes_per_token * 17 / 32, rel=0.01)
+    assert r.kv_context_tokens == 4096 and r.kv_cache_mb == pytest.approx(r.kv_cache_bytes_per_token * 4096 / 2**20)
+
+
+def test_kv_bytes_are_read_from_the_last_kv_cache_llama_cpp_reported() -> None:
+    log = ("llama_kv_cache:        CPU KV buffer size =     2.00 MiB\n"
+           "llama_kv_cache: size =    2.00 MiB (  1024 cells,   4 layers,  1/1 seqs), K (f16):    1.00 MiB\n"
+           "llama_kv_cache_unified: size =   26.00 MiB (   512 cells,  26 layers,  1/1 seqs), K (f16): 13.00 MiB\n")
+    assert kv_bytes_per_token_from_log(log) == 26 * 2**20 / 512
+    assert kv_bytes_per_token_from_log("load_tensors: CPU model buffer size = 7.01 MiB\n") is None
 
 
 def test_bandwidth_is_measured_once_per_hardware(tmp_path: Path, monkeypatch) -> None:

@@ -83,6 +83,9 @@ def test_llm_optimize_end_to_end(tiny_llama, tmp_path):
             assert math.isfinite(g[key]) and g[key] > 0, (name, key, g[key])
         assert math.isfinite(e["perplexity"]) and e["perplexity"] > 1
         assert e["tokens"] == 4 * 64
+        if o["artifact"]["backend"] == "llamacpp":  # llama.cpp reports the KV cache it allocated (F16 here)
+            assert g["kv_context_tokens"] == 2048
+            assert g["kv_cache_mb"] == pytest.approx(g["kv_cache_bytes_per_token"] * 2048 / 2**20, rel=1e-9)
         # the pooled runs are exactly the rounds recorded on disk by this run's measurements
         recorded = [json.loads(f.read_text())["gen_tps_rounds"]
                     for f in sorted((home / "work" / "generate").glob(f"{name}-*/generation.json"))]
@@ -122,6 +125,8 @@ def test_llm_optimize_end_to_end(tiny_llama, tmp_path):
         assert m["perplexity"] == pytest.approx(o["llm_eval"]["perplexity"])
         assert m["kld_mean"] == pytest.approx(o["llm_eval"]["kld_mean"])
         assert {"prompt_tps", "ttft_ms", "rss_peak_mb", "size_bytes", "top1_agreement"} <= set(m)
+        if o["generation"]["kv_cache_mb"] is not None:
+            assert m["kv_cache_mb"] == pytest.approx(o["generation"]["kv_cache_mb"])
     passed = [n for n, o in outcomes.items() if o["verdicts"] and all(v["passed"] for v in o["verdicts"])]
     selected = doc["selection"]["selected"]
     models = _registered(home)
