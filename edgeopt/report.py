@@ -19,7 +19,7 @@ CLI_COLUMNS = ("candidate", "runs as", "tokens", "vs", "p50 ms", "speed-up p50",
                "peak MB", "memory -%", "size MB", "accuracy", "verdict")
 
 #: language models (llama.cpp): generation against the F16 reference, measured side by side
-LLM_COLUMNS = ("candidate", "runs as", "vs", "gen tok/s", "prompt tok/s", "TTFT ms", "speed-up", "speed-up CI",
+LLM_COLUMNS = ("candidate", "runs as", "vs", "gen tok/s", "bound", "prompt tok/s", "TTFT ms", "speed-up", "speed-up CI",
                "peak RSS MB", "model MB", "KV MB", "memory -%", "size MB", "perplexity", "KLD vs F16", "KLD p99",
                "top-1 agree", "verdict")
 LLM_CLI_COLUMNS = ("candidate", "runs as", "gen tok/s", "prompt tok/s", "TTFT ms", "speed-up", "speed-up CI",
@@ -101,6 +101,13 @@ def rows(outcomes: Sequence[CandidateOutcome], selection: Selection | None = Non
     return out
 
 
+def _bound(g) -> str:
+    """Generation tokens/s as a share of the memory-bandwidth bound; '-' where it does not apply."""
+    if g is None or g.bandwidth_fraction is None:
+        return "-"
+    return "NaN" if math.isnan(g.bandwidth_fraction) else f"{g.bandwidth_fraction:.0%}"
+
+
 def llm_rows(outcomes: Sequence[CandidateOutcome], selection: Selection | None = None) -> list[dict[str, str]]:
     """The rows of a language-model run (``LLM_COLUMNS``)."""
     out = []
@@ -112,6 +119,7 @@ def llm_rows(outcomes: Sequence[CandidateOutcome], selection: Selection | None =
             "runs as": o.artifact.precision.upper() if o.artifact else "-",
             "vs": "" if o.spec.baseline else (o.baseline or "-"),
             "gen tok/s": _f(g and g.gen_tps, ".1f"),
+            "bound": _bound(g),
             "prompt tok/s": _f(g and g.prompt_tps, ".0f"),
             "TTFT ms": _f(g and g.ttft_ms, ".1f"),
             "speed-up": "1.00x" if (o.spec.baseline and g) else _f(o.speedup_p50, ".2f") + ("x" if o.speedup_p50 else ""),

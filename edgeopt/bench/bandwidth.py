@@ -22,7 +22,7 @@ from pathlib import Path
 
 from edgeopt.records import HardwareFingerprint
 
-__all__ = ["bound_fraction", "hardware_key", "measure_read_gbps", "read_bandwidth_gbps"]
+__all__ = ["bound_fraction", "hardware_key", "last_level_cache_bytes", "measure_read_gbps", "read_bandwidth_gbps"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,19 @@ def hardware_key(fp: HardwareFingerprint) -> str:
     fields = [fp.cpu_model, fp.arch, fp.os, str(fp.cores_physical), str(fp.cores_logical), str(fp.ram_mb),
               ",".join(sorted(fp.isa_flags))]
     return hashlib.sha256("\0".join(fields).encode()).hexdigest()[:16]
+
+
+def last_level_cache_bytes(sys_cpu: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
+    """The largest CPU cache's size in bytes (Linux sysfs), 0 when unknown. Weights that fit in it are read
+    from the cache, not from memory: the memory-bandwidth bound does not apply to them."""
+    best = 0
+    for size_file in sys_cpu.glob("index*/size"):
+        text = size_file.read_text().strip().upper() if size_file.is_file() else ""
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            best = max(best, int(digits) * scale)
+    return best
 
 
 def measure_read_gbps(threads: int) -> float:

@@ -11,7 +11,7 @@ import pytest
 llama_cpp = pytest.importorskip("llama_cpp")
 
 from edgeopt.backends.llamacpp import LlamaCppBackend, LlamaCppRecipe
-from edgeopt.bench.bandwidth import hardware_key, read_bandwidth_gbps
+from edgeopt.bench.bandwidth import hardware_key, last_level_cache_bytes, read_bandwidth_gbps
 from edgeopt.bench.generate import (
     bytes_per_token,
     interleaved_generation,
@@ -21,6 +21,7 @@ from edgeopt.bench.generate import (
 from edgeopt.errors import CandidateFailed
 from edgeopt.hardware import fingerprint
 from edgeopt.intake import assess
+from edgeopt.llm_workflow import with_bound
 
 
 def test_interleaved_generation_like_for_like(tiny_llama, tmp_path: Path) -> None:
@@ -62,6 +63,23 @@ def test_the_kv_cache_figure_follows_the_recipes_kv_type(tiny_llama, tmp_path: P
                            work_dir=tmp_path / "w", context_tokens=4096)
     assert r.kv_cache_bytes_per_token == pytest.approx(a.llm.kv_cache_bytes_per_token * 17 / 32, rel=0.01)
     assert r.kv_context_tokens == 4096 and r.kv_cache_mb == pytest.approx(r.kv_cache_bytes_per_token * 4096 / 2**20)
+    # the bandwidth bound counts the KV cache at the bytes the runtime allocated (Q8_0 here, not F16)
+    store = tmp_path / "bandwidth.json"
+    b = with_bound(r, art, assessment=a, hardware=fingerprint(), store=store)
+    f16_kv = bytes_per_token(art.path, kv_bytes_per_token=a.llm.kv_cache_bytes_per_token, context_tokens=16 + 2)
+    assert 0 < b.bytes_per_token < f16_kv
+    if b.bytes_per_token <= last_level_cache_bytes():  # this CPU's path: a model read from the cache has no bound
+        assert b.bandwidth_fraction is None and not store.exists()
+    else:
+        assert b.bandwidth_gbps > 0 and (math.isnan(b.bandwidth_fraction) or 0 < b.bandwidth_fraction <= 1)
+
+
+def test_the_last_level_cache_is_the_largest_cache_sysfs_lists(tmp_path: Path) -> None:
+    for index, size in (("index0", "48K"), ("index2", "1024K"), ("index3", "32768K"), ("index4", "junk")):
+        (tmp_path / index).mkdir()
+        (tmp_path / index / "size").write_text(size + "\n")
+    assert last_level_cache_bytes(tmp_path) == 32 * 2**20
+    assert last_level_cache_bytes(tmp_path / "absent") == 0
 
 
 def test_kv_bytes_are_read_from_the_last_kv_cache_llama_cpp_reported() -> None:
