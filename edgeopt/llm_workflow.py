@@ -23,20 +23,22 @@ import logging
 import math
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from edgeopt import backends, gates
-from edgeopt.bench.generate import measure_generation
+from edgeopt import backends, gates, reproducibility
+from edgeopt.bench.generate import bytes_per_token, measure_generation
 from edgeopt.bench.supervise import run_worker
 from edgeopt.data import Dataset
 from edgeopt.errors import BackendUnavailable, CandidateFailed, ConfigError, DataError
-from edgeopt.intervals import ratio_interval
+from edgeopt.intervals import Interval, ratio_interval
 from edgeopt.keys import digest, hardware_identity, result_key, write_stamp
 from edgeopt.native_log import captured
 from edgeopt.profiles import Profile
 from edgeopt.records import (
+    SCHEMA_VERSION,
     Artifact,
     Assessment,
     CandidateOutcome,
@@ -48,8 +50,9 @@ from edgeopt.records import (
 )
 from edgeopt.workflow import BUILD_LOG, build_dir, data_sha
 
-__all__ = ["BASELINE", "build", "check_data", "check_model", "comparison_group", "eval_dir", "evaluate", "gate", "generation_dir",
-           "measure", "plan", "pool", "prompt_ids"]
+__all__ = ["BASELINE", "build", "check_data", "check_model", "comparison_group", "earlier_speedups", "eval_dir",
+           "evaluate", "gate", "generation_dir", "measure", "plan", "pool", "prompt_ids", "record_speedups",
+           "with_bound"]
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +230,93 @@ def pool(results: list[GenerationResult]) -> GenerationResult:
         "rss_model_mb": float(np.median([r.rss_model_mb for r in results])), "gen_tps_rounds": tuple(runs)})
 
 
+def with_bound(generation: GenerationResult, artifact: Artifact, *, assessment: Assessment,
+               hardware: HardwareFingerprint, store: Path) -> GenerationResult:
+    """``generation`` with its tokens/s as a fraction of the memory-bandwidth bound (``edgeopt.bench.bandwidth``):
+    bytes read per token (the GGUF's weights but the embedding table, plus the KV cache at mid-generation, at
+    the bytes per token the runtime allocated) x tokens/s / this hardware's read bandwidth at the same
+    threads. Left unset for non-GGUF artifacts and for models whose bytes per token fit in the last-level
+    cache (read from the cache, not memory: no such bound)."""
+    if artifact.backend != "llamacpp" or not generation.gen_tps > 0:
+        return generation
+    from edgeopt.bench.bandwidth import bound_fraction, last_level_cache_bytes
+
+    kv = generation.kv_cache_bytes_per_token or (assessment.llm.kv_cache_bytes_per_token if assessment.llm else 0)
+    bpt = bytes_per_token(artifact.path, kv_bytes_per_token=round(kv),
+                          context_tokens=generation.prompt_tokens + generation.gen_tokens // 2)
+    if bpt <= last_level_cache_bytes():
+        log.info("%s reads %.1f MB per token, within the last-level cache: no memory-bandwidth bound",
+                 artifact.candidate, bpt / 1e6)
+        return generation.model_copy(update={"bytes_per_token": bpt})
+    bw, fraction = bound_fraction(tokens_per_s=generation.gen_tps, bytes_per_token=bpt, fp=hardware,
+                                  threads=generation.threads, store=store)
+    return generation.model_copy(update={"bytes_per_token": bpt, "bandwidth_gbps": bw, "bandwidth_fraction": fraction})
+
+
+def _speedup_interval(name: str, reference: str, rounds: dict[str, list[GenerationResult]], *, confidence: float,
+                      floor_sd: float = 0.0) -> Interval:
+    """The generation speed-up's interval from the per-round, per-run token times (reference / candidate, rounds
+    paired by index as for latency), at least ``floor_sd`` wide in log terms."""
+    per_round = {n: [1e3 / np.asarray(r.gen_tps_rounds, float) for r in rounds[n]] for n in (name, reference)}
+    return ratio_interval(baseline=per_round[reference], candidate=per_round[name], confidence=confidence,
+                          floor_sd=floor_sd)
+
+
+def _speedup_comparison(outcome: CandidateOutcome, reference: CandidateOutcome, *, profile: Profile,
+                        evaluation: str | None, hardware: HardwareFingerprint | None) -> tuple[str, str] | None:
+    """The key of ``outcome``'s generation speed-up comparison with the reference (both artifacts as they run,
+    the LLM benchmark settings, evaluation text, tools, hardware, the gate's metric; not the comparison group
+    nor the rounds) and a digest of this measurement of it (both sides' tokens/s of every run); None without
+    artifacts or figures."""
+    if outcome.artifact is None or reference.artifact is None or outcome.generation is None \
+            or reference.generation is None:
+        return None
+    sides = [_run_artifact(o.artifact, profile) for o in (outcome, reference)]
+    key = digest("llm-generation-speedup", SCHEMA_VERSION, profile.benchmark.llm, data_sha(evaluation),
+                 hardware_identity(hardware), [(a.sha256, a.runtime, a.tool_versions) for a in sides])
+    return key, digest([list(o.generation.gen_tps_rounds) for o in (outcome, reference)])
+
+
+def earlier_speedups(outcomes: list[CandidateOutcome], *, run: str, profile: Profile, evaluation: str | None,
+                     hardware: HardwareFingerprint, history_file: Path) -> dict[str, list[tuple[float, float]]]:
+    """For each measured candidate, its speed-up comparison's (log ratio, own sd) in earlier runs on this host
+    (``edgeopt.reproducibility.earlier_runs``); empty when the profile keeps no history."""
+    if not profile.benchmark.run_to_run_history:
+        return {}
+    history = reproducibility.read_history(history_file)
+    ref = next((o for o in outcomes if o.spec.baseline), None)
+    out: dict[str, list[tuple[float, float]]] = {}
+    for o in outcomes:
+        if not history or ref is None or o.spec.baseline or not (o.ok and ref.ok):
+            continue
+        found = _speedup_comparison(o, ref, profile=profile, evaluation=evaluation, hardware=hardware)
+        earlier = reproducibility.earlier_runs(history, found[0], run=run, measurement=found[1]) if found else []
+        if earlier:
+            out[o.name] = earlier
+    return out
+
+
+def record_speedups(outcomes: list[CandidateOutcome], *, rounds: dict[str, list[GenerationResult]], fresh: set[str],
+                    run: str, profile: Profile, evaluation: str | None, hardware: HardwareFingerprint,
+                    history_file: Path) -> int:
+    """Append this run's freshly measured generation speed-ups (both sides re-measured) to the host's history,
+    each with its own interval's sd (before the floor and the pooling); returns how many were written."""
+    ref = next((o for o in outcomes if o.spec.baseline), None)
+    ratios, measurements, sds = {}, {}, {}
+    for o in outcomes:
+        v = next((v for v in o.verdicts if v.gate == "speedup"), None)
+        if ref is None or v is None or not ({o.name, ref.name} <= fresh) or not math.isfinite(v.measured):
+            continue
+        found = _speedup_comparison(o, ref, profile=profile, evaluation=evaluation, hardware=hardware)
+        if found is not None and rounds.get(o.name):
+            paired = {o.name: rounds[o.name], ref.name: rounds[ref.name][:len(rounds[o.name])]}
+            own = _speedup_interval(o.name, ref.name, paired, confidence=profile.gates_for("llm").confidence)
+            ratios[found[0]], measurements[found[0]] = v.measured, found[1]
+            sds[found[0]] = reproducibility.own_sd(own)
+    return reproducibility.record(history_file, run=run, ratios=ratios, measurements=measurements, sds=sds) \
+        if profile.benchmark.run_to_run_history else 0
+
+
 def eval_dir(artifact: Artifact, *, profile: Profile, evaluation: str | None, hardware: HardwareFingerprint | None,
              reference: Artifact | None, work_dir: Path) -> Path:
     a = _run_artifact(artifact, profile)
@@ -269,10 +359,13 @@ def evaluate(artifact: Artifact, *, profile: Profile, evaluation: str, hardware:
 
 
 def gate(outcome: CandidateOutcome, *, baseline: CandidateOutcome, rounds: dict[str, list[GenerationResult]],
-         profile: Profile, run_to_run_sd: float = 0.0) -> CandidateOutcome:
+         profile: Profile, run_to_run_sd: float = 0.0,
+         earlier: Sequence[tuple[float, float]] = ()) -> CandidateOutcome:
     """The candidate's verdicts against the reference (``gates.llm_verdicts``; NaN fails its gate), the
     speed-up's interval from the per-round ratios of generation tokens/s (rounds paired by index: measured
-    side by side), and the figures the selection and the table use."""
+    side by side), and the figures the selection and the table use. ``earlier``: (log speed-up, own sd) of
+    the same comparison in earlier runs on this host (``earlier_speedups``), pooled with this run's for the
+    speed-up verdict as for every other model (``edgeopt.reproducibility.pooled``)."""
     g = profile.gates_for("llm")
     cand = outcome.generation
     # the reference's rounds measured beside this candidate's (the same indices): extra rounds for other,
@@ -285,16 +378,15 @@ def gate(outcome: CandidateOutcome, *, baseline: CandidateOutcome, rounds: dict[
                                        perplexity=ev.perplexity if ev else math.nan,
                                        baseline_perplexity=ref.perplexity if ref else math.nan,
                                        kld_mean=ev.kld_mean if ev else math.nan, gates=g))
-    # per-token time of each run, per round: the speed-up interval as for latency (baseline / candidate)
-    per_round = {n: [1e3 / np.asarray(r.gen_tps_rounds, float) for r in rounds[n]] for n in (outcome.name, baseline.name)}
-    iv = ratio_interval(baseline=per_round[baseline.name], candidate=per_round[outcome.name],
-                        confidence=g.confidence, floor_sd=run_to_run_sd)
+    iv = _speedup_interval(outcome.name, baseline.name, rounds, confidence=g.confidence, floor_sd=run_to_run_sd)
     speed = next(v for v in verdicts if v.gate == "speedup")
     if iv.finite and math.isfinite(speed.measured):
         iv = type(iv)(speed.measured, min(iv.low, speed.measured), max(iv.high, speed.measured), iv.confidence,
                       iv.rounds)
+        judged, runs = reproducibility.pooled(iv, list(earlier), sd_log=run_to_run_sd)
         verdicts = [gates.verdict(gate="speedup", metric=speed.metric, comparator=">=", threshold=speed.threshold,
-                                  measured=speed.measured, interval=iv, run_to_run_sd=run_to_run_sd or None)
+                                  measured=speed.measured, interval=judged, run_to_run_sd=run_to_run_sd or None,
+                                  runs_pooled=runs)
                     if v.gate == "speedup" else v for v in verdicts]
     memory = next(v for v in verdicts if v.gate == "memory").measured
     quality = None

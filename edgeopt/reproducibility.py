@@ -98,11 +98,12 @@ class RatioRecord:
     sd_log: float = 0.0
 
 
-def history_path(data_dir: Path | str, hw: HardwareFingerprint) -> Path:
+def history_path(data_dir: Path | str, hw: HardwareFingerprint, *, kind: str = "") -> Path:
     """The history file of this hardware (same CPU, ISA, cores, OS and tool versions) for the data folder
     ``data_dir``: in the host's state folder (``edgeopt.settings.host_state_dir``: shared by every project
-    folder on this host unless the data folder was chosen explicitly)."""
-    return host_state_dir(data_dir) / f"{digest(hardware_identity(hw))}.jsonl"
+    folder on this host unless the data folder was chosen explicitly). ``kind="llm"``: language models'
+    generation speed-ups, kept apart (their run-to-run spread is not the latency ratios')."""
+    return host_state_dir(data_dir) / f"{digest(hardware_identity(hw))}{'-' + kind if kind else ''}.jsonl"
 
 
 def read_history(path: Path) -> list[RatioRecord]:

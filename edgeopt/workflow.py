@@ -472,10 +472,12 @@ def with_gates(outcomes: list[CandidateOutcome], *, profile: Profile, kind: str,
     return gated
 
 
-def host_spread(*, profile: Profile, hardware: HardwareFingerprint, data_dir: Path) -> reproducibility.Spread:
-    """This host's run-to-run spread of speed-ups: the profile's prior, pooled with the host's history."""
+def host_spread(*, profile: Profile, hardware: HardwareFingerprint, data_dir: Path,
+                kind: str = "") -> reproducibility.Spread:
+    """This host's run-to-run spread of speed-ups: the profile's prior, pooled with the host's history
+    (``kind="llm"``: of generation speed-ups)."""
     cfg = profile.benchmark
-    history = (reproducibility.read_history(reproducibility.history_path(data_dir, hardware))
+    history = (reproducibility.read_history(reproducibility.history_path(data_dir, hardware, kind=kind))
                if cfg.run_to_run_history else [])
     return reproducibility.estimate(history, prior=cfg.run_to_run_spread)
 

@@ -8,6 +8,7 @@ MLflow runs and register the winner (alias ``candidate``) last. Phases live in `
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,9 @@ def optimize_llm(*, source: Assessment, prof: Profile, calibration: str | None, 
                            refresh=refresh, progress=progress)
             m.rounds_of(set(arts), range(prof.benchmark.repeats))
             outcomes = _gated(m, m.evaluate(), base=base)
+            # the memory-bandwidth bound is read inside the slot too: nothing else measures meanwhile
+            outcomes = [llm_tasks.bound_task(o, source, hw, str(base / "bandwidth.json")) if o.ok else o
+                        for o in outcomes]
         reused = {n for n in arts if n not in m.fresh and n not in m.failures}
         outcomes += [o for o in built.values() if isinstance(o, CandidateOutcome)]
         order = {s.name: i for i, s in enumerate(specs)}
@@ -199,13 +203,20 @@ def _gated(m: _Measuring, outcomes: list[CandidateOutcome], *, base: Path) -> li
     """Gate every candidate against the reference; re-measure uncertain speed-ups (with the reference,
     interleaved, ``extra_repeats`` rounds at a time up to ``max_repeats``), as the other models' flow does."""
     logger = get_run_logger()
-    spread = host_spread_task(m.prof, m.hw, str(base))
+    spread = host_spread_task(m.prof, m.hw, str(base), "llm")
     logger.info("speed-up intervals are at least this host's %s", spread.describe())
+
+    run = str(flow_run.id or uuid.uuid4())
 
     def gate(outcomes: list[CandidateOutcome]) -> list[CandidateOutcome]:
         ref = next(o for o in outcomes if o.spec.baseline)
-        return [llm_tasks.gate_task(o, ref, m.rounds, m.prof, spread.sd_log) if o.ok and not o.spec.baseline else o
-                for o in outcomes]
+        # each comparison measured in earlier runs on this host is judged on all of them
+        earlier = llm_tasks.earlier_speedups_task(outcomes, run, m.prof, m.evaluation, m.hw, str(base))
+        if earlier:
+            logger.info("speed-ups pooled with earlier runs on this host: %s", ", ".join(
+                f"{n} ({len(v)} earlier)" for n, v in sorted(earlier.items())))
+        return [llm_tasks.gate_task(o, ref, m.rounds, m.prof, spread.sd_log, earlier.get(o.name))
+                if o.ok and not o.spec.baseline else o for o in outcomes]
 
     outcomes = gate(outcomes)
     cfg, done = m.prof.benchmark, m.prof.benchmark.repeats
@@ -221,4 +232,5 @@ def _gated(m: _Measuring, outcomes: list[CandidateOutcome], *, base: Path) -> li
                     for o in outcomes]
         outcomes = gate(outcomes)
         uncertain = {o.name for o in outcomes if o.uncertain}
+    llm_tasks.record_speedups_task(outcomes, m.rounds, m.fresh, run, m.prof, m.evaluation, m.hw, str(base))
     return outcomes

@@ -14,7 +14,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NONE as NO_CACHE
 
-from edgeopt import llm_workflow, workflow
+from edgeopt import llm_workflow, reproducibility, workflow
 from edgeopt.keys import digest
 from edgeopt.profiles import Profile
 from edgeopt.records import (
@@ -96,7 +96,36 @@ def eval_task(artifact: Artifact, profile: Profile, evaluation: str, hardware: H
                                  work_dir=Path(work_dir), reference=reference, reference_dir=reference_dir)
 
 
+@task(name="llm-bandwidth-bound", task_run_name="bound-{outcome.spec.name}", cache_policy=NO_CACHE)
+def bound_task(outcome: CandidateOutcome, assessment: Assessment, hardware: HardwareFingerprint,
+               store: str) -> CandidateOutcome:
+    """The outcome with its generation figure as a fraction of this hardware's memory-bandwidth bound."""
+    if outcome.generation is None or outcome.artifact is None:
+        return outcome
+    g = llm_workflow.with_bound(outcome.generation, outcome.artifact, assessment=assessment, hardware=hardware,
+                                store=Path(store))
+    return outcome.model_copy(update={"generation": g})
+
+
 @task(name="llm-gate", task_run_name="gate-{outcome.spec.name}", cache_policy=NO_CACHE)
 def gate_task(outcome: CandidateOutcome, baseline: CandidateOutcome, rounds: dict[str, list[GenerationResult]],
-              profile: Profile, run_to_run_sd: float = 0.0) -> CandidateOutcome:
-    return llm_workflow.gate(outcome, baseline=baseline, rounds=rounds, profile=profile, run_to_run_sd=run_to_run_sd)
+              profile: Profile, run_to_run_sd: float = 0.0,
+              earlier: list[tuple[float, float]] | None = None) -> CandidateOutcome:
+    return llm_workflow.gate(outcome, baseline=baseline, rounds=rounds, profile=profile, run_to_run_sd=run_to_run_sd,
+                             earlier=earlier or ())
+
+
+@task(name="llm-earlier-speedups", cache_policy=NO_CACHE)
+def earlier_speedups_task(outcomes: list[CandidateOutcome], run: str, profile: Profile, evaluation: str | None,
+                          hardware: HardwareFingerprint, data_dir: str) -> dict[str, list[tuple[float, float]]]:
+    return llm_workflow.earlier_speedups(outcomes, run=run, profile=profile, evaluation=evaluation, hardware=hardware,
+                                         history_file=reproducibility.history_path(data_dir, hardware, kind="llm"))
+
+
+@task(name="llm-record-speedups", cache_policy=NO_CACHE)
+def record_speedups_task(outcomes: list[CandidateOutcome], rounds: dict[str, list[GenerationResult]], fresh: set[str],
+                         run: str, profile: Profile, evaluation: str | None, hardware: HardwareFingerprint,
+                         data_dir: str) -> int:
+    return llm_workflow.record_speedups(outcomes, rounds=rounds, fresh=fresh, run=run, profile=profile,
+                                        evaluation=evaluation, hardware=hardware,
+                                        history_file=reproducibility.history_path(data_dir, hardware, kind="llm"))

@@ -228,8 +228,8 @@ def gate_task(outcomes: list[CandidateOutcome], profile: Profile, kind: str,
 
 
 @task(name="host-spread", cache_policy=NO_CACHE)
-def host_spread_task(profile: Profile, hardware: HardwareFingerprint, data_dir: str):
-    return workflow.host_spread(profile=profile, hardware=hardware, data_dir=Path(data_dir))
+def host_spread_task(profile: Profile, hardware: HardwareFingerprint, data_dir: str, kind: str = ""):
+    return workflow.host_spread(profile=profile, hardware=hardware, data_dir=Path(data_dir), kind=kind)
 
 
 @task(name="earlier-speedups", cache_policy=NO_CACHE)

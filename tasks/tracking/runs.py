@@ -334,6 +334,9 @@ def _llm_metrics(o: CandidateOutcome) -> dict[str, float]:
             m[field] = float(getattr(g, field))
         m |= {"prompt_tokens": float(g.prompt_tokens), "gen_tokens": float(g.gen_tokens),
               "threads": float(g.threads), "gen_runs": float(len(g.gen_tps_rounds))}
+        if g.bandwidth_fraction is not None:
+            m |= {"bandwidth_fraction": float(g.bandwidth_fraction), "bandwidth_gbps": float(g.bandwidth_gbps),
+                  "bytes_per_token": float(g.bytes_per_token)}
         if g.kv_cache_mb is not None:
             m |= {"kv_cache_mb": float(g.kv_cache_mb), "kv_cache_bytes_per_token": float(g.kv_cache_bytes_per_token),
                   "kv_context_tokens": float(g.kv_context_tokens)}

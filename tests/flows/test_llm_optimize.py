@@ -86,6 +86,7 @@ def test_llm_optimize_end_to_end(tiny_llama, tmp_path):
         if o["artifact"]["backend"] == "llamacpp":  # llama.cpp reports the KV cache it allocated (F16 here)
             assert g["kv_context_tokens"] == 2048
             assert g["kv_cache_mb"] == pytest.approx(g["kv_cache_bytes_per_token"] * 2048 / 2**20, rel=1e-9)
+            assert g["bytes_per_token"] > g["size_bytes"] / 4, "the weights read per token (the bandwidth bound's)"
         # the pooled runs are exactly the rounds recorded on disk by this run's measurements
         recorded = [json.loads(f.read_text())["gen_tps_rounds"]
                     for f in sorted((home / "work" / "generate").glob(f"{name}-*/generation.json"))]
@@ -185,3 +186,28 @@ def test_llm_optimize_from_a_gguf_uses_it_as_the_reference(tiny_llama, tmp_path)
     assert list(outcomes) == ["llamacpp-f16", "llamacpp-q8_0", "llamacpp-q4_0"]
     assert outcomes["llamacpp-f16"]["artifact"]["sha256"] == hashlib.sha256(tiny_llama["f16"].read_bytes()).hexdigest()
     assert all(o["failure"] is None and o["generation"]["gen_tps"] > 0 for o in outcomes.values())
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_re_measured_llm_speed_up_is_judged_on_every_run_of_it_on_this_host(tiny_llama, tmp_path):
+    """As for every other model: run 2 re-measures the F16 reference and Q8_0 (refresh) and its speed-up
+    verdict pools both runs, centred on their geometric mean; the LLM history is kept apart from the latency
+    ratios' (its own file), and run 1's fresh figure is its first line."""
+    from flows.optimize import optimize_flow
+
+    profile = write_profile(tmp_path / "llm.yaml", candidates=CANDIDATES[:1], benchmark={**FAST, "run_to_run_spread": 0.2},
+                            gates={"speedup_min": 0.0, "memory_reduction_min": -1.0})
+    verdicts = []
+    for refresh in (False, True):
+        report = optimize_flow(model=str(tiny_llama["hf"]), profile=str(profile), evaluation=str(tiny_llama["eval"]),
+                               data_dir=str(tmp_path / "data"), refresh=refresh)
+        q8 = next(o for o in report.outcomes if o.name == "llamacpp-q8_0")
+        verdicts.append(next(v for v in q8.verdicts if v.gate == "speedup"))
+    first, second = verdicts
+    assert first.runs_pooled == 1 and second.runs_pooled == 2
+    assert second.pooled_point == pytest.approx(math.sqrt(first.measured * second.measured), rel=1e-9)
+    assert second.ci_low < second.pooled_point < second.ci_high
+    files = sorted(p.name for p in (tmp_path / "data" / "hosts").glob("*.jsonl"))
+    assert len(files) == 1 and files[0].endswith("-llm.jsonl"), files
+    lines = [json.loads(ln) for ln in (tmp_path / "data" / "hosts" / files[0]).read_text().splitlines()]
+    assert len(lines) == 2 and lines[0]["log_ratio"] == pytest.approx(math.log(first.measured), rel=1e-9)
