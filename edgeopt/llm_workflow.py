@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 #: the reference every llama.cpp candidate is compared with: the F16 GGUF, run with the recipes' defaults
 BASELINE = CandidateSpec(name="llamacpp-f16", backend="llamacpp", recipe={"quant": "F16"}, baseline=True)
 #: backends that build language-model candidates, and the model formats each takes
-_BACKENDS = {"llamacpp": ("hf", "gguf"), "openvino-genai": ("hf",)}
+_BACKENDS = {"llamacpp": ("hf", "gguf"), "openvino-genai": ("hf",), "mlx": ("hf",)}
 
 
 def plan(profile: Profile, *, only: tuple[str, ...] = (), model_format: str = "hf") -> tuple[list[CandidateSpec], list[str]]:
@@ -82,7 +82,7 @@ def plan(profile: Profile, *, only: tuple[str, ...] = (), model_format: str = "h
         specs.append(spec)
     if not specs:
         raise ConfigError(f"profile {profile.name}: no candidate for a language model; add recipes with backend "
-                          "llamacpp or openvino-genai and kinds [llm] (see profiles/intel-cpu.yaml)")
+                          f"{', '.join(_BACKENDS)} and kinds [llm] (see profiles/intel-cpu.yaml)")
     return specs, skipped
 
 
@@ -281,6 +281,9 @@ def gate(outcome: CandidateOutcome, *, baseline: CandidateOutcome, rounds: dict[
     ev, ref = outcome.llm_eval, baseline.llm_eval
     if ev is not None and ref is not None:
         ev = ev.model_copy(update={"baseline_perplexity": ref.perplexity})
+    caveat = (cand.not_representative if cand else None) or (base.not_representative if base else None)
+    if caveat and cand is not None:  # speed figures that do not stand for the target never pass the speed gate
+        cand = cand.model_copy(update={"gen_tps": math.nan})
     verdicts = list(gates.llm_verdicts(candidate=cand, baseline=base,
                                        perplexity=ev.perplexity if ev else math.nan,
                                        baseline_perplexity=ref.perplexity if ref else math.nan,

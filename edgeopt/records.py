@@ -40,7 +40,7 @@ ModelFormat = Literal["onnx", "hf", "gguf"]
 
 #: bumped whenever a record gains, loses or changes a field: results cached by an older edgeopt
 #: (pickled records of the old shape) are then not reused
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 class Record(BaseModel):
     """Base of every record: immutable, unknown fields rejected."""
@@ -254,6 +254,9 @@ class GenerationResult(Record):
     bytes_per_token: int | None = Field(default=None, description="weights + KV cache read per generated token")
     bandwidth_gbps: float | None = Field(default=None, description="measured read bandwidth at these threads")
     bandwidth_fraction: float | None = Field(default=None, description="gen_tps x bytes_per_token / bandwidth")
+    not_representative: str | None = Field(default=None, description="why these speed figures do not stand for "
+                                           "the target (e.g. MLX off Apple silicon); None: they do. The speed-up "
+                                           "gate never passes on them")
 
 
 class EvalResult(Record):
