@@ -55,6 +55,9 @@ log = logging.getLogger(__name__)
 
 #: the reference every llama.cpp candidate is compared with: the F16 GGUF, run with the recipes' defaults
 BASELINE = CandidateSpec(name="llamacpp-f16", backend="llamacpp", recipe={"quant": "F16"}, baseline=True)
+#: the speed-up verdict's metric suffix when a side's speed figures do not stand for the target
+#: (``GenerationResult.not_representative``, e.g. MLX off Apple silicon): the verdict fails, its measurement NaN
+NOT_REPRESENTATIVE = "(not representative)"
 #: backends that build language-model candidates, and the model formats each takes
 _BACKENDS = {"llamacpp": ("hf", "gguf"), "openvino-genai": ("hf",), "mlx": ("hf",)}
 
@@ -288,6 +291,9 @@ def gate(outcome: CandidateOutcome, *, baseline: CandidateOutcome, rounds: dict[
                                        perplexity=ev.perplexity if ev else math.nan,
                                        baseline_perplexity=ref.perplexity if ref else math.nan,
                                        kld_mean=ev.kld_mean if ev else math.nan, gates=g))
+    if caveat:  # the verdict says why it has no figure (a NaN measurement fails)
+        verdicts = [v.model_copy(update={"metric": f"{v.metric} {NOT_REPRESENTATIVE}"}) if v.gate == "speedup" else v
+                    for v in verdicts]
     # per-token time of each run, per round: the speed-up interval as for latency (baseline / candidate)
     per_round = {n: [1e3 / np.asarray(r.gen_tps_rounds, float) for r in rounds[n]] for n in (outcome.name, baseline.name)}
     iv = ratio_interval(baseline=per_round[baseline.name], candidate=per_round[outcome.name],

@@ -115,6 +115,10 @@ def test_speed_that_is_not_representative_never_passes_the_speed_gate_and_says_s
                               profile=prof)
     by = {v.gate: v for v in gated.verdicts}
     assert by["speedup"].status == "fail" and math.isnan(by["speedup"].measured) and math.isnan(gated.speedup_p50)
+    assert by["speedup"].metric.endswith("(not representative)")
+    from edgeopt.pareto import nearest_misses
+
+    assert "speedup not judged: the speed figures are not representative" in nearest_misses([gated])[0]
     assert by["perplexity"].passed and by["kld"].passed and not gated.passed
     assert gated.generation.gen_tps == pytest.approx(925.0)  # the raw figure is kept, with its caveat
     row = next(r for r in report.llm_rows([base, gated]) if r["candidate"] == "mlx-int8-g64")
