@@ -58,8 +58,11 @@ log = logging.getLogger(__name__)
 
 #: the reference every llama.cpp candidate is compared with: the F16 GGUF, run with the recipes' defaults
 BASELINE = CandidateSpec(name="llamacpp-f16", backend="llamacpp", recipe={"quant": "F16"}, baseline=True)
+#: the speed-up verdict's metric suffix when a side's speed figures do not stand for the target
+#: (``GenerationResult.not_representative``, e.g. MLX off Apple silicon): the verdict fails, its measurement NaN
+NOT_REPRESENTATIVE = "(not representative)"
 #: backends that build language-model candidates, and the model formats each takes
-_BACKENDS = {"llamacpp": ("hf", "gguf"), "openvino-genai": ("hf",)}
+_BACKENDS = {"llamacpp": ("hf", "gguf"), "openvino-genai": ("hf",), "mlx": ("hf",)}
 
 
 def plan(profile: Profile, *, only: tuple[str, ...] = (), model_format: str = "hf") -> tuple[list[CandidateSpec], list[str]]:
@@ -85,7 +88,7 @@ def plan(profile: Profile, *, only: tuple[str, ...] = (), model_format: str = "h
         specs.append(spec)
     if not specs:
         raise ConfigError(f"profile {profile.name}: no candidate for a language model; add recipes with backend "
-                          "llamacpp or openvino-genai and kinds [llm] (see profiles/intel-cpu.yaml)")
+                          f"{', '.join(_BACKENDS)} and kinds [llm] (see profiles/intel-cpu.yaml)")
     return specs, skipped
 
 
@@ -374,10 +377,16 @@ def gate(outcome: CandidateOutcome, *, baseline: CandidateOutcome, rounds: dict[
     ev, ref = outcome.llm_eval, baseline.llm_eval
     if ev is not None and ref is not None:
         ev = ev.model_copy(update={"baseline_perplexity": ref.perplexity})
+    caveat = (cand.not_representative if cand else None) or (base.not_representative if base else None)
+    if caveat and cand is not None:  # speed figures that do not stand for the target never pass the speed gate
+        cand = cand.model_copy(update={"gen_tps": math.nan})
     verdicts = list(gates.llm_verdicts(candidate=cand, baseline=base,
                                        perplexity=ev.perplexity if ev else math.nan,
                                        baseline_perplexity=ref.perplexity if ref else math.nan,
                                        kld_mean=ev.kld_mean if ev else math.nan, gates=g))
+    if caveat:  # the verdict says why it has no figure (a NaN measurement fails)
+        verdicts = [v.model_copy(update={"metric": f"{v.metric} {NOT_REPRESENTATIVE}"}) if v.gate == "speedup" else v
+                    for v in verdicts]
     iv = _speedup_interval(outcome.name, baseline.name, rounds, confidence=g.confidence, floor_sd=run_to_run_sd)
     speed = next(v for v in verdicts if v.gate == "speedup")
     if iv.finite and math.isfinite(speed.measured):

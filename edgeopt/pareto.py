@@ -142,6 +142,8 @@ def _fmt_pair(measured: float, threshold: float) -> tuple[str, str]:
 def _describe_failure(v: GateVerdict) -> str:
     if "not evaluated" in v.metric:
         return f"{v.gate} not evaluated"
+    if "(not representative)" in v.metric:
+        return f"{v.gate} not judged: the speed figures are not representative of the target"
     m, t = _fmt_pair(v.measured, v.threshold)
     if v.status == "uncertain":
         return (f"{v.gate} {m} uncertain: its {v.confidence or 0.95:.0%} interval [{v.ci_low:.2f}, {v.ci_high:.2f}] "

@@ -40,7 +40,7 @@ ModelFormat = Literal["onnx", "hf", "gguf"]
 
 #: bumped whenever a record gains, loses or changes a field: results cached by an older edgeopt
 #: (pickled records of the old shape) are then not reused
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
 class Record(BaseModel):
     """Base of every record: immutable, unknown fields rejected."""
@@ -260,6 +260,9 @@ class GenerationResult(Record):
     kv_context_tokens: int | None = Field(default=None, description="context length kv_cache_mb is given at (the "
                                           "profile's benchmark.llm.context_tokens)")
     kv_cache_mb: float | None = Field(default=None, description="KV-cache memory at kv_context_tokens (MiB)")
+    not_representative: str | None = Field(default=None, description="why these speed figures do not stand for "
+                                           "the target (e.g. MLX off Apple silicon); None: they do. The speed-up "
+                                           "gate never passes on them")
 
 
 class EvalResult(Record):

@@ -18,6 +18,9 @@ COLUMNS = ("candidate", "runs as", "tokens", "vs", "p50 ms", "p95 ms", "p50 spre
 CLI_COLUMNS = ("candidate", "runs as", "tokens", "vs", "p50 ms", "speed-up p50", "speed-up CI", "steady MB",
                "peak MB", "memory -%", "size MB", "accuracy", "verdict")
 
+#: marks a speed figure that does not stand for the target (``GenerationResult.not_representative``)
+NOT_REPRESENTATIVE = " (n/r)"
+
 #: language models (llama.cpp): generation against the F16 reference, measured side by side
 LLM_COLUMNS = ("candidate", "runs as", "vs", "gen tok/s", "bound", "prompt tok/s", "TTFT ms", "speed-up", "speed-up CI",
                "peak RSS MB", "model MB", "KV MB", "memory -%", "size MB", "perplexity", "KLD vs F16", "KLD p99",
@@ -35,7 +38,9 @@ def verdict(o: CandidateOutcome, selection: Selection | None = None) -> str:
         return "SELECTED"
     if not o.verdicts:
         return "not gated"
-    failed = [v.gate for v in o.verdicts if v.status == "fail"]
+    caveat = o.generation.not_representative if o.generation else None
+    failed = [f"{v.gate} (speed not representative)" if v.gate == "speedup" and caveat else v.gate
+              for v in o.verdicts if v.status == "fail"]
     uncertain = [v.gate for v in o.verdicts if v.status == "uncertain"]
     if not failed and not uncertain:
         return "pass"
@@ -113,16 +118,18 @@ def llm_rows(outcomes: Sequence[CandidateOutcome], selection: Selection | None =
     out = []
     for o in outcomes:
         g, e = o.generation, o.llm_eval
+        nr = bool(g and g.not_representative)
         size = g.size_bytes if g else (o.artifact.size_bytes if o.artifact else None)
         out.append({
             "candidate": o.name,
             "runs as": o.artifact.precision.upper() if o.artifact else "-",
             "vs": "" if o.spec.baseline else (o.baseline or "-"),
-            "gen tok/s": _f(g and g.gen_tps, ".1f"),
+            "gen tok/s": _f(g and g.gen_tps, ".1f") + (NOT_REPRESENTATIVE if nr else ""),
             "bound": _bound(g),
-            "prompt tok/s": _f(g and g.prompt_tps, ".0f"),
-            "TTFT ms": _f(g and g.ttft_ms, ".1f"),
-            "speed-up": "1.00x" if (o.spec.baseline and g) else _f(o.speedup_p50, ".2f") + ("x" if o.speedup_p50 else ""),
+            "prompt tok/s": _f(g and g.prompt_tps, ".0f") + (NOT_REPRESENTATIVE if nr else ""),
+            "TTFT ms": _f(g and g.ttft_ms, ".1f") + (NOT_REPRESENTATIVE if nr else ""),
+            "speed-up": ("1.00x" if (o.spec.baseline and g) else "not representative" if nr
+                         else _f(o.speedup_p50, ".2f") + ("x" if o.speedup_p50 else "")),
             "speed-up CI": _ci(o, "speedup"),
             "peak RSS MB": _mem(g.rss_peak_mb) if g else "-",
             "model MB": _mem(g.rss_model_mb) if g else "-",
@@ -301,6 +308,11 @@ def _llm_markdown(outcomes: Sequence[CandidateOutcome], selection: Selection, *,
     lines.append("|" + "---|" * len(LLM_COLUMNS))
     for r in llm_rows(outcomes, selection):
         lines.append("| " + " | ".join(r[c] for c in LLM_COLUMNS) + " |")
+    caveats = {o.name: o.generation.not_representative for o in outcomes
+               if o.generation and o.generation.not_representative}
+    if caveats:
+        lines += ["", "(n/r) speed figures that are not representative of the target; the speed-up gate does not "
+                  "pass on them: " + "; ".join(f"{n}: {c}" for n, c in caveats.items())]
     lines += _misses_failures_verdicts(outcomes, selection)
     notes = [f"- {o.name}: " + "; ".join(o.artifact.notes) for o in outcomes if o.artifact and o.artifact.notes]
     if notes:

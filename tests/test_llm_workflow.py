@@ -94,3 +94,33 @@ def test_gate_speedup_is_the_ratio_of_this_runs_tokens_per_s_and_nan_fails():
     broken = cand.model_copy(update={"llm_eval": _scores("llamacpp-q4_0", math.nan, math.nan)})
     by = {v.gate: v for v in llm_workflow.gate(broken, baseline=base, rounds=rounds, profile=prof).verdicts}
     assert by["perplexity"].status == "fail" and by["kld"].status == "fail"
+
+
+def test_speed_that_is_not_representative_never_passes_the_speed_gate_and_says_so():
+    """MLX measured off Apple silicon (mlx[cpu]): its generation result carries the caveat; the speed-up is NaN
+    and fails (never a silent pass, however fast the figures), quality gates are judged as usual, and the
+    table and the report mark the figures."""
+    from edgeopt import report
+
+    prof = load_profile("apple-silicon")
+    caveat = "not representative: MLX on Linux x86_64 runs its CPU backend"
+    base_rounds = [_gen("llamacpp-f16", [100.0, 102.0])]
+    fast = [_gen("mlx-int8-g64", [900.0, 950.0], rss=40).model_copy(update={"not_representative": caveat})]
+    base = CandidateOutcome(spec=llm_workflow.BASELINE, artifact=_art("llamacpp-f16"),
+                            generation=llm_workflow.pool(base_rounds), llm_eval=_scores("llamacpp-f16", 20.0, 0.0))
+    spec = CandidateSpec(name="mlx-int8-g64", backend="mlx", recipe={"bits": 8})
+    cand = CandidateOutcome(spec=spec, artifact=_art("mlx-int8-g64"), generation=llm_workflow.pool(fast),
+                            llm_eval=_scores("mlx-int8-g64", 20.1, 0.001))
+    gated = llm_workflow.gate(cand, baseline=base, rounds={"llamacpp-f16": base_rounds, "mlx-int8-g64": fast},
+                              profile=prof)
+    by = {v.gate: v for v in gated.verdicts}
+    assert by["speedup"].status == "fail" and math.isnan(by["speedup"].measured) and math.isnan(gated.speedup_p50)
+    assert by["speedup"].metric.endswith("(not representative)")
+    from edgeopt.pareto import nearest_misses
+
+    assert "speedup not judged: the speed figures are not representative" in nearest_misses([gated])[0]
+    assert by["perplexity"].passed and by["kld"].passed and not gated.passed
+    assert gated.generation.gen_tps == pytest.approx(925.0)  # the raw figure is kept, with its caveat
+    row = next(r for r in report.llm_rows([base, gated]) if r["candidate"] == "mlx-int8-g64")
+    assert row["speed-up"] == "not representative" and row["gen tok/s"].endswith("(n/r)")
+    assert row["verdict"] == "fail: speedup (speed not representative)"

@@ -70,12 +70,17 @@ def _capture_llama_log() -> list[str]:
 
 def run_generate_job(job: dict[str, Any]) -> dict[str, Any]:
     """Worker side: the measuring loop (imports llama_cpp; called in the fresh process). An OpenVINO GenAI
-    artifact is measured by its backend's loop (``edgeopt.backends.ov_genai.generate_job``), to the same
-    definitions."""
-    if (job.get("artifact") or {}).get("backend") == "openvino-genai":
+    artifact and an MLX one are measured by their backend's loop (``edgeopt.backends.ov_genai.generate_job``,
+    ``edgeopt.backends.mlx.generate_job``), to the same definitions."""
+    backend = (job.get("artifact") or {}).get("backend")
+    if backend == "openvino-genai":
         from edgeopt.backends.ov_genai import generate_job
 
         return generate_job(job)
+    if backend == "mlx":
+        from edgeopt.backends.mlx import generate_job as mlx_generate_job
+
+        return mlx_generate_job(job)
 
     import llama_cpp
 
@@ -175,7 +180,8 @@ def measure_generation(artifact: Artifact, *, prompt: list[int], gen_tokens: int
                             size_bytes=artifact.size_bytes,
                             gen_tps_rounds=tuple(float(v) for v in out["gen_tps"]),
                             kv_cache_bytes_per_token=kv, kv_context_tokens=context_tokens if kv else None,
-                            kv_cache_mb=kv * context_tokens / 2**20 if kv else None)
+                            kv_cache_mb=kv * context_tokens / 2**20 if kv else None,
+                            not_representative=out.get("not_representative"))
 
 
 def interleaved_generation(artifacts: dict[str, Artifact], *, rounds: int, work_dir: Path,

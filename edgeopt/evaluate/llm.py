@@ -122,10 +122,15 @@ def run_eval_job(job: dict[str, Any]) -> dict[str, Any]:
     to ``reference_out`` (float32 npz); a candidate reads the reference's and returns its perplexity, KLD and
     top-1 agreement on the same positions."""
     window, max_windows = int(job["window"]), int(job["max_windows"])
-    if (job.get("artifact") or {}).get("backend") == "openvino-genai":  # the IR's logits, the same surface
+    backend = (job.get("artifact") or {}).get("backend")
+    if backend == "openvino-genai":  # the IR's logits, the same surface
         from edgeopt.backends.ov_genai import OvGenAISession
 
         llm: Any = OvGenAISession(job["path"], job["runtime"])
+    elif backend == "mlx":  # the MLX model's logits, the same surface
+        from edgeopt.backends.mlx import MlxSession
+
+        llm = MlxSession(job["path"], job["runtime"])
     else:
         from edgeopt.backends.llamacpp import open_llama
 

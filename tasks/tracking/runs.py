@@ -210,6 +210,8 @@ def log_candidate(*, data_dir: str, experiment_id: str, parent_run_id: str, outc
         tags["edgeopt.status"] = "baseline"
     else:
         tags["edgeopt.status"] = "passed" if outcome.passed else ("uncertain" if outcome.uncertain else "rejected")
+    if outcome.generation and outcome.generation.not_representative:
+        tags["edgeopt.speed.not_representative"] = outcome.generation.not_representative[:4000]
     for v in outcome.verdicts:
         tags[f"gate.{v.gate}"] = v.describe()
         tags[f"gate.{v.gate}.status"] = v.status
@@ -333,7 +335,8 @@ def _llm_metrics(o: CandidateOutcome) -> dict[str, float]:
                       "rss_peak_mb", "rss_model_mb", "load_time_ms", "size_bytes"):
             m[field] = float(getattr(g, field))
         m |= {"prompt_tokens": float(g.prompt_tokens), "gen_tokens": float(g.gen_tokens),
-              "threads": float(g.threads), "gen_runs": float(len(g.gen_tps_rounds))}
+              "threads": float(g.threads), "gen_runs": float(len(g.gen_tps_rounds)),
+              "speed_representative": 0.0 if g.not_representative else 1.0}
         if g.bandwidth_fraction is not None:
             m |= {"bandwidth_fraction": float(g.bandwidth_fraction), "bandwidth_gbps": float(g.bandwidth_gbps),
                   "bytes_per_token": float(g.bytes_per_token)}

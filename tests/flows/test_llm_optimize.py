@@ -211,3 +211,45 @@ def test_a_re_measured_llm_speed_up_is_judged_on_every_run_of_it_on_this_host(ti
     assert len(files) == 1 and files[0].endswith("-llm.jsonl"), files
     lines = [json.loads(ln) for ln in (tmp_path / "data" / "hosts" / files[0]).read_text().splitlines()]
     assert len(lines) == 2 and lines[0]["log_ratio"] == pytest.approx(math.log(first.measured), rel=1e-9)
+
+
+@pytest.mark.heavy  # ~4 min on 2 vCPUs: the real apple-silicon profile's benchmark settings
+def test_apple_silicon_profile_mlx_rows_off_apple_silicon(tiny_llama, tmp_path):
+    """``--profile apple-silicon --allow-hardware-mismatch`` on this (non-Apple) host with the two MLX candidates
+    (mlx[cpu]): their rows carry real quality figures against the F16 reference and speed figures marked not
+    representative, whose speed-up gate fails (never a silent pass): nothing is registered, MLflow says why."""
+    pytest.importorskip("mlx_lm")
+    from edgeopt.backends.mlx import speed_caveat
+
+    if speed_caveat() is None:
+        pytest.skip("on Apple silicon MLX speed is representative; this test is about other hosts")
+    home = tmp_path / "home"
+    report_path = tmp_path / "report.json"
+    r = run(_env(home), "optimize", tiny_llama["hf"], "--profile", "apple-silicon", "--allow-hardware-mismatch",
+            "-c", "mlx-int8-g64", "-c", "mlx-int4-g64", "--eval", tiny_llama["eval"], "--json", report_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "not representative" in r.stdout and "(n/r)" in r.stdout, r.stdout
+    doc = json.loads(report_path.read_text())
+    outcomes = {o["spec"]["name"]: o for o in doc["outcomes"]}
+    assert list(outcomes) == ["llamacpp-f16", "mlx-int4-g64", "mlx-int8-g64"]  # the profile's order
+    assert outcomes["llamacpp-f16"]["generation"]["not_representative"] is None
+    for name in ("mlx-int8-g64", "mlx-int4-g64"):
+        o = outcomes[name]
+        assert o["failure"] is None and o["artifact"]["backend"] == "mlx"
+        assert o["generation"]["not_representative"].startswith("not representative: MLX on ")
+        assert o["generation"]["gen_tps"] > 0  # measured and kept, with its caveat
+        speed = next(v for v in o["verdicts"] if v["gate"] == "speedup")
+        assert speed["status"] == "fail" and not speed["passed"] and speed["metric"].endswith("(not representative)")
+        assert o["speedup_p50"] is None or math.isnan(o["speedup_p50"])
+        e = o["llm_eval"]
+        assert math.isfinite(e["perplexity"]) and math.isfinite(e["kld_mean"]) and e["top1_agreement"] > 0.9
+    assert outcomes["mlx-int8-g64"]["llm_eval"]["kld_mean"] < 0.01
+    assert doc["selection"]["selected"] is None and _registered(home) == []
+    cl = mlflow.MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow' / 'mlflow.db'}")
+    children = {run_.info.run_name: run_ for run_ in cl.search_runs(
+        [doc["experiment_id"]], f"tags.mlflow.parentRunId = '{doc['mlflow_run_id']}'")}
+    for name in ("mlx-int8-g64", "mlx-int4-g64"):
+        run_ = children[name]
+        assert run_.data.tags["edgeopt.speed.not_representative"].startswith("not representative")
+        assert run_.data.metrics["speed_representative"] == 0.0 and "perplexity" in run_.data.metrics
+    assert children["llamacpp-f16"].data.metrics["speed_representative"] == 1.0
