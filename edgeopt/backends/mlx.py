@@ -44,6 +44,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from edgeopt.backends.base import Backend, Recipe
+from edgeopt.backends.llm_session import HFTokenizerSession
 from edgeopt.data import path_sha256
 from edgeopt.errors import CandidateFailed
 
@@ -221,7 +222,7 @@ def _warm(runtime: dict[str, Any]) -> None:
     mx.eval(x @ x)
 
 
-class MlxSession:
+class MlxSession(HFTokenizerSession):
     """The MLX model's logits behind the llama.cpp-like surface of ``edgeopt.evaluate.llm``, and the
     ``Session`` protocol: ``run({"input_ids": [batch, seq]})`` -> logits [batch, seq, vocab]."""
 
@@ -230,11 +231,9 @@ class MlxSession:
         from transformers import AutoTokenizer
 
         _device(runtime)
-        self.input_names = ["input_ids"]
+        super().__init__()
         self.model, _ = load(path)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self._ids: list[int] = []
-        self.scores = np.zeros((0, 0), dtype=np.float32)
 
     def _logits(self, ids: list[int]) -> np.ndarray:
         import mlx.core as mx
@@ -242,38 +241,15 @@ class MlxSession:
         out = self.model(mx.array([ids]))
         return np.array(out[0].astype(mx.float32), dtype=np.float32)
 
-    def reset(self) -> None:
-        self._ids = []
-        self.scores = np.zeros((0, 0), dtype=np.float32)
-
-    def eval(self, ids: list[int]) -> None:
-        """Append ``ids`` to the context; ``scores`` holds the logits of every position so far."""
-        self._ids += [int(t) for t in ids]
-        self.scores = self._logits(self._ids)
-
-    def tokenize(self, text: bytes, add_bos: bool = False, special: bool = False) -> list[int]:
-        return list(self.tokenizer.encode(text.decode("utf-8"), add_special_tokens=add_bos))
-
-    def detokenize(self, ids: list[int]) -> bytes:
-        return self.tokenizer.decode(ids).encode("utf-8")
-
-    def token_eos(self) -> int:
-        return int(self.tokenizer.eos_token_id) if self.tokenizer.eos_token_id is not None else -1
-
     def generate(self, ids: list[int], *, temp: float = 0.0, top_k: int = 1, reset: bool = True,
                  max_tokens: int = 64) -> Iterator[int]:
         """Greedy continuation of ``ids`` (only greedy: ``temp`` 0 / ``top_k`` 1, as the evaluators ask)."""
         import mlx.core as mx
         from mlx_lm.generate import generate_step
 
-        if temp != 0.0 or top_k != 1:
-            raise ValueError("MlxSession generates greedily only (temp=0, top_k=1)")
-        context = [int(t) for t in ids] if reset else self._ids + [int(t) for t in ids]
+        context = self._context(ids, temp=temp, top_k=top_k, reset=reset)
         for tok, _ in generate_step(mx.array(context), self.model, max_tokens=max_tokens, sampler=_greedy):
             yield int(tok)
-
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return [np.stack([self._logits([int(t) for t in row]) for row in np.asarray(feeds["input_ids"])])]
 
 
 def _greedy(logprobs: Any) -> Any:

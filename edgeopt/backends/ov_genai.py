@@ -32,6 +32,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from edgeopt.backends.base import Backend, Recipe, short_message
+from edgeopt.backends.llm_session import HFTokenizerSession
 from edgeopt.data import path_sha256
 from edgeopt.errors import CandidateFailed
 
@@ -240,7 +241,7 @@ def _executed_precision(xml: Path, threads: int | None) -> str:
     return hint.to_string() if hasattr(hint, "to_string") else str(hint)
 
 
-class OvGenAISession:
+class OvGenAISession(HFTokenizerSession):
     """The IR's logits (optimum-intel) behind the llama.cpp-like surface of ``edgeopt.evaluate.llm``, and the
     ``Session`` protocol: ``run({"input_ids": [batch, seq]})`` -> logits [batch, seq, vocab]."""
 
@@ -249,12 +250,10 @@ class OvGenAISession:
         from transformers import AutoTokenizer
 
         threads = runtime.get("threads")
-        self.input_names = ["input_ids"]
+        super().__init__()
         self.model = OVModelForCausalLM.from_pretrained(
             path, ov_config={"INFERENCE_NUM_THREADS": str(threads)} if threads else {}, compile=True)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self._ids: list[int] = []
-        self.scores = np.zeros((0, 0), dtype=np.float32)
 
     def _logits(self, ids: list[int]) -> np.ndarray:
         import torch
@@ -263,38 +262,15 @@ class OvGenAISession:
         out = self.model(input_ids=x, attention_mask=torch.ones_like(x))
         return np.asarray(out.logits[0].float().numpy(), dtype=np.float32)
 
-    def reset(self) -> None:
-        self._ids = []
-        self.scores = np.zeros((0, 0), dtype=np.float32)
-
-    def eval(self, ids: list[int]) -> None:
-        """Append ``ids`` to the context; ``scores`` holds the logits of every position so far."""
-        self._ids += [int(t) for t in ids]
-        self.scores = self._logits(self._ids)
-
-    def tokenize(self, text: bytes, add_bos: bool = False, special: bool = False) -> list[int]:
-        return list(self.tokenizer.encode(text.decode("utf-8"), add_special_tokens=add_bos))
-
-    def detokenize(self, ids: list[int]) -> bytes:
-        return self.tokenizer.decode(ids).encode("utf-8")
-
-    def token_eos(self) -> int:
-        return int(self.tokenizer.eos_token_id) if self.tokenizer.eos_token_id is not None else -1
-
     def generate(self, ids: list[int], *, temp: float = 0.0, top_k: int = 1, reset: bool = True,
                  max_tokens: int = 64) -> Iterator[int]:
         """Greedy continuation of ``ids`` (only greedy: ``temp`` 0 / ``top_k`` 1, as the evaluators ask)."""
         import torch
 
-        if temp != 0.0 or top_k != 1:
-            raise ValueError("OvGenAISession generates greedily only (temp=0, top_k=1)")
-        context = [int(t) for t in ids] if reset else self._ids + [int(t) for t in ids]
+        context = self._context(ids, temp=temp, top_k=top_k, reset=reset)
         x = torch.tensor([context], dtype=torch.int64)
         out = self.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_tokens, do_sample=False)
         yield from (int(t) for t in out[0][len(context):])
-
-    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return [np.stack([self._logits([int(t) for t in row]) for row in np.asarray(feeds["input_ids"])])]
 
 
 def generate_job(job: dict[str, Any]) -> dict[str, Any]:
