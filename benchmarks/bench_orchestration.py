@@ -70,8 +70,14 @@ def _breakdown(client, fr, t0_wall: float, t_deploy: float) -> tuple[dict[str, f
     by: dict[str, float] = {}
     count: dict[str, int] = {}
     rounds: dict[str, int] = {}
+    spans: dict[str, list[float]] = {}  # first start, last end of each kind of task run, from Running
     cached = 0
     for t in tasks:
+        kind = t.name.split("-")[0]
+        if t.start_time and t.end_time:
+            a, b = t.start_time.timestamp() - first["RUNNING"], t.end_time.timestamp() - first["RUNNING"]
+            span = spans.setdefault(kind, [a, b])
+            span[:] = [min(span[0], a), max(span[1], b)]
         if t.name.startswith("benchmark-"):
             cand = t.name.removeprefix("benchmark-").rsplit("-", 1)[0]
             rounds[cand] = rounds.get(cand, 0) + 1
@@ -85,9 +91,11 @@ def _breakdown(client, fr, t0_wall: float, t_deploy: float) -> tuple[dict[str, f
                first["RUNNING"] - pending,
            "Running -> Completed (the flow run)": first["COMPLETED"] - first["RUNNING"],
            "Completed -> seen by the client": t0_wall + t_deploy - first["COMPLETED"],
-           "task runs (count)": float(len(tasks))}
+           "task runs (count)": float(len(tasks))}  # printed as seconds: a count
     out.update({f"task runs {k}-* ({count[k]}): sum of run times": v
                 for k, v in sorted(by.items(), key=lambda kv: -kv[1])[:10]})
+    out.update({f"task runs {k}-*: from Running, first start {a:.1f} s, last end": b
+                for k, (a, b) in sorted(spans.items(), key=lambda kv: kv[1][0])})
     return out, rounds, cached
 
 
@@ -133,13 +141,17 @@ def _deployment(i: int, *, client, work: dict, tmp: Path) -> dict:
             "rounds": rounds, "cached_task_runs": cached}
 
 
-def _mlflow_children(uri: str, experiment: str) -> int:
-    """Child runs (one per outcome) under the experiment's parent run."""
+def _mlflow_record(uri: str, experiment: str) -> dict:
+    """What the run left in MLflow: child runs (one per outcome) and the parent run's selection."""
     import mlflow
 
     cl = mlflow.MlflowClient(tracking_uri=uri)
     exp = cl.get_experiment_by_name(experiment)
-    return sum(1 for r in cl.search_runs([exp.experiment_id], max_results=500) if "mlflow.parentRunId" in r.data.tags)
+    runs = cl.search_runs([exp.experiment_id], max_results=500)
+    parent = next((r for r in runs if "mlflow.parentRunId" not in r.data.tags), None)
+    return {"mlflow_child_runs": sum(1 for r in runs if "mlflow.parentRunId" in r.data.tags),
+            "mlflow_selected": parent.data.tags.get("edgeopt.selected") if parent else None,
+            "mlflow_parent_status": parent.info.status if parent else None}
 
 
 def main() -> int:
@@ -211,13 +223,15 @@ def main() -> int:
                 r = (_direct(i, env=env, tmp=tmp, work=work) if side == "direct"
                      else _deployment(i, client=client, work=work, tmp=tmp))
                 r |= {"side": side, "load_before": load, "load_after": os.getloadavg(),
-                      "mlflow_child_runs": _mlflow_children(tracking_uri, f"edgeopt/{work['model_name']}-{side}-{i}")}
+                      **_mlflow_record(tracking_uri, f"edgeopt/{work['model_name']}-{side}-{i}")}
                 runs.append(r)
                 print(f"  {side}: {r['wall_s']:.1f} s" + (f" ({r['like_for_like_s']:.1f} s without Prefect's import, "
                       f"{r['prefect_import_s']:.1f} s)" if side == "direct" else
                       f" (the flow run itself {r['flow_run_total_run_time_s']:.1f} s)"), flush=True)
                 for k, v in r.get("breakdown_s", {}).items():
                     print(f"    {k}: {v:.1f} s")
+                for k, v in r.get("phases_s", {}).items():
+                    print(f"    {k}: {v:.1f} s (from {r['phase_starts_s'][k]:.1f} s)")
         # the same work on both sides: the same outcomes measured the same rounds, nothing from a cache, the same
         # number of MLflow child runs
         same = {"rounds": [r["rounds"] for r in runs], "mlflow_child_runs": [r["mlflow_child_runs"] for r in runs],

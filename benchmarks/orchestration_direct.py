@@ -46,6 +46,15 @@ def run(*, model: str, profile: str, calibration: str, evaluation: str, data_dir
     from edgeopt.records import CandidateOutcome
     from tasks import tracking
 
+    spans: dict[str, list[float]] = {}  # phase -> [start, end], seconds from this process's start
+
+    def mark(phase: str) -> None:  # the phase starts now; the one before ends
+        now = time.perf_counter() - T0
+        if spans:
+            spans[next(reversed(spans))].append(now)
+        spans[phase] = [now]
+
+    mark("prepare")
     base = Path(data_dir).resolve()
     work = base / "work"
     prof = load_profile(profile)
@@ -64,6 +73,7 @@ def run(*, model: str, profile: str, calibration: str, evaluation: str, data_dir
     planned, _skipped = workflow.plan(prof, source=source, converted=assessment)
     specs = [prof.baseline.spec(baseline=True), *planned]
     inputs = {s.name: workflow.build_input(s, source=source, converted=assessment) for s in specs}
+    mark("mlflow-start")
     exp_id, run_id = tracking.start_parent_run.fn(
         data_dir=str(base), experiment=f"edgeopt/{model_name}", run_name=f"optimize-{prof.name}", assessment=source,
         profile_name=prof.name, profile_doc=prof.model_dump(mode="json"), hardware=hw,
@@ -76,6 +86,7 @@ def run(*, model: str, profile: str, calibration: str, evaluation: str, data_dir
         except CandidateFailed as exc:
             return workflow.failed(s, stage="build", error=exc)
 
+    mark("build")
     with ThreadPoolExecutor(max_workers=2) as pool:  # the flow's ThreadPoolTaskRunner(max_workers=2)
         built = dict(zip([s.name for s in specs], pool.map(build, specs), strict=True))
     base_spec = specs[0]
@@ -84,6 +95,7 @@ def run(*, model: str, profile: str, calibration: str, evaluation: str, data_dir
     all_specs = {g.baseline.name: g.baseline for g in groups} | {s.name: s for s in planned}
     artifacts = {g.baseline.name: g.artifact for g in groups} | {n: a for n, (_, a) in ready.items()}
 
+    mark("benchmark")
     results: dict[str, list] = {}
     failures: dict[str, CandidateOutcome] = {}
     for r in range(prof.benchmark.repeats):  # flows/_measuring.py: interleaved, odd rounds reversed
@@ -100,6 +112,7 @@ def run(*, model: str, profile: str, calibration: str, evaluation: str, data_dir
     reference = groups[0].baseline.name
     names = [g.baseline.name for g in groups] + sorted((n for g in groups for n in g.members),
                                                        key=[s.name for s in specs].index)
+    mark("outputs and evaluation")
     refs = {n: g.baseline.name for g in groups if g.setting.shape for n in g.names}
     outcomes, baseline_outputs = [], {}
     for name in names:  # flows/optimize.py's _outputs_and_eval
@@ -125,6 +138,7 @@ def run(*, model: str, profile: str, calibration: str, evaluation: str, data_dir
             except CandidateFailed as exc:
                 outcome = workflow.failed(spec, stage="evaluate", error=exc, artifact=art)
         outcomes.append(outcome)
+    mark("gates and selection")
     baselines = {n: g.baseline.name for g in groups for n in g.members}
     spread = workflow.host_spread(profile=prof, hardware=hw, data_dir=base)
     run = str(uuid.uuid4())
@@ -144,8 +158,10 @@ def run(*, model: str, profile: str, calibration: str, evaluation: str, data_dir
         return tracking.log_candidate.fn(data_dir=str(base), experiment_id=exp_id, parent_run_id=run_id, outcome=o,
                                          cached=False)
 
+    mark("mlflow child runs")
     with ThreadPoolExecutor(max_workers=2) as pool:
         child_ids = dict(zip([o.name for o in outcomes], pool.map(log, outcomes), strict=True))
+    mark("report, mlflow selection, registration, end")
     url = tracking.run_url(experiment_id=exp_id, run_id=run_id, data_dir=str(base))
     chosen = next((o for o in outcomes if o.name == selection.selected), None)
     links = {"MLflow run": url} | ({"Registered model": f"{model_name}, alias '{tracking.CANDIDATE_ALIAS}'"}
@@ -159,10 +175,13 @@ def run(*, model: str, profile: str, calibration: str, evaluation: str, data_dir
                                                 run_id=child_ids[chosen.name], outcome=chosen, selection=selection,
                                                 assessment=assessment)
     tracking.end_parent_run.fn(data_dir=str(base), run_id=run_id, status="FINISHED")
+    mark("done")
+    spans.pop("done")
     return {"outcomes": [o.name for o in outcomes], "failed": sorted(o.name for o in outcomes if not o.ok),
             "rounds": {n: len(v) for n, v in results.items()}, "selected": selection.selected,
             "registered_version": version, "experiment_id": exp_id, "mlflow_run_id": run_id,
-            "mlflow_child_runs": len(child_ids)}
+            "mlflow_child_runs": len(child_ids), "phases_s": {k: v[1] - v[0] for k, v in spans.items()},
+            "phase_starts_s": {k: v[0] for k, v in spans.items()}}
 
 
 def main() -> int:
