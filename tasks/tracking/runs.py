@@ -241,7 +241,6 @@ def log_candidate(*, data_dir: str, experiment_id: str, parent_run_id: str, outc
     return rid
 
 
-@task(name="mlflow-register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=_transient)
 def signature_tags(assessment: Assessment | None) -> dict[str, str]:
     """The model's input/output signature as version tags (JSON lists of name, dtype, shape; dynamic dims
     by their symbol) and the shapes it was measured at."""
@@ -257,6 +256,7 @@ def signature_tags(assessment: Assessment | None) -> dict[str, str]:
     return tags
 
 
+@task(name="mlflow-register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=_transient)
 def register_selected(*, data_dir: str, model_name: str, run_id: str, outcome: CandidateOutcome,
                       selection: Selection, assessment: Assessment | None = None) -> str:
     """Register the selected candidate's model as a new version with alias ``candidate``, its verdicts and

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import mlflow
@@ -106,3 +107,32 @@ def test_tracking_nested_run_and_registration(setup, tmp_path):
     assert [a.path for a in cl.list_artifacts(child, "model")] == ["model/artifact.json", "model/model.onnx"]
     # artifacts land under the data folder, not the working directory
     assert cl.get_run(run_id).info.artifact_uri.startswith((tmp_path / "store").as_uri())
+
+
+def test_registration_is_the_retried_task_and_works_without_prefect(setup, tmp_path):
+    """``register_selected`` is the ``mlflow-register`` task (retries on a transient store error); the
+    signature tags it adds are a plain function, so ``.fn`` registers without any Prefect engine."""
+    from prefect import Task
+
+    from edgeopt.records import Selection
+
+    assert isinstance(tracking.register_selected, Task) and tracking.register_selected.name == "mlflow-register"
+    assert not isinstance(tracking.runs.signature_tags, Task)
+    profile, assessment, work = setup
+    hw = phases.fingerprint_task.fn()
+    data_dir = str(tmp_path / "store")
+    exp_id, run_id = tracking.start_parent_run.fn(
+        data_dir=data_dir, experiment="edgeopt/test", run_name="r", assessment=assessment, profile_name="p",
+        profile_doc=profile.model_dump(mode="json"), hardware=hw, tags={})
+    spec = profile.candidates[0].spec()
+    outcome = CandidateOutcome(spec=spec, artifact=phases.build_task.fn(spec, assessment, None, work, hw))
+    child = tracking.log_candidate.fn(data_dir=data_dir, experiment_id=exp_id, parent_run_id=run_id, outcome=outcome)
+    version = tracking.register_selected.fn(data_dir=data_dir, model_name="m", run_id=child, outcome=outcome,
+                                            selection=Selection(selected=spec.name, message="picked"),
+                                            assessment=assessment)
+    cl = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'store' / 'mlflow' / 'mlflow.db'}")
+    mv = cl.get_model_version_by_alias("m", tracking.CANDIDATE_ALIAS)
+    assert str(mv.version) == version
+    assert mv.tags["artifact.sha256"] == outcome.artifact.sha256
+    assert [t["name"] for t in json.loads(mv.tags["signature.inputs"])] == \
+        [t.name for t in assessment.inputs]
