@@ -89,7 +89,9 @@ def test_a_newer_record_schema_changes_every_key(monkeypatch) -> None:
     assert keys.result_key("bench", artifact="a") != before
 
 
-def test_tracking_nested_run_and_registration(setup, tmp_path):
+def _logged_candidate(setup, tmp_path):
+    """A parent run and the first candidate built and logged as its child run, through the tasks' ``.fn``:
+    (data folder, parent run id, child run id, outcome)."""
     profile, assessment, work = setup
     hw = phases.fingerprint_task.fn()
     data_dir = str(tmp_path / "store")
@@ -97,9 +99,13 @@ def test_tracking_nested_run_and_registration(setup, tmp_path):
         data_dir=data_dir, experiment="edgeopt/test", run_name="r", assessment=assessment, profile_name="p",
         profile_doc=profile.model_dump(mode="json"), hardware=hw, tags={})
     spec = profile.candidates[0].spec()
-    art = phases.build_task.fn(spec, assessment, None, work, hw)
-    outcome = CandidateOutcome(spec=spec, artifact=art)
+    outcome = CandidateOutcome(spec=spec, artifact=phases.build_task.fn(spec, assessment, None, work, hw))
     child = tracking.log_candidate.fn(data_dir=data_dir, experiment_id=exp_id, parent_run_id=run_id, outcome=outcome)
+    return data_dir, run_id, child, outcome
+
+
+def test_tracking_nested_run_and_registration(setup, tmp_path):
+    _data_dir, run_id, child, _outcome = _logged_candidate(setup, tmp_path)
     cl = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'store' / 'mlflow' / 'mlflow.db'}")
     run = cl.get_run(child)
     assert run.data.tags["mlflow.parentRunId"] == run_id
@@ -118,21 +124,13 @@ def test_registration_is_the_retried_task_and_works_without_prefect(setup, tmp_p
 
     assert isinstance(tracking.register_selected, Task) and tracking.register_selected.name == "mlflow-register"
     assert not isinstance(tracking.runs.signature_tags, Task)
-    profile, assessment, work = setup
-    hw = phases.fingerprint_task.fn()
-    data_dir = str(tmp_path / "store")
-    exp_id, run_id = tracking.start_parent_run.fn(
-        data_dir=data_dir, experiment="edgeopt/test", run_name="r", assessment=assessment, profile_name="p",
-        profile_doc=profile.model_dump(mode="json"), hardware=hw, tags={})
-    spec = profile.candidates[0].spec()
-    outcome = CandidateOutcome(spec=spec, artifact=phases.build_task.fn(spec, assessment, None, work, hw))
-    child = tracking.log_candidate.fn(data_dir=data_dir, experiment_id=exp_id, parent_run_id=run_id, outcome=outcome)
+    data_dir, _run_id, child, outcome = _logged_candidate(setup, tmp_path)
     version = tracking.register_selected.fn(data_dir=data_dir, model_name="m", run_id=child, outcome=outcome,
-                                            selection=Selection(selected=spec.name, message="picked"),
-                                            assessment=assessment)
+                                            selection=Selection(selected=outcome.name, message="picked"),
+                                            assessment=setup[1])
     cl = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'store' / 'mlflow' / 'mlflow.db'}")
     mv = cl.get_model_version_by_alias("m", tracking.CANDIDATE_ALIAS)
     assert str(mv.version) == version
     assert mv.tags["artifact.sha256"] == outcome.artifact.sha256
     assert [t["name"] for t in json.loads(mv.tags["signature.inputs"])] == \
-        [t.name for t in assessment.inputs]
+        [t.name for t in setup[1].inputs]
