@@ -23,7 +23,9 @@ wide as this host's run-to-run spread (``run_to_run_sd``, ``edgeopt.reproducibil
 settles only when it would hold in another run on this host; the verdict records the spread it used.
 When the same comparison was measured in earlier runs on this host (``earlier_speedups``), the
 speed-up verdict is judged on all of them (``edgeopt.reproducibility.pooled``; ``runs_pooled`` and
-``pooled_point`` say so), so it converges run after run instead of following each run's weather.
+``pooled_point`` say so), so it converges run after run instead of following each run's weather;
+and a verdict the pooled evidence has settled stands as the host's decision until that evidence
+settles it the other way (``edgeopt.reproducibility.sequential``; ``held_from_run`` says so).
 
 A candidate without an evaluation fails its accuracy (and cosine) gate, and a figure that could
 not be measured (NaN, or a memory figure that is not positive) fails its gate: a gate never passes
@@ -42,7 +44,7 @@ import numpy as np
 from edgeopt.intervals import Interval, memory_reduction_interval, ratio_interval, split_rounds
 from edgeopt.profiles import Budgets, Gates
 from edgeopt.records import BenchmarkResult, CandidateOutcome, EvalResult, GateVerdict, GenerationResult
-from edgeopt.reproducibility import pooled, settleable
+from edgeopt.reproducibility import Decision, sequential, settleable
 
 __all__ = [
     "MemoryBasis",
@@ -75,12 +77,16 @@ def _settled(ok: bool) -> str:
 
 def verdict(*, gate: str, metric: str, comparator: Comparator, threshold: float, measured: float,
             interval: Interval | None = None, run_to_run_sd: float | None = None,
-            runs_pooled: int | None = None) -> GateVerdict:
+            runs_pooled: int | None = None, decision: Decision | None = None) -> GateVerdict:
     """One verdict; ``margin`` is positive by how much it passed, negative by how much it failed.
 
     With a finite ``interval`` the status follows the interval (see the module doc); without one
-    it follows ``measured``. A non-finite measurement fails.
+    it follows ``measured``. A non-finite measurement fails. ``decision``: the host's sequential
+    decision on this comparison (``interval`` and ``runs_pooled`` are then its own); an interval that
+    straddles the threshold takes the decision it holds.
     """
+    if decision is not None:
+        interval, runs_pooled = decision.interval, decision.runs
     margin = measured - threshold if comparator == ">=" else threshold - measured
     tol = _REL_TOLERANCE * max(1.0, abs(threshold))
     if not math.isfinite(measured):
@@ -89,6 +95,8 @@ def verdict(*, gate: str, metric: str, comparator: Comparator, threshold: float,
         worst, best = (interval.low, interval.high) if comparator == ">=" else (-interval.high, -interval.low)
         bound = threshold if comparator == ">=" else -threshold
         status = "pass" if worst >= bound - tol else ("fail" if best < bound - tol else "uncertain")
+        if status == "uncertain" and decision is not None and decision.held is not None:
+            status = decision.held
     else:
         status = _settled(margin >= -tol)
     ci = {}
@@ -100,6 +108,8 @@ def verdict(*, gate: str, metric: str, comparator: Comparator, threshold: float,
         ci["runs_pooled"] = runs_pooled
         if runs_pooled > 1 and interval is not None:
             ci["pooled_point"] = interval.point
+    if decision is not None and decision.held is not None and status == decision.held and math.isfinite(measured):
+        ci["held_from_run"] = decision.settled_at
     return GateVerdict(gate=gate, metric=metric, comparator=comparator, threshold=threshold, measured=measured,
                        margin=margin, passed=status == "pass", status=status, **ci)
 
@@ -233,15 +243,14 @@ def evaluate_gates(
     pct, basis = gates.speedup_percentile, gates.memory_basis
     own = speedup_interval(candidate_bench=benchmark, baseline_bench=baseline_benchmark, percentile=pct,
                            confidence=gates.confidence, run_to_run_sd=run_to_run_sd)
-    speed, runs = pooled(own, list(earlier_speedups), sd_log=run_to_run_sd)
+    speed = sequential(own, list(earlier_speedups), sd_log=run_to_run_sd, threshold=gates.speedup_min)
     memory = memory_interval(candidate_bench=benchmark, baseline_bench=baseline_benchmark, basis=basis,
                              confidence=gates.confidence)
     basis_name = "steady-state model memory" if basis == "steady" else "peak model memory"
     verdicts = [
         _accuracy_verdict(evaluation, gates),
         verdict(gate="speedup", metric=speedup_metric(pct, baseline_benchmark.candidate), comparator=">=",
-                threshold=gates.speedup_min, measured=own.point, interval=speed, run_to_run_sd=run_to_run_sd,
-                runs_pooled=runs),
+                threshold=gates.speedup_min, measured=own.point, run_to_run_sd=run_to_run_sd, decision=speed),
         verdict(gate="memory", metric=f"memory reduction ({basis_name}) vs {baseline_benchmark.candidate}",
                 comparator=">=", threshold=gates.memory_reduction_min, measured=memory.point, interval=memory),
     ]

@@ -368,7 +368,7 @@ def gate(outcome: CandidateOutcome, *, baseline: CandidateOutcome, rounds: dict[
     speed-up's interval from the per-round ratios of generation tokens/s (rounds paired by index: measured
     side by side), and the figures the selection and the table use. ``earlier``: (log speed-up, own sd) of
     the same comparison in earlier runs on this host (``earlier_speedups``), pooled with this run's for the
-    speed-up verdict as for every other model (``edgeopt.reproducibility.pooled``)."""
+    speed-up verdict as for every other model (``edgeopt.reproducibility.sequential``)."""
     g = profile.gates_for("llm")
     cand = outcome.generation
     # the reference's rounds measured beside this candidate's (the same indices): extra rounds for other,
@@ -392,10 +392,9 @@ def gate(outcome: CandidateOutcome, *, baseline: CandidateOutcome, rounds: dict[
     if iv.finite and math.isfinite(speed.measured):
         iv = type(iv)(speed.measured, min(iv.low, speed.measured), max(iv.high, speed.measured), iv.confidence,
                       iv.rounds)
-        judged, runs = reproducibility.pooled(iv, list(earlier), sd_log=run_to_run_sd)
+        judged = reproducibility.sequential(iv, list(earlier), sd_log=run_to_run_sd, threshold=speed.threshold)
         verdicts = [gates.verdict(gate="speedup", metric=speed.metric, comparator=">=", threshold=speed.threshold,
-                                  measured=speed.measured, interval=judged, run_to_run_sd=run_to_run_sd or None,
-                                  runs_pooled=runs)
+                                  measured=speed.measured, run_to_run_sd=run_to_run_sd or None, decision=judged)
                     if v.gate == "speedup" else v for v in verdicts]
     memory = next(v for v in verdicts if v.gate == "memory").measured
     quality = None

@@ -317,12 +317,20 @@ class GateVerdict(Record):
                                     "edgeopt.reproducibility.pooled); 1 = this run alone")
     pooled_point: float | None = Field(default=None, description="the ratio pooled over runs_pooled runs (the "
                                        "geometric mean), the centre of [ci_low, ci_high] when runs_pooled > 1")
+    held_from_run: int | None = Field(default=None, description="the verdict is this host's standing decision on "
+                                      "the comparison: the runs pooled up to this one (1 = the first of "
+                                      "runs_pooled) settled it, and no run since settled it the other way; "
+                                      "[ci_low, ci_high], pooled over every run, straddles the threshold "
+                                      "(edgeopt.reproducibility.sequential)")
 
     def describe(self) -> str:
         word = {"pass": "pass", "fail": "FAIL", "uncertain": "UNCERTAIN"}[self.status]
         ci = f" [{self.ci_low:.4g}, {self.ci_high:.4g}]" if self.ci_low is not None and self.ci_high is not None else ""
         if (self.runs_pooled or 1) > 1 and self.pooled_point is not None:
             ci = f" (pooled over {self.runs_pooled} runs on this host: {self.pooled_point:.4g}{ci})"
+        if self.held_from_run is not None:
+            ci += (f" — held: settled by the first {self.held_from_run} run(s) here, and no run since has "
+                   "settled it the other way")
         return (f"{self.gate}: {self.measured:.4g}{ci} {self.comparator} {self.threshold:.4g} "
                 f"({word}, margin {self.margin:+.4g})")
 

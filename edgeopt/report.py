@@ -54,6 +54,8 @@ def _ci(o: CandidateOutcome, gate: str) -> str:
     if v is None or v.ci_low is None or v.ci_high is None:
         return "-"
     runs = f" ({v.runs_pooled} runs)" if (v.runs_pooled or 1) > 1 else ""
+    if v.held_from_run is not None:  # the interval straddles: the verdict is the decision runs 1..k settled
+        runs = f" ({v.runs_pooled} runs; {v.status} held from run {v.held_from_run})"
     return f"{v.ci_low:.2f}-{v.ci_high:.2f}x{runs}"
 
 
@@ -157,6 +159,10 @@ def spread_note(outcomes: Sequence[CandidateOutcome]) -> str | None:
     if pooled:
         note += (f"; {pooled} speed-up(s) measured in earlier runs here are judged on all those runs "
                  "(their CI says how many), the band narrowing as 1/√runs")
+    held = sum(1 for o in outcomes for v in o.verdicts if v.gate == "speedup" and v.held_from_run is not None)
+    if held:
+        note += (f"; {held} verdict(s) whose pooled interval straddles the threshold keep the decision the runs up "
+                 "to 'held from run k' settled here: only evidence settling the other way reverses it")
     return note
 
 

@@ -38,6 +38,23 @@ run counts with its own (within-run) variance when that is larger (a run measure
 with a wide interval of its own, weighs in with that width: the history stores each run's). A candidate near its threshold
 then moves from ``uncertain`` to a settled verdict as runs accumulate, instead of flipping between
 pass and uncertain with the weather of each run; its band narrows as ``1/sqrt(n)``.
+
+**A settled verdict is a decision** (``sequential``). Pooling alone still lets a candidate whose
+ratio sits a little above its threshold go back and forth between ``pass`` and ``uncertain`` as each
+run moves the pooled mean by a fraction of the band (measured: a recipe at ~2.2x against a 2x gate,
+pooled lower bound 1.97-2.04 over seven runs). So the verdict is the state of a sequential test
+replayed over the comparison's runs on this host in the order they were measured: after each run
+``k`` the interval pooling runs ``1..k`` either settles (its lower bound clears the threshold:
+``pass``; its upper bound misses it: ``fail``) or straddles it. Once settled, the decision stands
+until the pooled evidence settles the other way; a later pooled interval that merely straddles the
+threshold again does not reopen it (the verdict says ``held_from_run``). The decision is a function
+of the recorded evidence only (replayed, never stored), so every clone and run on this host reaches
+the same one from the same history; a changed artifact, tool, setting or machine is another
+comparison and starts its own test. What the rule gives up: repeated looks at a ratio whose true
+value sits *on* the threshold settle it sooner or later (an indifference zone of about the band's
+width around the threshold, where either decision is acceptable); what it protects is the decision
+against the weather: to go from pass to fail the pooled evidence has to show the ratio below the
+threshold, not just fail to show it above.
 """
 
 from __future__ import annotations
@@ -56,8 +73,8 @@ from edgeopt.keys import digest, hardware_identity
 from edgeopt.records import HardwareFingerprint
 from edgeopt.settings import host_state_dir
 
-__all__ = ["PRIOR_DF", "RatioRecord", "Spread", "earlier_runs", "estimate", "history_path", "own_sd", "pooled",
-           "read_history", "record", "settleable", "z_value"]
+__all__ = ["PRIOR_DF", "Decision", "RatioRecord", "Spread", "earlier_runs", "estimate", "history_path", "own_sd",
+           "pooled", "read_history", "record", "sequential", "settleable", "z_value"]
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +217,47 @@ def pooled(this: Interval, earlier: list[tuple[float, float]], *, sd_log: float)
     mean = sum(x for x, _ in runs) / n
     half = z * math.sqrt(sum(max(sd_log, sd if math.isfinite(sd) else 0.0) ** 2 for _, sd in runs)) / n
     return Interval(math.exp(mean), math.exp(mean - half), math.exp(mean + half), this.confidence, this.rounds), n
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A speed-up comparison's sequential verdict (``sequential``): ``interval`` pools this run with the
+    earlier ones (``pooled``) over ``runs`` runs; ``held`` is the decision ('pass' / 'fail') an earlier
+    prefix of the runs settled when this pooled interval straddles the threshold (None otherwise), and
+    ``settled_at`` the run (1 = the first of ``runs``) whose pooled evidence settled it."""
+
+    interval: Interval
+    runs: int
+    held: str | None = None
+    settled_at: int | None = None
+
+
+def _settles(low: float, high: float, threshold: float) -> str | None:
+    tol = 1e-9 * max(1.0, abs(threshold))  # as edgeopt.gates.verdict: a threshold met exactly passes
+    return "pass" if low >= threshold - tol else ("fail" if high < threshold - tol else None)
+
+
+def sequential(this: Interval, earlier: list[tuple[float, float]], *, sd_log: float,
+               threshold: float) -> Decision:
+    """``this`` run's ratio interval pooled with the ``earlier`` runs (in the order they were measured)
+    and the decision of the sequential test replayed over them against ``threshold`` (a ``>=`` gate;
+    module doc). A finite interval that settles decides by itself; one that straddles the threshold
+    holds the last decision an earlier prefix settled, if any."""
+    judged, n = pooled(this, earlier, sd_log=sd_log)
+    if n <= 1 or not judged.finite or not math.isfinite(threshold):
+        return Decision(judged, n)
+    if _settles(judged.low, judged.high, threshold) is not None:
+        return Decision(judged, n)
+    z = z_value(this.confidence)
+    state, since = None, None
+    for k in range(1, n):  # the prefixes of the earlier runs; the last prefix (all n) is ``judged``
+        runs = earlier[:k]
+        mean = sum(x for x, _ in runs) / k
+        half = z * math.sqrt(sum(max(sd_log, sd if math.isfinite(sd) else 0.0) ** 2 for _, sd in runs)) / k
+        settled = _settles(math.exp(mean - half), math.exp(mean + half), threshold)
+        if settled is not None and settled != state:
+            state, since = settled, k
+    return Decision(judged, n, held=state, settled_at=since)
 
 
 def z_value(confidence: float) -> float:

@@ -28,6 +28,7 @@ from edgeopt.reproducibility import (
     pooled,
     read_history,
     record,
+    sequential,
     settleable,
 )
 from tests.test_gates import evaluation
@@ -192,6 +193,59 @@ def test_a_candidate_at_the_band_edge_converges_instead_of_flipping(tmp_path: Pa
     assert at_edge.status == "uncertain"
     assert not more_rounds_could_settle(CandidateOutcome(spec=CandidateSpec(name="c", backend="onnxruntime"),
                                                          verdicts=(at_edge,)))
+
+
+def test_a_settled_verdict_stands_until_the_evidence_settles_the_other_way(tmp_path: Path) -> None:
+    """The flicker pooling alone left (issue 7's "three identical runs"): a candidate settled as a pass by
+    the runs so far must not go back to uncertain because one more run pulls the pooled mean down by a
+    fraction of the band; only pooled evidence *below* the threshold reverses it."""
+    s = 0.12
+    base = _bench_with(tmp_path, "baseline", BASELINE).model_copy(update={"rss_steady_mb_repeats": (100.0,) * 3})
+    cand = _bench_with(tmp_path, "cand", CLEAR)
+
+    def speed(earlier):
+        return next(v for v in evaluate_gates(benchmark=cand, evaluation=evaluation(), baseline_benchmark=base,
+                                              gates=Gates(), budgets=Budgets(), run_to_run_sd=s,
+                                              earlier_speedups=earlier) if v.gate == "speedup")
+
+    # run 1 alone settled a pass (2.6 / e^(1.96·0.12) = 2.05); run 2 at 1.5 and this run leave the pooled
+    # interval straddling 2x: the decision of run 1 holds, and the verdict says so
+    held = speed([(math.log(2.6), 0.0), (math.log(1.5), 0.0)])
+    assert held.ci_low < 2.0 < held.ci_high
+    assert held.status == "pass" and held.passed and held.held_from_run == 1 and held.runs_pooled == 3
+    assert "held: settled by the first 1 run(s)" in held.describe()
+    assert not more_rounds_could_settle(CandidateOutcome(spec=CandidateSpec(name="c", backend="onnxruntime"),
+                                                         verdicts=(held,)))
+    # two runs at 1.3 after it settle a fail over runs 1..3 (upper bound 1.88 < 2): the pass is reversed, and the
+    # fail then holds while this run's 2.5 only brings the pooled interval back across the threshold
+    reversed_ = speed([(math.log(2.6), 0.0), (math.log(1.3), 0.0), (math.log(1.3), 0.0)])
+    assert reversed_.ci_low < 2.0 < reversed_.ci_high
+    assert reversed_.status == "fail" and not reversed_.passed and reversed_.held_from_run == 3
+    # nothing settled before: straddling stays uncertain (and no decision is claimed)
+    never = speed([(math.log(2.0), 0.0), (math.log(2.0), 0.0)])
+    assert never.status == "uncertain" and never.held_from_run is None
+    # a pooled interval that settles by itself is reported as such, not as held
+    assert speed([(math.log(2.6), 0.0), (math.log(2.6), 0.0)]).held_from_run is None
+
+
+def test_the_recorded_demo_sequence_no_longer_flickers() -> None:
+    """This run's own speed-ups of ort-int8-static-entropy in the seven consecutive demo runs
+    (benchmarks/results/demo-consecutive.json: 2.31, 2.32, 2.17, 2.21, 1.96, 2.48, 2.44x), each with a run's
+    own ±24% interval, on a host spread of 0.08: pooled alone the verdicts went uncertain, uncertain, pass,
+    pass, uncertain, pass, pass; the sequential decision goes uncertain twice, then pass for good."""
+    sd, s = 0.11, 0.08
+    pooled_only, decided, earlier = [], [], []
+    for x in (2.31, 2.32, 2.17, 2.21, 1.96, 2.48, 2.44):
+        this = Interval(x, x * math.exp(-Z95 * sd), x * math.exp(Z95 * sd), 0.95, 3)
+        d = sequential(this, list(earlier), sd_log=s, threshold=2.0)
+        v = verdict(gate="speedup", metric="speedup p50", comparator=">=", threshold=2.0, measured=x,
+                    run_to_run_sd=s, decision=d)
+        pooled_only.append(verdict(gate="speedup", metric="speedup p50", comparator=">=", threshold=2.0,
+                                   measured=x, interval=d.interval).status)
+        decided.append(v.status)
+        earlier.append((math.log(x), sd))
+    assert pooled_only == ["uncertain", "uncertain", "pass", "pass", "uncertain", "pass", "pass"]
+    assert decided == ["uncertain", "uncertain", "pass", "pass", "pass", "pass", "pass"]
 
 
 def test_history_lines_carry_the_measurement(tmp_path: Path) -> None:

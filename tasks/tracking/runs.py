@@ -171,6 +171,8 @@ def _metrics(o: CandidateOutcome) -> dict[str, float]:
             m[f"{v.gate}_runs_pooled"] = float(v.runs_pooled)
         if v.pooled_point is not None:
             m[f"{v.gate}_pooled"] = v.pooled_point
+        if v.held_from_run is not None:
+            m[f"{v.gate}_held_from_run"] = float(v.held_from_run)
     share = o.artifact.placement.get("target_share") if o.artifact else None
     if isinstance(share, int | float):
         m["placement_target_share"] = float(share)
