@@ -182,9 +182,12 @@ def prompt_ids(artifact: Artifact, *, evaluation: str, tokens: int) -> list[int]
 
 
 def _run_artifact(artifact: Artifact, profile: Profile) -> Artifact:
-    """The artifact as it runs: the profile's thread budget where the recipe leaves threads open."""
+    """The artifact as it runs: the profile's thread budget where the recipe leaves threads open; for llama.cpp
+    (the reference and its candidates alike), the profile's GPU offload (``hardware.llm_gpu_layers``)."""
     threads = artifact.runtime.get("threads") or profile.hardware.threads
-    return artifact.model_copy(update={"runtime": artifact.runtime | {"threads": threads}})
+    extra = {"gpu_layers": profile.hardware.llm_gpu_layers} \
+        if artifact.backend == "llamacpp" and profile.hardware.llm_gpu_layers else {}
+    return artifact.model_copy(update={"runtime": artifact.runtime | {"threads": threads} | extra})
 
 
 def comparison_group(artifacts: dict[str, Artifact]) -> str:

@@ -44,6 +44,10 @@ class HardwareTarget(_Strict):
     isa_required: tuple[str, ...] = Field((), description="ISA features the host must have (e.g. avx2, neon)")
     gpu_vendor: Literal["nvidia", "apple", "intel", "amd"] | None = Field(None, description="GPU vendor")
     threads: int = Field(1, ge=1, description="default intra-op threads for every candidate")
+    llm_gpu_layers: int = Field(0, ge=-1, description="language models on llama.cpp: transformer layers offloaded "
+                                "to its GPU backend (Metal on Apple silicon, CUDA, Vulkan) for the F16 reference "
+                                "and every llama.cpp candidate alike (-1: all, 0: CPU only); a llama.cpp build "
+                                "without a GPU backend runs on the CPU and its speed is marked not representative")
 
 
 class LLMBenchmarkConfig(_Strict):

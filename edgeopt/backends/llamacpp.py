@@ -243,8 +243,24 @@ class LlamaCppBackend(Backend):
         llama_cpp.llama_backend_init()
 
 
+def offload_caveat(runtime: dict[str, Any]) -> str | None:
+    """Why speed figures of a run with GPU offload (``runtime["gpu_layers"]``, the profile's
+    ``hardware.llm_gpu_layers``) do not stand for the target: this llama.cpp build has no GPU backend, so
+    llama.cpp ignores the offload and runs on the CPU. None when nothing is offloaded or it can be."""
+    if not runtime.get("gpu_layers"):
+        return None
+    import llama_cpp
+
+    if llama_cpp.llama_supports_gpu_offload():
+        return None
+    return (f"GPU offload of {runtime['gpu_layers']} layer(s) asked (the profile's hardware.llm_gpu_layers), but "
+            "this llama-cpp-python build has no GPU backend and ran on the CPU; rebuild it with "
+            "CMAKE_ARGS=-DGGML_METAL=on (Apple) or -DGGML_CUDA=on (NVIDIA) on the target host")
+
+
 def open_llama(path: str, runtime: dict[str, Any], *, logits_all: bool = False) -> Any:
-    """A ``llama_cpp.Llama`` with the recipe's runtime settings; a load failure says why."""
+    """A ``llama_cpp.Llama`` with the recipe's runtime settings (and the profile's GPU offload,
+    ``gpu_layers``: -1 = every layer); a load failure says why."""
     import llama_cpp
 
     kv = getattr(llama_cpp, KV_TYPES[runtime.get("kv_type", "f16")])
@@ -253,7 +269,8 @@ def open_llama(path: str, runtime: dict[str, Any], *, logits_all: bool = False) 
         return llama_cpp.Llama(model_path=path, n_ctx=runtime.get("n_ctx", 512), n_batch=runtime.get("n_batch", 512),
                                n_ubatch=runtime.get("n_ubatch", 512), n_threads=threads, n_threads_batch=threads,
                                type_k=kv, type_v=kv, flash_attn=bool(runtime.get("flash_attn", False)),
-                               use_mmap=bool(runtime.get("mmap", True)), logits_all=logits_all, verbose=False)
+                               use_mmap=bool(runtime.get("mmap", True)), n_gpu_layers=int(runtime.get("gpu_layers", 0)),
+                               logits_all=logits_all, verbose=False)
     except ValueError as exc:  # verbose=False hides llama.cpp's reason; the file's own check gives one
         from edgeopt.intake.llm import assess_gguf
 

@@ -84,7 +84,7 @@ def run_generate_job(job: dict[str, Any]) -> dict[str, Any]:
 
     import llama_cpp
 
-    from edgeopt.backends.llamacpp import open_llama
+    from edgeopt.backends.llamacpp import offload_caveat, open_llama
     from edgeopt.bench import memory
 
     llama_cpp.llama_backend_init()
@@ -118,9 +118,11 @@ def run_generate_job(job: dict[str, Any]) -> dict[str, Any]:
         ttft.append(first)
         latencies.extend(steps)
         gen_tps.append(len(steps) / (sum(steps) / 1e3))
-    return generation_figures(prompt_tps=prompt_tps, gen_tps=gen_tps, ttft=ttft, latencies=latencies, before=before,
-                              load_ms=load_ms, threads=llm.context_params.n_threads,
-                              kv_bytes_per_token=kv_bytes_per_token_from_log("".join(log_lines)))
+    out = generation_figures(prompt_tps=prompt_tps, gen_tps=gen_tps, ttft=ttft, latencies=latencies, before=before,
+                             load_ms=load_ms, threads=llm.context_params.n_threads,
+                             kv_bytes_per_token=kv_bytes_per_token_from_log("".join(log_lines)))
+    out["not_representative"] = offload_caveat(job["runtime"])
+    return out
 
 
 def generation_figures(*, prompt_tps: list[float], gen_tps: list[float], ttft: list[float], latencies: list[float],

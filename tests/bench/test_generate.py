@@ -74,6 +74,35 @@ def test_the_kv_cache_figure_follows_the_recipes_kv_type(tiny_llama, tmp_path: P
         assert b.bandwidth_gbps > 0 and (math.isnan(b.bandwidth_fraction) or 0 < b.bandwidth_fraction <= 1)
 
 
+def test_gpu_offload_is_asked_of_llama_cpp_and_a_build_without_a_gpu_backend_says_its_speed_is_not_the_targets(
+        tiny_llama, tmp_path: Path) -> None:
+    """The apple-silicon profile offloads every layer to Metal (``hardware.llm_gpu_layers: -1``) for the
+    reference and the llama.cpp candidates alike. Tested on the path this host takes: a llama.cpp build
+    without a GPU backend ignores the offload and runs on the CPU, so its figures carry the caveat (and
+    never pass a speed gate); a build with one offloads and its figures stand."""
+    from edgeopt import llm_workflow
+    from edgeopt.profiles import load_profile
+
+    a = assess(tiny_llama["f16"])
+    art = LlamaCppBackend().optimize(model=a.model, assessment=a, recipe=LlamaCppRecipe(quant="Q8_0"),
+                                     candidate="q8", out_dir=tmp_path / "q8")
+    apple, intel = load_profile("apple-silicon"), load_profile("intel-cpu")
+    assert apple.hardware.llm_gpu_layers == -1 and intel.hardware.llm_gpu_layers == 0
+    runs = llm_workflow._run_artifact(art, apple)
+    assert runs.runtime["gpu_layers"] == -1
+    assert "gpu_layers" not in llm_workflow._run_artifact(art, intel).runtime  # CPU profiles: keys unchanged
+    r = measure_generation(runs, prompt=list(range(5, 21)), gen_tokens=4, threads=1, repeats=1,
+                           work_dir=tmp_path / "w")
+    assert r.gen_tps > 0
+    if llama_cpp.llama_supports_gpu_offload():
+        assert r.not_representative is None
+    else:
+        assert "no GPU backend" in r.not_representative and "GGML_METAL" in r.not_representative
+    on_cpu = measure_generation(llm_workflow._run_artifact(art, intel), prompt=list(range(5, 21)), gen_tokens=4,
+                                threads=1, repeats=1, work_dir=tmp_path / "c")
+    assert on_cpu.not_representative is None
+
+
 def test_the_last_level_cache_is_the_largest_cache_sysfs_lists(tmp_path: Path) -> None:
     for index, size in (("index0", "48K"), ("index2", "1024K"), ("index3", "32768K"), ("index4", "junk")):
         (tmp_path / index).mkdir()
