@@ -255,8 +255,10 @@ class GenerationResult(Record):
     bandwidth_gbps: float | None = Field(default=None, description="measured read bandwidth at these threads")
     bandwidth_fraction: float | None = Field(default=None, description="gen_tps x bytes_per_token / bandwidth")
     kv_cache_bytes_per_token: float | None = Field(default=None, description="K and V bytes per context token as "
-                                                   "the runtime allocated them (its KV-cache type); None when the "
-                                                   "runtime does not report it")
+                                                   "the runtime stores them (llama.cpp: the size its context log "
+                                                   "reports for the recipe's KV-cache type; OpenVINO: the IR's KV "
+                                                   "states in the CPU plugin's cache precision, with its scales); "
+                                                   "None when the runtime does not report it")
     kv_context_tokens: int | None = Field(default=None, description="context length kv_cache_mb is given at (the "
                                           "profile's benchmark.llm.context_tokens)")
     kv_cache_mb: float | None = Field(default=None, description="KV-cache memory at kv_context_tokens (MiB)")

@@ -11,7 +11,10 @@ Public surface: ``OvGenAIRecipe``, ``OvGenAIBackend``, ``OvGenAISession`` and ``
 * **Generation** (``generate_job``, in the fresh measuring process): ``openvino_genai.LLMPipeline`` with
   the stateful SDPA attention backend (each ``generate`` starts from an empty KV cache: no prefix
   cache serves a repeated prompt), greedy, exactly the job's number of new tokens; the same figures
-  as llama.cpp's worker (per-token intervals from the pipeline's token timestamps).
+  as llama.cpp's worker (per-token intervals from the pipeline's token timestamps). The KV-cache figure
+  (``kv_bytes_per_token``) is what the CPU plugin stores per token: the IR's KV states (their head count and
+  head size) in the plugin's KV-cache precision (u8 by default on CPU, with a float scale and zero point per
+  head and quantization group), read after the timed loop so it does not touch the memory figures.
 * **Evaluation** (``OvGenAISession``): the IR's logits through optimum-intel, behind the small
   llama.cpp-like surface ``edgeopt.evaluate.llm`` uses (tokenize, reset, eval, scores, generate), so
   perplexity, KLD and the garbage check run on it unchanged.
@@ -241,6 +244,39 @@ def _executed_precision(xml: Path, threads: int | None) -> str:
     return hint.to_string() if hasattr(hint, "to_string") else str(hint)
 
 
+_CACHE_BYTES = {"u8": 1.0, "i8": 1.0, "u4": 0.5, "i4": 0.5, "f16": 2.0, "bf16": 2.0, "f32": 4.0}
+
+
+def kv_bytes_per_token(xml: str | Path) -> float | None:
+    """Bytes the CPU plugin keeps in its KV cache per token of context for the IR ``xml``: for every KV state
+    (``ReadValue`` of shape [batch, kv_heads, tokens, head_size]) kv_heads × head_size elements in the key or
+    value cache precision the plugin uses (``KEY_CACHE_PRECISION`` / ``VALUE_CACHE_PRECISION``), plus, for an
+    integer cache, a float32 scale and zero point per head and group (``*_CACHE_GROUP_SIZE``; 0 = one group
+    per head). None when the IR has no KV state of that shape (not a stateful LLM) or a precision is unknown."""
+    import openvino as ov
+
+    core = ov.Core()
+    prec = {side: str(core.get_property("CPU", f"{side.upper()}_CACHE_PRECISION").get_type_name())
+            for side in ("key", "value")}
+    group = {side: int(core.get_property("CPU", f"{side.upper()}_CACHE_GROUP_SIZE")) for side in ("key", "value")}
+    states = [op for op in core.read_model(str(xml)).get_ops() if op.get_type_name() == "ReadValue"]
+    total = 0.0
+    for op in states:
+        shape = op.get_output_partial_shape(0)
+        if shape.rank.is_dynamic or shape.rank.get_length() != 4 or shape[1].is_dynamic or shape[3].is_dynamic:
+            return None
+        heads, size = shape[1].get_length(), shape[3].get_length()
+        # optimum-intel names them "past_key_values.<layer>.keypresent.<layer>.key" / "...value"
+        side = "value" if str(op.get_variable_id()).lower().endswith("value") else "key"
+        if prec[side] not in _CACHE_BYTES:
+            return None
+        total += heads * size * _CACHE_BYTES[prec[side]]
+        if prec[side] in ("u8", "i8", "u4", "i4"):
+            groups = size // group[side] if group[side] and size % group[side] == 0 else 1
+            total += heads * groups * 2 * 4  # float32 scale and zero point per head and group
+    return total or None
+
+
 class OvGenAISession(HFTokenizerSession):
     """The IR's logits (optimum-intel) behind the llama.cpp-like surface of ``edgeopt.evaluate.llm``, and the
     ``Session`` protocol: ``run({"input_ids": [batch, seq]})`` -> logits [batch, seq, vocab]."""
@@ -314,5 +350,7 @@ def generate_job(job: dict[str, Any]) -> dict[str, Any]:
         ttft.append(float(metrics.get_ttft().mean))
         latencies.extend(steps)
         gen_tps.append(len(steps) / (sum(steps) / 1e3))
-    return generation_figures(prompt_tps=prompt_tps, gen_tps=gen_tps, ttft=ttft, latencies=latencies, before=before,
-                              load_ms=load_ms, threads=threads)
+    figures = generation_figures(prompt_tps=prompt_tps, gen_tps=gen_tps, ttft=ttft, latencies=latencies,
+                                 before=before, load_ms=load_ms, threads=threads)
+    figures["kv_bytes_per_token"] = kv_bytes_per_token(Path(job["path"]) / "openvino_model.xml")  # after the timing
+    return figures

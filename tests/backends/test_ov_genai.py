@@ -102,6 +102,46 @@ def test_generation_is_measured_to_the_same_definitions(built, tmp_path):
     assert independent / 2.5 < r.gen_tps < independent * 2.5
 
 
+def test_the_kv_cache_figure_is_what_the_cpu_plugin_stores_per_token(built, tiny_llama, tmp_path):
+    """Two independent readings: the elements per token the runtime really holds (the KV states after N and
+    2N tokens of a compiled request, ``query_state``) equal the model's shape (assess: 2 × layers × KV heads ×
+    head size); the figure stores them in the cache precision this CPU plugin reports (u8 with a float scale
+    and zero point per head by default), and a generation measurement carries it at the context asked for."""
+    import openvino as ov
+
+    from edgeopt.backends.ov_genai import kv_bytes_per_token
+    from edgeopt.bench.generate import measure_generation
+
+    xml = Path(built["int4"].path) / "openvino_model.xml"
+    core = ov.Core()
+    request = core.compile_model(core.read_model(str(xml)), "CPU", {"INFERENCE_NUM_THREADS": 1}).create_infer_request()
+
+    def state_elements(n: int) -> int:
+        request.reset_state()
+        ids = np.arange(5, 5 + n, dtype=np.int64)[None]
+        request.infer({"input_ids": ids, "attention_mask": np.ones_like(ids),
+                       "position_ids": np.arange(n, dtype=np.int64)[None], "beam_idx": np.zeros(1, dtype=np.int32)})
+        return sum(int(np.prod(s.state.shape)) for s in request.query_state())
+
+    per_token = (state_elements(32) - state_elements(16)) / 16
+    llm = assess(tiny_llama["hf"]).llm
+    assert per_token == llm.kv_cache_bytes_per_token / 2  # the assessment counts F16: 2 bytes per element
+    prec = {side: core.get_property("CPU", f"{side}_CACHE_PRECISION").get_type_name() for side in ("KEY", "VALUE")}
+    groups = {side: core.get_property("CPU", f"{side}_CACHE_GROUP_SIZE") for side in ("KEY", "VALUE")}
+    figure = kv_bytes_per_token(xml)
+    if set(prec.values()) == {"u8"} and set(groups.values()) == {0}:  # this plugin's default on x86 CPUs
+        heads_x_states = per_token / llm.head_dim
+        assert figure == per_token * 1 + heads_x_states * 8
+    elif set(prec.values()) <= {"f16", "bf16"}:
+        assert figure == per_token * 2
+    else:
+        assert 0 < figure < per_token * 4
+    r = measure_generation(built["int4"], prompt=list(range(5, 21)), gen_tokens=4, threads=1, repeats=1,
+                           work_dir=tmp_path / "g", context_tokens=4096)
+    assert r.kv_cache_bytes_per_token == figure and r.kv_context_tokens == 4096
+    assert r.kv_cache_mb == pytest.approx(figure * 4096 / 2**20)
+
+
 def test_bad_requests_fail_in_one_line(tiny_llama, tmp_path):
     a = assess(tiny_llama["hf"])
     b = backends.get("openvino-genai")
