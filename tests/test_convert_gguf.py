@@ -227,3 +227,31 @@ def test_family_settings_llama_cpp_would_run_differently_are_refused(family, tmp
     with pytest.raises(ModelError, match=match):
         convert_hf_to_gguf(folder, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("family", ["qwen2"], indirect=True)
+def test_qwen2_pre_tokenizer_is_named_for_llama_cpp_and_other_splits_are_refused(tiny_llama, family,
+                                                                                tmp_path: Path) -> None:
+    """The tiny vocabulary behind Qwen2's own split (digits one by one, newlines apart): llama.cpp's "qwen2"
+    pre-tokenizer cuts the held-out text exactly as HF does; a split it has no name for is refused."""
+    import json
+    import shutil
+
+    from edgeopt.convert.hf_gguf import QWEN2_SPLIT
+
+    folder = shutil.copytree(family["folder"], tmp_path / "ckpt")
+    doc = json.loads((folder / "tokenizer.json").read_text())
+    doc["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]}
+    (folder / "tokenizer.json").write_text(json.dumps(doc))
+    text = tiny_llama["eval"].read_text(encoding="utf-8")[:6000]
+    want = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)(text)["input_ids"]
+    assert want != family["llama"]["f16"].tokenize(text.encode(), add_bos=False, special=False)  # splits differ
+    path = convert_hf_to_gguf(folder, tmp_path / "qwen2-split.gguf", precision="f32")
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == want
+    doc["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\s+|\S+"
+    (folder / "tokenizer.json").write_text(json.dumps(doc))
+    with pytest.raises(ModelError, match="neither GPT-2's nor Qwen2's split"):
+        convert_hf_to_gguf(folder, tmp_path / "other.gguf")
