@@ -77,13 +77,181 @@ def test_other_families_and_tokenizers_are_refused(tiny_llama, tmp_path: Path) -
     import json
     import shutil
 
-    folder = shutil.copytree(tiny_llama["hf"], tmp_path / "qwen")
+    folder = shutil.copytree(tiny_llama["hf"], tmp_path / "gemma")
     config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "model_type": "qwen2"}))
-    with pytest.raises(ModelError, match="convertible: llama, mistral"):
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "gemma"}))
+    with pytest.raises(ModelError, match="'gemma' cannot be converted .* convertible: llama, mistral, qwen2, phi3$"):
         convert_hf_to_gguf(folder, tmp_path / "q.gguf")
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "tokenizer.json").unlink()
     with pytest.raises(ModelError, match="no tokenizer.json"):
         convert_hf_to_gguf(folder, tmp_path / "q.gguf")
     assert not (tmp_path / "q.gguf").exists()
+
+
+# --- Qwen2 and Phi-3 checkpoints: random-initialised at small shapes, with the tiny Llama's tokenizer ---
+
+#: logits of the F32 GGUF (run with an F32 KV cache) vs the HF model in float32: the two only differ in
+#: summation order (~2e-5 measured); ten times Qwen2's RMS-norm epsilon already moves them by 0.014, a
+#: halved RoPE base by whole units, a missing bias or an unfused-wrong qkv/gate_up by more
+F32_LOGIT_TOL = 1e-3
+FAMILY_GREEDY = 12
+FAMILY_SHAPES = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
+                 "num_key_value_heads": 2, "max_position_embeddings": 512, "bos_token_id": 0, "eos_token_id": 1,
+                 "pad_token_id": None}  # head_dim 64, grouped-query attention 4/2 heads
+PADDED_VOCAB = 8  # Qwen2 checkpoints pad the embedding rows past the tokenizer's ids
+
+
+def _family_checkpoint(family: str, tok, folder: Path):
+    """A random Qwen2 (tied embeddings, RoPE base 1e6, padded vocabulary) or Phi-3 (fused projections)
+    model; every parameter drawn at random (biases and norms too, so a misplaced one shows) and saved."""
+    torch.manual_seed(0)
+    if family == "qwen2":
+        config = transformers.Qwen2Config(vocab_size=len(tok) + PADDED_VOCAB, tie_word_embeddings=True,
+                                          **FAMILY_SHAPES)
+        config.rope_parameters = {"rope_theta": 1_000_000.0, "rope_type": "default"}
+        model = transformers.Qwen2ForCausalLM(config)
+    else:
+        model = transformers.Phi3ForCausalLM(transformers.Phi3Config(vocab_size=len(tok), **FAMILY_SHAPES))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0.0, 0.5 if p.ndim == 1 else 0.08)
+    model.eval().save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    return model
+
+
+@pytest.fixture(scope="module", params=["qwen2", "phi3"])
+def family(request, hf_model, tmp_path_factory) -> dict:
+    """One family's checkpoint (folder named after the family), its HF model and both GGUFs opened."""
+    name = request.param
+    folder = tmp_path_factory.mktemp(f"{name}-ckpt") / name
+    model = _family_checkpoint(name, hf_model[0], folder)
+    ggufs = {p: convert_hf_to_gguf(folder, folder.parent / f"{name}-{p}.gguf", precision=p) for p in ("f32", "f16")}
+    llamas = {p: llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, n_threads=1, verbose=False,
+                                 type_k=0, type_v=0)  # GGML_TYPE_F32 KV cache: like for like with HF float32
+              for p, path in ggufs.items()}
+    return {"name": name, "folder": folder, "model": model, "gguf": ggufs, "llama": llamas}
+
+
+def test_family_tokenization_is_identical(tiny_llama, hf_model, family) -> None:
+    text = tiny_llama["eval"].read_text(encoding="utf-8")[:6000]
+    want = hf_model[0](text)["input_ids"]
+    for llm in family["llama"].values():
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == want
+
+
+def test_family_logits_match_and_greedy_text_is_the_same(tiny_llama, hf_model, family) -> None:
+    tok, model, llms = hf_model[0], family["model"], family["llama"]
+    ids = tok(tiny_llama["eval"].read_text(encoding="utf-8")[:2000])["input_ids"][:WINDOW]
+    with torch.no_grad():
+        want = model(torch.tensor(ids)[None]).logits[0].numpy()
+    got = {}
+    for precision, llm in llms.items():
+        llm.reset()
+        llm.eval(ids)
+        got[precision] = np.asarray(llm.scores[:WINDOW], dtype=np.float32)
+    assert float(np.abs(got["f32"] - want).max()) < F32_LOGIT_TOL
+    assert float(np.abs(got["f16"] - want).max()) < F16_LOGIT_TOL
+    assert (got["f32"].argmax(-1) == want.argmax(-1)).all()
+    assert (got["f16"].argmax(-1) == want.argmax(-1)).mean() > 0.95
+    # greedy text from the F32 file: a random model's top-2 logits can lie 0.002 apart, inside F16's error
+    prompt = ids[:16]
+    with torch.no_grad():
+        hf_greedy = model.generate(torch.tensor(prompt)[None], max_new_tokens=FAMILY_GREEDY, do_sample=False,
+                                   eos_token_id=None, pad_token_id=0)[0, 16:].tolist()
+    ours = []
+    for t in llms["f32"].generate(prompt, temp=0.0, top_k=1, reset=True):
+        ours.append(int(t))
+        if len(ours) == FAMILY_GREEDY:
+            break
+    assert ours == hf_greedy
+
+
+def test_family_gguf_layout_is_llama_cpps(hf_model, family) -> None:
+    import gguf
+
+    reader = gguf.GGUFReader(str(family["gguf"]["f16"]))
+    tensors = {t.name: t for t in reader.tensors}
+
+    def field(key):
+        return reader.fields[key].contents()
+
+    name = family["name"]
+    assert field("general.architecture") == name
+    assert field(f"{name}.attention.head_count_kv") == 2 and field(f"{name}.rope.dimension_count") == 64
+    if name == "qwen2":
+        assert field("qwen2.rope.freq_base") == 1_000_000.0
+        assert {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"} <= set(tensors)
+        assert tensors["blk.0.attn_q.bias"].tensor_type.name == "F32"
+        assert "output.weight" not in tensors  # tied: llama.cpp reads token_embd.weight for the output
+        assert len(field("tokenizer.ggml.tokens")) == len(hf_model[0]) + PADDED_VOCAB
+    else:
+        assert "blk.0.attn_qkv.weight" in tensors and "blk.0.attn_q.weight" not in tensors
+        assert "blk.0.ffn_gate.weight" not in tensors
+        assert list(tensors["blk.0.ffn_up.weight"].shape) == [256, 2 * 512]  # gate and up halves in one
+        assert list(tensors["blk.0.attn_qkv.weight"].shape) == [256, (4 + 2 * 2) * 64]
+        assert field("phi3.attention.sliding_window") == 0
+        assert field("phi3.rope.scaling.original_context_length") == 4096
+        assert "phi_3" in field("general.name")  # llama.cpp's Phi-3 token quirk needs tokens this vocab lacks
+
+
+def test_family_assessment_is_an_llm_with_its_kv_cache(family) -> None:
+    from edgeopt.intake import assess
+
+    kv_bytes = 2 * 2 * 2 * 64 * 2  # K and V x layers x KV heads x head_dim x F16 bytes
+    for path in (family["folder"], family["gguf"]["f16"]):
+        a = assess(path)
+        assert a.kind == "llm" and a.llm is not None
+        assert (a.llm.family, a.llm.layers, a.llm.kv_heads, a.llm.head_dim) == (family["name"], 2, 2, 64)
+        assert a.llm.kv_cache_bytes_per_token == kv_bytes
+
+
+def test_family_settings_llama_cpp_would_run_differently_are_refused(family, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    folder = shutil.copytree(family["folder"], tmp_path / "ckpt")
+    config = json.loads((folder / "config.json").read_text())
+    if family["name"] == "phi3":
+        scaled = {**config, "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
+                                                "long_factor": [1.0] * 32, "short_factor": [1.0] * 32}}
+        match = "RoPE scaling 'longrope' .*Phi-3 long-context"
+    else:
+        scaled = {**config, "use_sliding_window": True, "sliding_window": 64}
+        match = "use_sliding_window"
+    (folder / "config.json").write_text(json.dumps(scaled))
+    with pytest.raises(ModelError, match=match):
+        convert_hf_to_gguf(folder, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("family", ["qwen2"], indirect=True)
+def test_qwen2_pre_tokenizer_is_named_for_llama_cpp_and_other_splits_are_refused(tiny_llama, family,
+                                                                                tmp_path: Path) -> None:
+    """The tiny vocabulary behind Qwen2's own split (digits one by one, newlines apart): llama.cpp's "qwen2"
+    pre-tokenizer cuts the held-out text exactly as HF does; a split it has no name for is refused."""
+    import json
+    import shutil
+
+    from edgeopt.convert.hf_gguf import QWEN2_SPLIT
+
+    folder = shutil.copytree(family["folder"], tmp_path / "ckpt")
+    doc = json.loads((folder / "tokenizer.json").read_text())
+    doc["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": QWEN2_SPLIT}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]}
+    (folder / "tokenizer.json").write_text(json.dumps(doc))
+    text = tiny_llama["eval"].read_text(encoding="utf-8")[:6000]
+    want = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)(text)["input_ids"]
+    assert want != family["llama"]["f16"].tokenize(text.encode(), add_bos=False, special=False)  # splits differ
+    path = convert_hf_to_gguf(folder, tmp_path / "qwen2-split.gguf", precision="f32")
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == want
+    doc["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\s+|\S+"
+    (folder / "tokenizer.json").write_text(json.dumps(doc))
+    with pytest.raises(ModelError, match="neither GPT-2's nor Qwen2's split"):
+        convert_hf_to_gguf(folder, tmp_path / "other.gguf")
