@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -187,11 +188,8 @@ class LlamaCppBackend(Backend):
         src = Path(model.path)
         notes: list[str] = []
         if model.format == "hf":
-            f16 = out_dir / "model-f16.gguf"
-            from edgeopt.convert.hf_gguf import convert_hf_to_gguf
-
             try:
-                convert_hf_to_gguf(src, f16)
+                f16 = converted_f16(src, model_sha256=model.sha256, cache_dir=out_dir.parent / ".gguf-f16")
             except ModelError as exc:
                 raise CandidateFailed("unsupported-op", f"{candidate}: {exc}") from exc
         else:
@@ -205,10 +203,8 @@ class LlamaCppBackend(Backend):
                                       "GGUF, or measure this file as-is with quant F16")
         final = out_dir / f"model-{recipe.quant.lower()}.gguf"
         if recipe.quant == "F16":
-            if model.format == "gguf":
-                shutil.copy2(f16, final)
-            else:
-                f16.rename(final)
+            final.unlink(missing_ok=True)
+            shutil.copy2(f16, final)
         else:
             imatrix = None
             if recipe.imatrix:
@@ -219,8 +215,6 @@ class LlamaCppBackend(Backend):
                 imatrix = compute_imatrix(src, text)
                 notes.append(f"importance matrix: {len(imatrix)} tensors from the calibration text")
             quantize_gguf(f16, final, recipe.quant, imatrix=imatrix, threads=recipe.threads)
-            if model.format == "hf":
-                f16.unlink(missing_ok=True)
         types = read_gguf_types(final)
         mix = Counter(types.values())
         notes.append("tensor types: " + ", ".join(f"{k}×{v}" for k, v in sorted(mix.items())))
@@ -241,6 +235,35 @@ class LlamaCppBackend(Backend):
         import llama_cpp
 
         llama_cpp.llama_backend_init()
+
+
+def converted_f16(folder: Path, *, model_sha256: str, cache_dir: Path) -> Path:
+    """The checkpoint ``folder`` as an F16 GGUF, converted once per checkpoint and converter and shared by
+    every llama.cpp candidate built beside it (``cache_dir``: the builds folder's ``.gguf-f16``). Named by a
+    digest of the checkpoint's content, the gguf package's version and the converter's source; a hit is
+    used only when the file's sha256 still matches the one written with it, else it is converted again."""
+    from importlib.metadata import version
+
+    from edgeopt.convert import hf_gguf
+    from edgeopt.keys import digest
+
+    name = digest("gguf-f16", model_sha256, version("gguf"), file_sha256(Path(hf_gguf.__file__)))
+    path, stamp = cache_dir / f"{name}.gguf", cache_dir / f"{name}.sha256"
+    if path.is_file() and stamp.is_file():
+        if file_sha256(path) == stamp.read_text(encoding="utf-8").strip():
+            log.info("%s: F16 GGUF of this checkpoint reused (%s)", folder, path.name)
+            return path
+        log.warning("%s: the cached F16 GGUF %s does not match its digest; converting again", folder, path.name)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache_dir / f".{name}.{os.getpid()}.partial"
+    try:
+        hf_gguf.convert_hf_to_gguf(folder, tmp)
+        sha = file_sha256(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    stamp.write_text(sha + "\n", encoding="utf-8")
+    return path
 
 
 def offload_caveat(runtime: dict[str, Any]) -> str | None:

@@ -96,3 +96,34 @@ def test_recipe_fields_are_documented_and_validated() -> None:
         LlamaCppRecipe(quant="Q3_K")
     opts = LlamaCppRecipe(kv_type="q8_0", flash_attn=True, n_batch=64).runtime_options()
     assert json.loads(json.dumps(opts))["kv_type"] == "q8_0" and opts["flash_attn"] and opts["n_batch"] == 64
+
+
+def test_the_checkpoint_is_converted_once_for_every_candidate_and_a_tampered_conversion_is_redone(
+        tiny_llama, tmp_path: Path) -> None:
+    """Every llama.cpp candidate of a checkpoint starts from its F16 GGUF: converted once per checkpoint and
+    converter into the builds folder's ``.gguf-f16``, reused by the next candidate (same bytes as a fresh
+    conversion), and converted again when the cached file no longer matches its digest."""
+    from edgeopt.convert.hf_gguf import convert_hf_to_gguf
+    from edgeopt.data import file_sha256
+
+    a = assess(tiny_llama["hf"])
+    builds = tmp_path / "builds"
+
+    def build(name: str, quant: str):
+        return LlamaCppBackend().optimize(model=a.model, assessment=a, recipe=LlamaCppRecipe(quant=quant),
+                                          candidate=name, out_dir=builds / name)
+
+    ref = build("ref", "F16")
+    cached = list((builds / ".gguf-f16").glob("*.gguf"))
+    assert len(cached) == 1 and file_sha256(cached[0]) == ref.sha256
+    fresh = convert_hf_to_gguf(tiny_llama["hf"], tmp_path / "fresh.gguf")
+    assert file_sha256(fresh) == ref.sha256  # the conversion is deterministic: reuse gives the same bytes
+    stamp = cached[0].stat().st_mtime_ns
+    q8 = build("q8", "Q8_0")
+    assert cached[0].stat().st_mtime_ns == stamp  # not converted again
+    assert not (builds / "q8" / "model-f16.gguf").exists() and Path(q8.path).name == "model-q8_0.gguf"
+    with open(cached[0], "r+b") as fh:  # a cache file changed behind our back is not used
+        fh.seek(-16, 2)
+        fh.write(b"\0" * 16)
+    again = build("ref2", "F16")
+    assert again.sha256 == ref.sha256 and file_sha256(cached[0]) == ref.sha256
