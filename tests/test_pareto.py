@@ -140,6 +140,18 @@ def test_selection_message_is_a_plain_sentence() -> None:
     assert sel.message == "selected fast: 4.0× faster at p50, accuracy 0.860 (baseline 0.900), 60% less memory"
 
 
+def test_the_selection_message_gives_the_speed_up_the_verdict_rests_on() -> None:
+    """A speed-up judged on several runs here is announced as that pooled figure, this run's beside it (seen:
+    a loaded run's own 1.4x announced as the winner's speed-up when twelve runs put it at 2.3x)."""
+    outcomes = trade_off()
+    fast = next(o for o in outcomes if o.name == "fast")
+    pooled_verdicts = tuple(v.model_copy(update={"runs_pooled": 12, "pooled_point": 3.6}) if v.gate == "speedup"
+                            else v for v in fast.verdicts)
+    outcomes = [o.model_copy(update={"verdicts": pooled_verdicts}) if o.name == "fast" else o for o in outcomes]
+    sel = select(outcomes, objective=Objective(latency=1.0, accuracy=0.0, memory=0.0, size=0.0))
+    assert sel.message.startswith("selected fast: 3.6× faster at p50 over 12 runs on this host (4.0× in this run), ")
+
+
 def test_ties_go_to_lower_p95_then_name() -> None:
     only_accuracy = Objective(latency=0.0, accuracy=1.0, memory=0.0, size=0.0)
     slower_p95 = cand("a-slower", p50=5.0, p95=12.0)
