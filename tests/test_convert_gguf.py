@@ -255,3 +255,24 @@ def test_qwen2_pre_tokenizer_is_named_for_llama_cpp_and_other_splits_are_refused
     (folder / "tokenizer.json").write_text(json.dumps(doc))
     with pytest.raises(ModelError, match="neither GPT-2's nor Qwen2's split"):
         convert_hf_to_gguf(folder, tmp_path / "other.gguf")
+
+
+def test_family_importance_matrix_covers_every_quantized_matrix(tiny_llama, family, tmp_path: Path) -> None:
+    """The importance matrix is keyed by the GGUF's tensor names of the family (Phi-3's fused attn_qkv and
+    ffn_up included): one entry per matrix llama.cpp quantizes, as long as its input columns, and a Q4_K_M
+    quantization that uses it succeeds."""
+    from gguf import GGUFReader
+
+    from edgeopt.backends.llamacpp import compute_imatrix, quantize_gguf
+
+    imatrix = compute_imatrix(family["folder"], tiny_llama["calibration"].read_text(encoding="utf-8"),
+                              max_tokens=512)
+    matrices = {t.name: [int(x) for x in t.shape] for t in GGUFReader(family["gguf"]["f16"]).tensors
+                if t.name.startswith("blk.") and len(t.shape) == 2}
+    assert set(imatrix) >= set(matrices), sorted(set(matrices) - set(imatrix))
+    for name, shape in matrices.items():
+        assert imatrix[name].shape == (shape[0],)  # GGUF shapes are [columns, rows]: one value per input column
+    if family["name"] == "phi3":
+        assert "blk.0.attn_qkv.weight" in imatrix and "blk.0.ffn_up.weight" in imatrix
+    quantize_gguf(family["gguf"]["f16"], tmp_path / "q4.gguf", "Q4_K_M", imatrix=imatrix)
+    assert (tmp_path / "q4.gguf").stat().st_size < family["gguf"]["f16"].stat().st_size / 2

@@ -94,10 +94,16 @@ def check_types(types: dict[str, str], quant: str) -> list[str]:
                   and not (name == "output.weight" and t in _OUTPUT_TYPES))
 
 
-def _gguf_name_map(n_layer: int) -> Any:
+def _gguf_name_map(n_layer: int, model_type: str = "llama") -> Any:
+    """gguf's map from the checkpoint's tensor names to the GGUF's for the architecture the converter writes
+    (Phi-3's fused ``qkv_proj`` / ``gate_up_proj`` become ``attn_qkv`` / ``ffn_up``)."""
     import gguf
 
-    return gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layer)
+    from edgeopt.convert.hf_gguf import CONVERTIBLE
+
+    arch = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2,
+            "phi3": gguf.MODEL_ARCH.PHI3}[CONVERTIBLE.get(model_type, "llama")]
+    return gguf.get_tensor_name_map(arch, n_layer)
 
 
 def compute_imatrix(hf_folder: str | Path, text: str, *, max_tokens: int = 4096) -> dict[str, np.ndarray]:
@@ -111,7 +117,7 @@ def compute_imatrix(hf_folder: str | Path, text: str, *, max_tokens: int = 4096)
         tok = transformers.AutoTokenizer.from_pretrained(str(hf_folder), local_files_only=True)
         model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_folder), local_files_only=True,
                                                                   dtype=torch.float32).eval()
-    names = _gguf_name_map(model.config.num_hidden_layers)
+    names = _gguf_name_map(model.config.num_hidden_layers, model.config.model_type)
     sums: dict[str, torch.Tensor] = {}
     counts: Counter[str] = Counter()
     hooks = []
