@@ -253,22 +253,24 @@ def converted_f16(folder: Path, *, model_sha256: str, cache_dir: Path) -> Path:
     from edgeopt.convert import hf_gguf
     from edgeopt.keys import digest
 
+    from edgeopt.bench.supervise import exclusive
+
     name = digest("gguf-f16", model_sha256, version("gguf"), file_sha256(Path(hf_gguf.__file__)))
     path, stamp = cache_dir / f"{name}.gguf", cache_dir / f"{name}.sha256"
-    if path.is_file() and stamp.is_file():
-        if file_sha256(path) == stamp.read_text(encoding="utf-8").strip():
-            log.info("%s: F16 GGUF of this checkpoint reused (%s)", folder, path.name)
-            return path
-        log.warning("%s: the cached F16 GGUF %s does not match its digest; converting again", folder, path.name)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache_dir / f".{name}.{os.getpid()}.partial"
-    try:
-        hf_gguf.convert_hf_to_gguf(folder, tmp)
-        sha = file_sha256(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    stamp.write_text(sha + "\n", encoding="utf-8")
+    with exclusive(cache_dir / f"{name}.lock"):  # candidates built at the same time convert once, in turn
+        if path.is_file() and stamp.is_file():
+            if file_sha256(path) == stamp.read_text(encoding="utf-8").strip():
+                log.info("%s: F16 GGUF of this checkpoint reused (%s)", folder, path.name)
+                return path
+            log.warning("%s: the cached F16 GGUF %s does not match its digest; converting again", folder, path.name)
+        tmp = cache_dir / f"{name}.{os.getpid()}.partial.gguf"
+        try:
+            hf_gguf.convert_hf_to_gguf(folder, tmp)
+            sha = file_sha256(tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        stamp.write_text(sha + "\n", encoding="utf-8")
     return path
 
 

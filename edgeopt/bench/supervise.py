@@ -65,10 +65,10 @@ def exclusive(lock_path: Path | None) -> Iterator[None]:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log.info("waiting for the benchmark lock %s", lock_path)
+            log.info("waiting for the lock %s", lock_path)
             waited = time.monotonic()
             fcntl.flock(fh, fcntl.LOCK_EX)
-            log.info("got the benchmark lock after %.1f s", time.monotonic() - waited)
+            log.info("got the lock %s after %.1f s", lock_path, time.monotonic() - waited)
         try:
             yield
         finally:

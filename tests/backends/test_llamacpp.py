@@ -127,3 +127,22 @@ def test_the_checkpoint_is_converted_once_for_every_candidate_and_a_tampered_con
         fh.write(b"\0" * 16)
     again = build("ref2", "F16")
     assert again.sha256 == ref.sha256 and file_sha256(cached[0]) == ref.sha256
+
+
+def test_candidates_built_at_the_same_time_share_one_conversion(tiny_llama, tmp_path: Path) -> None:
+    """The flow builds candidates concurrently: both builds succeed from one conversion (a first version
+    raced two threads of one process on the same temporary file)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    a = assess(tiny_llama["hf"])
+    builds = tmp_path / "builds"
+
+    def build(quant: str):
+        return LlamaCppBackend().optimize(model=a.model, assessment=a, recipe=LlamaCppRecipe(quant=quant),
+                                          candidate=quant, out_dir=builds / quant)
+
+    with ThreadPoolExecutor(3) as pool:
+        arts = list(pool.map(build, ["F16", "Q8_0", "Q4_0"]))
+    assert [Path(x.path).name for x in arts] == ["model-f16.gguf", "model-q8_0.gguf", "model-q4_0.gguf"]
+    assert len(list((builds / ".gguf-f16").glob("*.gguf"))) == 1
+    assert not list((builds / ".gguf-f16").glob("*partial*"))
