@@ -155,10 +155,13 @@ def speed_run(spec_list, *, entry, work: Path, hw, rounds: int, runs: int, promp
     per = {t: {n: [] for n in arts} for t in threads}
     failures: dict[int, dict[str, str]] = {t: {} for t in threads}
     load: list[dict] = []  # the host's load average before each measurement (other jobs share the 2 vCPUs)
-    for r in range(rounds):
+    state = {"built": built, "prompt": prompt, "per": per, "failures": failures, "load": load}
+
+    def measure_round(r: int, names: dict[int, set[str]]) -> None:
+        """Round ``r`` of ``names`` at each thread count, in the artifacts' order (the reference first)."""
         for t in threads:
             for name, art in arts.items():
-                if name in failures[t]:
+                if name not in names.get(t, ()) or name in failures[t]:
                     continue
                 t0 = time.perf_counter()
                 load.append({"round": r, "threads": t, "candidate": name, "loadavg_1m": round(os.getloadavg()[0], 2)})
@@ -174,8 +177,12 @@ def speed_run(spec_list, *, entry, work: Path, hw, rounds: int, runs: int, promp
                 print(f"r{r} t{t} {name}: gen {res.gen_tps:.1f} tok/s prompt {res.prompt_tps:.0f} tok/s "
                       f"ttft {res.ttft_ms:.0f} ms rss {res.rss_peak_mb:.0f} MB model {res.rss_model_mb:.0f} MB "
                       f"({time.perf_counter() - t0:.0f} s)", flush=True)
-        on_round(r + 1, {"built": built, "prompt": prompt, "per": per, "failures": failures, "load": load})
-    return {"built": built, "prompt": prompt, "per": per, "failures": failures, "load": load}
+
+    for r in range(rounds):
+        measure_round(r, {t: set(arts) for t in threads})
+        on_round(r + 1, state)
+    state["measure_round"] = measure_round
+    return state
 
 
 def outcomes_for(spec_list, *, speed_arts: dict, rounds: dict, quality_scores: dict, failures: dict):
@@ -281,7 +288,8 @@ def assemble(*, spec_list, q: dict, sp: dict, bandwidth: dict, profile, hw, data
         best = max((r for r in by.values() if r.get("gen_tps") and r["candidate"] != "llamacpp-f16"
                     and kld_ok(r["candidate"])), key=lambda r: r["gen_tps"], default=None)
         picks.append({"threads": t, "selected": selection.selected, "message": selection.message,
-                      "passing": list(selection.passing), "frontier": list(selection.frontier),
+                      "passing": list(selection.passing),
+                      "uncertain": [o.name for o in gated if o.uncertain], "frontier": list(selection.frontier),
                       "nearest_misses": list(selection.nearest_misses), "run_to_run_sd_log": sd,
                       "ratio_vs_q4_k_m": ratio, "target_met": bool(ratio is not None and ratio >= 1.2),
                       "pick_bound_fraction": pick.get("bound_fraction"),
@@ -300,6 +308,7 @@ def assemble(*, spec_list, q: dict, sp: dict, bandwidth: dict, profile, hw, data
                       "top1_agreement": r.top1_agreement, "tokens": r.tokens, "size_kb": art.size_bytes / 1e3})
     loads = [x["loadavg_1m"] for x in sp.get("load", [])]
     return {"rows": rows, "picks": picks, "quality": qrows, "rounds_done": rounds_done, "prompt_ids": sp["prompt"],
+            "extra_rounds": sp.get("extra_rounds", []),
             "loadavg_1m": {"min": min(loads), "median": sorted(loads)[len(loads) // 2], "max": max(loads),
                            "per_measurement": sp["load"]} if loads else None}
 
@@ -340,6 +349,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--runs", type=int, default=2, help="prompt + generation runs per fresh process")
+    ap.add_argument("--max-repeats", type=int, default=0, help="rounds per candidate at most with the extra rounds "
+                    "for uncertain verdicts (0: the profile's max_repeats)")
     ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -385,6 +396,8 @@ def main() -> None:
                             "prompt_tokens": args.prompt_tokens, "threads": args.threads, "profile": args.profile,
                             "speed_model": args.speed_model, "quality_model": "tiny-llama",
                             "eval_window": q["window"], "eval_max_windows": q["windows"],
+                            "extra_repeats": profile.benchmark.extra_repeats,
+                            "max_repeats": min(profile.benchmark.max_repeats, args.max_repeats or 10**6),
                             "gates": profile.gates_for("llm").model_dump(mode="json")},
                "bandwidth_gbps": bandwidth,
                "candidates": [s.model_dump(mode="json") for s in spec_list], **body}
@@ -395,9 +408,26 @@ def main() -> None:
     sp = speed_run(spec_list, entry=s_entry, work=work / args.speed_model, hw=hw,
                    rounds=args.rounds, runs=args.runs, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
                    threads=args.threads, on_round=lambda r, sp: write(r, sp))
+    # the flow's extra rounds (flows/_llm.py ``_gated``): while a candidate's verdict is uncertain, it and the F16
+    # reference are measured again, interleaved, ``extra_repeats`` rounds at a time up to ``max_repeats``
+    cfg = profile.benchmark
+    done, cap = args.rounds, min(cfg.max_repeats, args.max_repeats or cfg.max_repeats)
+    extra_log = []
+    while cfg.extra_repeats and done < cap:
+        uncertain = {p["threads"]: set(p["uncertain"]) for p in write(done, sp)["picks"]}
+        if not any(uncertain.values()):
+            break
+        step = min(cfg.extra_repeats, cap - done)
+        extra_log.append({"rounds": [done + 1, done + step], "uncertain": {t: sorted(u) for t, u in uncertain.items()}})
+        print(f"uncertain verdicts {extra_log[-1]['uncertain']}: rounds {done + 1}-{done + step} with the F16 reference",
+              flush=True)
+        for r in range(done, done + step):
+            sp["measure_round"](r, {t: u | {"llamacpp-f16"} for t, u in uncertain.items() if u})
+        done += step
+    sp["extra_rounds"] = extra_log
     bandwidth |= {f"end_{t}": round(measure_read_gbps(t), 2) for t in args.threads}
     print(f"read bandwidth at the end: {bandwidth}", flush=True)
-    doc = write(args.rounds, sp, final=True)
+    doc = write(done, sp, final=True)
     print(markdown(doc))
     print(f"wrote {args.out}")
 
