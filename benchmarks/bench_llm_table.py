@@ -325,7 +325,7 @@ def paired_ratios(doc: dict) -> dict:
         p["ratio_vs_q4_k_m_pooled"] = p.pop("ratio_vs_q4_k_m_pooled", p.get("ratio_vs_q4_k_m"))
         p["ratio_vs_q4_k_m"], p["ratio_vs_q4_k_m_per_round"], p["ratio_rounds"] = None, [], 0
         if not pick or not base or not pick.get("gen_tps_runs") or not base.get("gen_tps_runs"):
-            p["target_met"] = False
+            p["target_met"] = p["target_met_median"] = False
             continue
         n = min(pick["rounds"], base["rounds"])
         a, b = pick["gen_tps_runs"][:n * runs], base["gen_tps_runs"][:n * runs]
@@ -334,7 +334,10 @@ def paired_ratios(doc: dict) -> dict:
         p["ratio_vs_q4_k_m_per_round"] = [med(a[i * runs:(i + 1) * runs]) / med(b[i * runs:(i + 1) * runs])
                                           for i in range(n)]
         p["ratio_rounds"] = n
-        p["target_met"] = p["ratio_vs_q4_k_m"] >= 1.2
+        # met only when it holds in every round too: one round where the shared machine stalled Q4_K_M's process
+        # can carry the median of a few rounds
+        p["target_met_median"] = p["ratio_vs_q4_k_m"] >= 1.2
+        p["target_met"] = p["target_met_median"] and min(p["ratio_vs_q4_k_m_per_round"]) >= 1.2
     return doc
 
 
@@ -361,13 +364,14 @@ def markdown(doc: dict) -> str:
             continue
         lines.append(f"| {r['candidate']} | {r['runs_as']} | {r['garbage']} | {r['perplexity']:.2f} | {r['kld_mean']:.5f} | "
                      f"{r['kld_p99']:.4f} | {r['kld_max']:.4f} | {r['top1_agreement']:.4f} | {r['size_kb']:.0f} |")
-    lines += ["", "| threads | flow's pick | pick tok/s ÷ Q4_K_M tok/s (same rounds) | per round | ≥ 1.2× | pick bound "
+    lines += ["", "| threads | flow's pick | pick tok/s ÷ Q4_K_M tok/s (same rounds) | per round | ≥ 1.2× (median, every round) | pick bound "
               "| Q4_K_M bound |", "|---|---|---|---|---|---|---|"]
     for p in paired_ratios(doc)["picks"]:
         ratio = f"{p['ratio_vs_q4_k_m']:.2f}x ({p['ratio_rounds']} rounds)" if p["ratio_vs_q4_k_m"] else "-"
         per = " / ".join(f"{x:.2f}" for x in p["ratio_vs_q4_k_m_per_round"]) or "-"
         lines.append(f"| {p['threads']} | {p['selected'] or 'nothing'} | {ratio} | {per} | "
-                     f"{'yes' if p['target_met'] else 'no'} | {pct(p['pick_bound_fraction'])} | "
+                     f"{'yes' if p['target_met_median'] else 'no'}, {'yes' if p['target_met'] else 'no'} | "
+                     f"{pct(p['pick_bound_fraction'])} | "
                      f"{pct(p['q4_k_m_bound_fraction'])} |")
     return "\n".join(lines)
 
