@@ -110,3 +110,15 @@ def test_host_mismatch_is_reported():
         assert host_mismatches(load_profile("intel-cpu"), fp) == []
     other = "arm64" if fp.arch == "x86_64" else "intel-cpu"
     assert any("architecture" in p for p in host_mismatches(load_profile(other), fp))
+
+
+def test_intel_cpu_has_q4_0_read_in_beside_q4_0_mapped():
+    """Q4_0 with mmap off keeps only llama.cpp's repacked copy of the weights resident (issue 8's table in
+    benchmarks/README.md): the same quant type as llamacpp-q4_0, only the runtime setting differs."""
+    from edgeopt.backends.llamacpp import LlamaCppRecipe
+
+    specs = {s.name: s for s in load_profile("intel-cpu").candidate_specs(kind="llm")}
+    read_in = LlamaCppRecipe.model_validate(specs["llamacpp-q4_0-nommap"].recipe)
+    mapped = LlamaCppRecipe.model_validate(specs["llamacpp-q4_0"].recipe)
+    assert (read_in.quant, read_in.runtime_options()["mmap"]) == ("Q4_0", False)
+    assert (mapped.quant, mapped.runtime_options()["mmap"]) == ("Q4_0", True)
