@@ -211,12 +211,17 @@ def pooled(this: Interval, earlier: list[tuple[float, float]], *, sd_log: float)
     earlier, no spread, or ``this`` is not a finite ratio."""
     if not earlier or not sd_log > 0 or not math.isfinite(own_sd(this)):
         return this, 1
-    z = z_value(this.confidence)
     runs = [*earlier, (math.log(this.point), own_sd(this))]
+    mean, half = _pool(runs, sd_log=sd_log, z=z_value(this.confidence))
+    return Interval(math.exp(mean), math.exp(mean - half), math.exp(mean + half), this.confidence,
+                    this.rounds), len(runs)
+
+
+def _pool(runs: list[tuple[float, float]], *, sd_log: float, z: float) -> tuple[float, float]:
+    """Centre and half-width (log terms) of the interval pooling ``runs`` (log ratio, own sd): module doc."""
     n = len(runs)
     mean = sum(x for x, _ in runs) / n
-    half = z * math.sqrt(sum(max(sd_log, sd if math.isfinite(sd) else 0.0) ** 2 for _, sd in runs)) / n
-    return Interval(math.exp(mean), math.exp(mean - half), math.exp(mean + half), this.confidence, this.rounds), n
+    return mean, z * math.sqrt(sum(max(sd_log, sd if math.isfinite(sd) else 0.0) ** 2 for _, sd in runs)) / n
 
 
 @dataclass(frozen=True)
@@ -251,9 +256,7 @@ def sequential(this: Interval, earlier: list[tuple[float, float]], *, sd_log: fl
     z = z_value(this.confidence)
     state, since = None, None
     for k in range(1, n):  # the prefixes of the earlier runs; the last prefix (all n) is ``judged``
-        runs = earlier[:k]
-        mean = sum(x for x, _ in runs) / k
-        half = z * math.sqrt(sum(max(sd_log, sd if math.isfinite(sd) else 0.0) ** 2 for _, sd in runs)) / k
+        mean, half = _pool(earlier[:k], sd_log=sd_log, z=z)
         settled = _settles(math.exp(mean - half), math.exp(mean + half), threshold)
         if settled is not None and settled != state:
             state, since = settled, k
