@@ -37,12 +37,14 @@ __all__ = ["ALLOWED_TYPES", "QUANT_TYPES", "LlamaCppBackend", "LlamaCppRecipe", 
 
 log = logging.getLogger(__name__)
 
-QuantType = Literal["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "IQ4_XS"]
+QuantType = Literal["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_K_S", "Q4_0", "IQ4_NL", "IQ4_XS", "Q3_K_M", "Q2_K"]
 #: recipe quant -> llama_ftype name in llama_cpp
 QUANT_TYPES: dict[str, str] = {"F16": "LLAMA_FTYPE_MOSTLY_F16", "Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0",
                                "Q6_K": "LLAMA_FTYPE_MOSTLY_Q6_K", "Q5_K_M": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
                                "Q4_K_M": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
-                               "IQ4_XS": "LLAMA_FTYPE_MOSTLY_IQ4_XS"}
+                               "IQ4_XS": "LLAMA_FTYPE_MOSTLY_IQ4_XS", "Q4_K_S": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
+                               "IQ4_NL": "LLAMA_FTYPE_MOSTLY_IQ4_NL", "Q3_K_M": "LLAMA_FTYPE_MOSTLY_Q3_K_M",
+                               "Q2_K": "LLAMA_FTYPE_MOSTLY_Q2_K"}
 #: types llama.cpp's own mix puts in matrices for each quant (its K-mixes give some tensors more bits;
 #: output.weight gets Q6_K by default). Anything else in a matrix is a fallback: the type was not applied.
 ALLOWED_TYPES: dict[str, frozenset[str]] = {
@@ -53,6 +55,10 @@ ALLOWED_TYPES: dict[str, frozenset[str]] = {
     "Q4_K_M": frozenset({"Q4_K", "Q6_K"}),
     "Q4_0": frozenset({"Q4_0", "Q6_K"}),
     "IQ4_XS": frozenset({"IQ4_XS", "Q4_K", "Q5_K", "Q6_K"}),
+    "Q4_K_S": frozenset({"Q4_K", "Q5_K", "Q6_K"}),
+    "IQ4_NL": frozenset({"IQ4_NL", "Q5_K", "Q6_K"}),
+    "Q3_K_M": frozenset({"Q3_K", "Q4_K", "Q5_K", "Q6_K"}),
+    "Q2_K": frozenset({"Q2_K", "Q3_K", "Q4_K", "Q6_K"}),
 }
 #: KV-cache type -> ggml type name
 KV_TYPES = {"f16": "GGML_TYPE_F16", "q8_0": "GGML_TYPE_Q8_0", "q4_0": "GGML_TYPE_Q4_0"}

@@ -23,7 +23,16 @@ from edgeopt.backends.llamacpp import (
 from edgeopt.data import Dataset
 
 #: the main type each quant puts in most matrices
-MAIN = {"Q8_0": "Q8_0", "Q6_K": "Q6_K", "Q5_K_M": "Q5_K", "Q4_K_M": "Q4_K", "Q4_0": "Q4_0", "IQ4_XS": "IQ4_XS"}
+MAIN = {"Q8_0": "Q8_0", "Q6_K": "Q6_K", "Q5_K_M": "Q5_K", "Q4_K_M": "Q4_K", "Q4_K_S": "Q4_K", "Q4_0": "Q4_0",
+        "IQ4_NL": "IQ4_NL", "IQ4_XS": "IQ4_XS", "Q3_K_M": "Q3_K", "Q2_K": "Q2_K"}
+
+
+def test_every_quant_type_the_recipe_offers_is_tested() -> None:
+    from typing import get_args
+
+    from edgeopt.backends.llamacpp import QuantType
+
+    assert set(get_args(QuantType)) - {"F16"} == set(MAIN)
 
 
 def _build(model: Path, tmp_path: Path, **recipe):
