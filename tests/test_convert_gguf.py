@@ -417,7 +417,10 @@ def test_spm_gguf_tokenizer_metadata(spm_family) -> None:
 def test_spm_tokenizer_json_alone_converts_to_the_same_vocabulary(tiny_llama, spm_model, spm_family,
                                                                   tmp_path: Path) -> None:
     """A checkpoint with only tokenizer.json (byte-fallback BPE, Metaspace): the same pieces and types, and
-    scores from the merge order, so llama.cpp merges as Hugging Face does."""
+    scores from the merge order, so llama.cpp merges as Hugging Face does. The same with the tokenizer.json
+    Llama-2 and TinyLlama ship (a Prepend + Replace normalizer, no pre-tokenizer), checked against the
+    ``tokenizers`` library reading that file as is (transformers 5 rebuilds a Metaspace instead)."""
+    import json
     import shutil
 
     import gguf
@@ -431,9 +434,22 @@ def test_spm_tokenizer_json_alone_converts_to_the_same_vocabulary(tiny_llama, sp
                 "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.add_bos_token",
                 "tokenizer.ggml.add_space_prefix"):
         assert fields[0][key].contents() == fields[1][key].contents(), key
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_model))
+    texts = [tiny_llama["eval"].read_text(encoding="utf-8")[:6000], SPM_EDGE_TEXT]
     llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
-    _assert_same_tokens_and_round_trip(spm_family["tok"], sentencepiece.SentencePieceProcessor(model_file=str(spm_model)),
-                                       llm, [tiny_llama["eval"].read_text(encoding="utf-8")[:6000], SPM_EDGE_TEXT])
+    _assert_same_tokens_and_round_trip(spm_family["tok"], sp, llm, texts)
+
+    doc = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    doc["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+    doc["pre_tokenizer"] = None
+    (folder / "tokenizer.json").write_text(json.dumps(doc), encoding="utf-8")
+    legacy = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    llm = llama_cpp.Llama(model_path=str(convert_hf_to_gguf(folder, tmp_path / "legacy.gguf", precision="f32")),
+                          vocab_only=True, verbose=False)
+    for text in [*texts, "  " + SPM_EDGE_TEXT]:
+        got = llm.tokenize(text.encode(), add_bos=True, special=False)
+        assert got == legacy.encode(text).ids == [1, *sp.encode(text)]
 
 
 @pytest.mark.parametrize("spm_family", ["llama"], indirect=True)
