@@ -13,6 +13,7 @@ from edgeopt.errors import ModelError
 llama_cpp = pytest.importorskip("llama_cpp")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
 
 #: logits of the F16 GGUF vs the F32 checkpoint: F16 weights round each weight to ~1e-3 relative; on this
 #: model's logits (magnitude ~10) that stays under this bound, while a mis-permuted q/k or a wrong tensor
@@ -102,17 +103,20 @@ FAMILY_SHAPES = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layer
 PADDED_VOCAB = 8  # Qwen2 checkpoints pad the embedding rows past the tokenizer's ids
 
 
-def _family_checkpoint(family: str, tok, folder: Path):
-    """A random Qwen2 (tied embeddings, RoPE base 1e6, padded vocabulary) or Phi-3 (fused projections)
-    model; every parameter drawn at random (biases and norms too, so a misplaced one shows) and saved."""
+def _family_checkpoint(family: str, tok, folder: Path, *, vocab_size: int | None = None, **token_ids: int):
+    """A random Qwen2 (tied embeddings, RoPE base 1e6, padded vocabulary), Phi-3 (fused projections) or Llama
+    model; every parameter drawn at random (biases and norms too, so a misplaced one shows) and saved.
+    ``vocab_size`` (default: the tokenizer's) and ``token_ids`` (``bos_token_id``...) override the config's."""
     torch.manual_seed(0)
+    shapes = {**FAMILY_SHAPES, **token_ids}
     if family == "qwen2":
-        config = transformers.Qwen2Config(vocab_size=len(tok) + PADDED_VOCAB, tie_word_embeddings=True,
-                                          **FAMILY_SHAPES)
+        config = transformers.Qwen2Config(vocab_size=len(tok) + PADDED_VOCAB, tie_word_embeddings=True, **shapes)
         config.rope_parameters = {"rope_theta": 1_000_000.0, "rope_type": "default"}
         model = transformers.Qwen2ForCausalLM(config)
+    elif family == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=vocab_size or len(tok), **shapes))
     else:
-        model = transformers.Phi3ForCausalLM(transformers.Phi3Config(vocab_size=len(tok), **FAMILY_SHAPES))
+        model = transformers.Phi3ForCausalLM(transformers.Phi3Config(vocab_size=vocab_size or len(tok), **shapes))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -144,16 +148,16 @@ def test_family_tokenization_is_identical(tiny_llama, hf_model, family) -> None:
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == want
 
 
-def test_family_logits_match_and_greedy_text_is_the_same(tiny_llama, hf_model, family) -> None:
-    tok, model, llms = hf_model[0], family["model"], family["llama"]
-    ids = tok(tiny_llama["eval"].read_text(encoding="utf-8")[:2000])["input_ids"][:WINDOW]
+def _assert_logits_and_greedy_text_match(model, llms: dict, ids: list[int]) -> None:
+    """The F32 and F16 GGUFs' logits on ``ids`` within their tolerances of the HF model's, and the F32 file's
+    greedy continuation of the first 16 tokens the HF model's."""
     with torch.no_grad():
         want = model(torch.tensor(ids)[None]).logits[0].numpy()
     got = {}
     for precision, llm in llms.items():
         llm.reset()
         llm.eval(ids)
-        got[precision] = np.asarray(llm.scores[:WINDOW], dtype=np.float32)
+        got[precision] = np.asarray(llm.scores[:len(ids)], dtype=np.float32)
     assert float(np.abs(got["f32"] - want).max()) < F32_LOGIT_TOL
     assert float(np.abs(got["f16"] - want).max()) < F16_LOGIT_TOL
     assert (got["f32"].argmax(-1) == want.argmax(-1)).all()
@@ -169,6 +173,11 @@ def test_family_logits_match_and_greedy_text_is_the_same(tiny_llama, hf_model, f
         if len(ours) == FAMILY_GREEDY:
             break
     assert ours == hf_greedy
+
+
+def test_family_logits_match_and_greedy_text_is_the_same(tiny_llama, hf_model, family) -> None:
+    ids = hf_model[0](tiny_llama["eval"].read_text(encoding="utf-8")[:2000])["input_ids"][:WINDOW]
+    _assert_logits_and_greedy_text_match(family["model"], family["llama"], ids)
 
 
 def test_family_gguf_layout_is_llama_cpps(hf_model, family) -> None:
@@ -276,3 +285,200 @@ def test_family_importance_matrix_covers_every_quantized_matrix(tiny_llama, fami
         assert "blk.0.attn_qkv.weight" in imatrix and "blk.0.ffn_up.weight" in imatrix
     quantize_gguf(family["gguf"]["f16"], tmp_path / "q4.gguf", "Q4_K_M", imatrix=imatrix)
     assert (tmp_path / "q4.gguf").stat().st_size < family["gguf"]["f16"].stat().st_size / 2
+
+
+# --- SentencePiece tokenizers (Llama-2, TinyLlama, Mistral, Phi-3-mini): a BPE SentencePiece model trained here ---
+
+SPM_VOCAB = 512
+#: text the training text never shows: lines indented by spaces, repeated spaces, tabs, blank lines, characters
+#: outside the vocabulary (byte fallback: CJK, an emoji, a euro sign)
+SPM_EDGE_TEXT = "indented lines follow:\n  two spaces\n\n\tthen a tab,   three spaces; 漢字, € 5 and 🙂\n    end \n"
+#: Phi-3-mini's added tokens (special) and a user token; its config pads the embeddings past them
+PHI3_SPECIALS = ["<|endoftext|>", "<|assistant|>", "<|end|>", "<|user|>"]
+PHI3_ROWS = 576
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # gguf.TokenType
+
+
+@pytest.fixture(scope="module")
+def spm_model(tiny_llama, tmp_path_factory) -> Path:
+    """A BPE SentencePiece model with byte fallback and Llama-2's normalization (identity, spaces kept),
+    trained on the calibration text (a fraction of a second)."""
+    import sentencepiece
+
+    out = tmp_path_factory.mktemp("spm")
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(tiny_llama["calibration"]), model_prefix=str(out / "spm"), vocab_size=SPM_VOCAB,
+        model_type="bpe", byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        minloglevel=2)
+    return out / "spm.model"
+
+
+@pytest.fixture(scope="module", params=["llama", "phi3"])
+def spm_family(request, spm_model, tmp_path_factory) -> dict:
+    """A random Llama (Llama-2's tokenizer files: tokenizer.model and tokenizer.json, BOS added) or Phi-3
+    (plus Phi-3-mini's added tokens, EOS <|endoftext|>, padded rows) checkpoint, converted and opened."""
+    import shutil
+
+    name = request.param
+    folder = tmp_path_factory.mktemp(f"spm-{name}") / name
+    folder.mkdir()
+    shutil.copy(spm_model, folder / "tokenizer.model")
+    tok = transformers.LlamaTokenizer.from_pretrained(str(folder), add_bos_token=True)
+    if name == "phi3":
+        tok.add_tokens(PHI3_SPECIALS, special_tokens=True)
+        tok.add_tokens(["edgeopt"])
+        tok.eos_token = "<|endoftext|>"
+    tok.save_pretrained(str(folder))
+    tok = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    model = _family_checkpoint(name, tok, folder, vocab_size=PHI3_ROWS if name == "phi3" else None,
+                               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    ggufs = {p: convert_hf_to_gguf(folder, folder.parent / f"{name}-{p}.gguf", precision=p) for p in ("f32", "f16")}
+    llamas = {p: llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, n_threads=1, verbose=False,
+                                 type_k=0, type_v=0) for p, path in ggufs.items()}
+    return {"name": name, "folder": folder, "tok": tok, "model": model, "gguf": ggufs, "llama": llamas}
+
+
+def _assert_same_tokens_and_round_trip(tok, sp, llm, texts: list[str]) -> None:
+    """llama.cpp's tokens are HF's and SentencePiece's own (``sp``), and detokenize back to the text."""
+    for text in texts:
+        want = tok(text)["input_ids"]
+        assert want[0] == tok.bos_token_id and len(want) > 20
+        got = llm.tokenize(text.encode(), add_bos=True, special=False)
+        assert got == want, text[:80]
+        assert got == [tok.bos_token_id, *sp.encode(text)]
+        assert llm.detokenize(got).decode() == text  # bytes of <0xNN> pieces fuse back into characters
+        assert tok.decode(want, skip_special_tokens=True) == text
+    # a text that itself starts with spaces: SentencePiece and llama.cpp put the prefix space before them,
+    # transformers 5's Metaspace (prepend_scheme "first") adds none there, so only SentencePiece is the reference
+    lead = "  " + texts[-1]
+    got = llm.tokenize(lead.encode(), add_bos=True, special=False)
+    assert got == [tok.bos_token_id, *sp.encode(lead)] and llm.detokenize(got).decode() == lead
+
+
+def test_spm_tokenization_is_identical_and_round_trips(tiny_llama, spm_family) -> None:
+    """Held-out text, and text with spaces, tabs, newlines and characters only byte fallback can encode."""
+    import sentencepiece
+
+    tok, llm = spm_family["tok"], spm_family["llama"]["f32"]
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_family["folder"] / "tokenizer.model"))
+    texts = [tiny_llama["eval"].read_text(encoding="utf-8")[:6000], SPM_EDGE_TEXT]
+    _assert_same_tokens_and_round_trip(tok, sp, llm, texts)
+    pieces = tok.convert_ids_to_tokens(tok(SPM_EDGE_TEXT)["input_ids"])
+    assert {"<0xE6>", "<0xF0>", "<0x0A>", "<0x09>"} <= set(pieces)  # 漢, 🙂, newline and tab: bytes
+
+
+def test_spm_logits_match_and_greedy_text_is_the_same(tiny_llama, spm_family) -> None:
+    ids = spm_family["tok"](tiny_llama["eval"].read_text(encoding="utf-8")[:2000])["input_ids"][:WINDOW]
+    _assert_logits_and_greedy_text_match(spm_family["model"], spm_family["llama"], ids)
+
+
+def test_spm_gguf_tokenizer_metadata(spm_family) -> None:
+    """llama.cpp's SentencePiece vocabulary: the model's pieces, scores and types, added tokens, padding,
+    special ids and flags as the HF tokenizer has them."""
+    import re
+
+    import gguf
+    import sentencepiece
+
+    reader = gguf.GGUFReader(str(spm_family["gguf"]["f16"]))
+
+    def field(key):
+        return reader.fields[key].contents()
+
+    tok, sp = spm_family["tok"], sentencepiece.SentencePieceProcessor(
+        model_file=str(spm_family["folder"] / "tokenizer.model"))
+    tokens, types, scores = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type"), \
+        field("tokenizer.ggml.scores")
+    assert field("tokenizer.ggml.model") == "llama" and field("tokenizer.ggml.pre") == "default"
+    assert len(tokens) == len(types) == len(scores) == spm_family["model"].config.vocab_size
+    assert tokens[:SPM_VOCAB] == [sp.id_to_piece(i) for i in range(SPM_VOCAB)]
+    assert np.allclose(scores[:SPM_VOCAB], [sp.get_score(i) for i in range(SPM_VOCAB)])
+    byte_ids = [i for i, t in enumerate(tokens) if re.fullmatch(r"<0x[0-9A-F]{2}>", t)]
+    assert len(byte_ids) == 256 and {types[i] for i in byte_ids} == {BYTE}
+    assert (types[0], types[1], types[2]) == (UNKNOWN, CONTROL, CONTROL)
+    assert types.count(NORMAL) == SPM_VOCAB - 3 - 256
+    assert field("tokenizer.ggml.unknown_token_id") == tok.unk_token_id == 0
+    assert field("tokenizer.ggml.bos_token_id") == tok.bos_token_id == 1
+    assert field("tokenizer.ggml.eos_token_id") == tok.eos_token_id
+    assert field("tokenizer.ggml.add_bos_token") is True and field("tokenizer.ggml.add_eos_token") is False
+    assert field("tokenizer.ggml.add_space_prefix") is True
+    llm = spm_family["llama"]["f16"]
+    assert (llm.token_bos(), llm.token_eos()) == (tok.bos_token_id, tok.eos_token_id)
+    if spm_family["name"] == "phi3":
+        added = tok.convert_tokens_to_ids(PHI3_SPECIALS + ["edgeopt"])
+        assert added == list(range(SPM_VOCAB, SPM_VOCAB + 5)) and tok.eos_token_id == SPM_VOCAB
+        assert [tokens[i] for i in added] == PHI3_SPECIALS + ["edgeopt"]
+        assert [types[i] for i in added] == [CONTROL] * 4 + [USER_DEFINED]
+        assert tokens[-1] == f"[PAD{PHI3_ROWS - 1}]" and set(types[SPM_VOCAB + 5:]) == {UNUSED}
+        assert "phi_3" not in field("general.name")  # Phi-3's special tokens are there: llama.cpp's quirk applies
+
+
+def test_spm_tokenizer_json_alone_converts_to_the_same_vocabulary(tiny_llama, spm_model, spm_family,
+                                                                  tmp_path: Path) -> None:
+    """A checkpoint with only tokenizer.json (byte-fallback BPE, Metaspace): the same pieces and types, and
+    scores from the merge order, so llama.cpp merges as Hugging Face does. The same with the tokenizer.json
+    Llama-2 and TinyLlama ship (a Prepend + Replace normalizer, no pre-tokenizer), checked against the
+    ``tokenizers`` library reading that file as is (transformers 5 rebuilds a Metaspace instead)."""
+    import json
+    import shutil
+
+    import gguf
+    import sentencepiece
+
+    folder = shutil.copytree(spm_family["folder"], tmp_path / spm_family["name"])
+    (folder / "tokenizer.model").unlink()
+    path = convert_hf_to_gguf(folder, tmp_path / "json-only.gguf", precision="f32")
+    fields = [gguf.GGUFReader(str(p)).fields for p in (path, spm_family["gguf"]["f32"])]
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.add_bos_token",
+                "tokenizer.ggml.add_space_prefix"):
+        assert fields[0][key].contents() == fields[1][key].contents(), key
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_model))
+    texts = [tiny_llama["eval"].read_text(encoding="utf-8")[:6000], SPM_EDGE_TEXT]
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    _assert_same_tokens_and_round_trip(spm_family["tok"], sp, llm, texts)
+
+    doc = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    doc["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+    doc["pre_tokenizer"] = None
+    (folder / "tokenizer.json").write_text(json.dumps(doc), encoding="utf-8")
+    legacy = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    llm = llama_cpp.Llama(model_path=str(convert_hf_to_gguf(folder, tmp_path / "legacy.gguf", precision="f32")),
+                          vocab_only=True, verbose=False)
+    for text in [*texts, "  " + SPM_EDGE_TEXT]:
+        got = llm.tokenize(text.encode(), add_bos=True, special=False)
+        assert got == legacy.encode(text).ids == [1, *sp.encode(text)]
+
+
+@pytest.mark.parametrize("spm_family", ["llama"], indirect=True)
+def test_spm_tokenizers_llama_cpp_would_run_differently_are_refused(spm_family, tmp_path: Path) -> None:
+    """A unigram tokenizer.model, a tokenizer.json of neither kind (a Unigram over Metaspace, as T5's), and a
+    SentencePiece-style one with a pre-tokenizer step llama.cpp does not run: one line each, no file."""
+    import json
+    import shutil
+
+    from sentencepiece import sentencepiece_model_pb2
+
+    folder = shutil.copytree(spm_family["folder"], tmp_path / "ckpt")
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString((folder / "tokenizer.model").read_bytes())
+    proto.trainer_spec.model_type = sentencepiece_model_pb2.TrainerSpec.ModelType.UNIGRAM
+    (folder / "tokenizer.model").write_bytes(proto.SerializeToString())
+    with pytest.raises(ModelError, match="tokenizer.model is a SentencePiece UNIGRAM model; .* only BPE"):
+        convert_hf_to_gguf(folder, tmp_path / "x.gguf")
+    (folder / "tokenizer.model").unlink()
+    doc = json.loads((folder / "tokenizer.json").read_text())
+    digits = {**doc, "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": True}, doc["pre_tokenizer"]]}}
+    (folder / "tokenizer.json").write_text(json.dumps(digits))
+    with pytest.raises(ModelError, match="pre-tokenizes with 'Digits'; llama.cpp's SentencePiece tokenizer does not"):
+        convert_hf_to_gguf(folder, tmp_path / "x.gguf")
+    unigram = tokenizers.Tokenizer(tokenizers.models.Unigram([("<unk>", 0.0), ("\u2581a", -1.0), ("a", -2.0)], 0))
+    unigram.pre_tokenizer = tokenizers.pre_tokenizers.Metaspace()
+    unigram.save(str(folder / "tokenizer.json"))
+    with pytest.raises(ModelError, match=r"tokenizer.json is a 'Unigram' tokenizer with pre-tokenizer 'Metaspace', "
+                                         r"neither a byte-level BPE .* nor SentencePiece-style .*convert a checkpoint"):
+        convert_hf_to_gguf(folder, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()

@@ -1,7 +1,8 @@
 """Hugging Face llama-family checkpoint → GGUF (F16 or F32), written with the ``gguf`` package alone.
 
 What llama.cpp's own converter (``convert_hf_to_gguf.py``: ``LlamaModel``, ``Qwen2Model``,
-``Phi3MiniModel``) does, for the configs ``edgeopt`` supports, with a byte-level BPE ``tokenizer.json``:
+``Phi3MiniModel``) does, for the configs ``edgeopt`` supports, with a byte-level BPE or a SentencePiece
+tokenizer:
 
 * ``llama`` / ``mistral`` → GGUF architecture ``llama``: ``q_proj`` / ``k_proj`` rows permuted from
   Hugging Face's rotary layout back to llama.cpp's (interleaved pairs per head);
@@ -24,8 +25,12 @@ What llama.cpp's own converter (``convert_hf_to_gguf.py``: ``LlamaModel``, ``Qwe
 * the tokenizer embedded as ``gpt2`` (byte-level BPE) with the pre-tokenizer named for llama.cpp:
   ``gpt-2`` for a plain ``ByteLevel`` pre-tokenizer, ``qwen2`` for Qwen2's split regex; any other split
   is refused (llama.cpp would cut text differently). Tokens in id order, padded with ``[PAD<i>]`` up to
-  the config's ``vocab_size``, special tokens as CONTROL, merges and special ids through ``SpecialVocab``.
-  SentencePiece tokenizers (``tokenizer.model``: Llama-2, Phi-3-mini) are not converted here.
+  the config's ``vocab_size``, special tokens as CONTROL, merges and special ids through ``SpecialVocab``;
+* a SentencePiece tokenizer (``tokenizer.model``, or a ``tokenizer.json`` that is a byte-fallback BPE over
+  ``▁``: Llama-2, TinyLlama, Mistral, Phi-3-mini) embedded as ``llama`` (pre-tokenizer ``default``) with
+  scores, token types (BYTE for ``<0xNN>``), added tokens, ``add_space_prefix``, special ids and add-BOS/EOS
+  flags: ``edgeopt.convert.spm_vocab``, which also names the SentencePiece settings it refuses. A tokenizer
+  of neither kind is refused in one line.
 
 Other families are refused in one line naming the convertible model types.
 The written file is read back (``GGUFReader``) and its tensor count checked.
@@ -41,6 +46,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from edgeopt.convert.spm_vocab import SpmVocab, is_sentencepiece_json, sentencepiece_vocab
 from edgeopt.errors import BackendUnavailable, ModelError
 
 __all__ = ["CONVERTIBLE", "convert_hf_to_gguf", "permute_rotary"]
@@ -77,17 +83,24 @@ def _pre_tokenizer(folder: Path, pre: dict[str, Any]) -> str:
                      "Qwen2's split; llama.cpp would split text differently, so it is not converted here")
 
 
-def _tokens(folder: Path, vocab_size: int) -> tuple[list[str], list[int], str]:
+def _tokens(folder: Path, vocab_size: int) -> SpmVocab | tuple[list[str], list[int], str]:
+    """The SentencePiece-style vocabulary, or a byte-level BPE's (tokens, types, pre-tokenizer name)."""
+    if (folder / "tokenizer.model").is_file():
+        return sentencepiece_vocab(folder, vocab_size=vocab_size)
     path = folder / "tokenizer.json"
     if not path.is_file():
-        raise ModelError(f"model {folder}: no tokenizer.json; the GGUF converter needs a byte-level BPE "
-                         "tokenizer saved with tokenizer.save_pretrained")
+        raise ModelError(f"model {folder}: no tokenizer.json or tokenizer.model; the GGUF converter needs the "
+                         "tokenizer saved with tokenizer.save_pretrained beside the weights")
     doc = json.loads(path.read_text(encoding="utf-8"))
+    if is_sentencepiece_json(doc):
+        return sentencepiece_vocab(folder, vocab_size=vocab_size)
     model = doc.get("model") or {}
     pre = doc.get("pre_tokenizer") or {}
     if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(pre):
-        raise ModelError(f"model {folder}: tokenizer is {model.get('type')!r} without a ByteLevel pre-tokenizer; "
-                         "only byte-level BPE tokenizers are converted to GGUF here")
+        raise ModelError(f"model {folder}: tokenizer.json is a {model.get('type')!r} tokenizer with pre-tokenizer "
+                         f"{pre.get('type')!r}, neither a byte-level BPE (GPT-2, Llama-3, Qwen2) nor SentencePiece-"
+                         "style (tokenizer.model, or a byte-fallback BPE over '\u2581': Llama-2, Mistral, Phi-3); "
+                         "llama.cpp has no tokenizer that matches it, so convert a checkpoint with one of those")
     pre_name = _pre_tokenizer(folder, pre)
     vocab: dict[str, int] = dict(model.get("vocab") or {})
     special = set()
@@ -111,6 +124,28 @@ def _model_name(name: str, tokens: list[str]) -> str:
         log.info("GGUF name %r written as phi_3: its vocabulary lacks Phi-3's special tokens", name)
         return re.sub(r"phi-?3", "phi_3", name, flags=re.IGNORECASE)
     return name
+
+
+def _add_sentencepiece(w: Any, gguf: Any, src: Path, vocab: SpmVocab) -> None:
+    """The ``llama`` tokenizer keys, as llama.cpp's ``_set_vocab_sentencepiece`` writes them, and the special
+    ids and add-BOS/EOS flags (``SpecialVocab``). llama.cpp adds a BOS by default for this tokenizer, so a flag
+    SpecialVocab leaves unset is written from the ``tokenizer.json`` post-processor (false when it adds none)."""
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(vocab.tokens)
+    w.add_token_scores(vocab.scores)
+    w.add_token_types(vocab.types)
+    w.add_add_space_prefix(vocab.add_space_prefix)
+    special = gguf.SpecialVocab(src, n_vocab=len(vocab.tokens))
+    path = src / "tokenizer.json"
+    post = (json.loads(path.read_text(encoding="utf-8")).get("post_processor") or {}) if path.is_file() else {}
+    if post.get("type") == "TemplateProcessing":  # what Hugging Face adds to one text, where SpecialVocab is silent
+        single = post.get("single") or [{}]
+        special.add_special_token.setdefault("bos", "SpecialToken" in single[0])
+        special.add_special_token.setdefault("eos", len(single) > 1 and "SpecialToken" in single[-1])
+    special.add_to_gguf(w)
+    log.info("tokenizer from %s written as llama.cpp's SentencePiece vocabulary (%d ids)", vocab.source,
+             len(vocab.tokens))
 
 
 def _rope(src: Path, config: dict[str, Any], model_type: str) -> tuple[float, float]:
@@ -154,7 +189,8 @@ def convert_hf_to_gguf(folder: str | Path, out_path: str | Path, *,
     hidden = int(config["hidden_size"])
     head_dim = int(config.get("head_dim") or hidden // n_head)
     rope_theta, rotary_factor = _rope(src, config, model_type)
-    tokens, types, pre_name = _tokens(src, int(config.get("vocab_size") or 0))
+    vocab = _tokens(src, int(config.get("vocab_size") or 0))
+    tokens = vocab.tokens if isinstance(vocab, SpmVocab) else vocab[0]
 
     weight_files = sorted(src.glob("*.safetensors"))
     if not weight_files:
@@ -188,11 +224,14 @@ def convert_hf_to_gguf(folder: str | Path, out_path: str | Path, *,
         w.add_rope_dimension_count(head_dim)
     w.add_vocab_size(len(tokens))
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if precision == "f16" else gguf.LlamaFileType.ALL_F32)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre_name)
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    gguf.SpecialVocab(src, load_merges=True, n_vocab=len(tokens)).add_to_gguf(w)
+    if isinstance(vocab, SpmVocab):
+        _add_sentencepiece(w, gguf, src, vocab)
+    else:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(vocab[2])
+        w.add_token_list(tokens)
+        w.add_token_types(vocab[1])
+        gguf.SpecialVocab(src, load_merges=True, n_vocab=len(tokens)).add_to_gguf(w)
 
     names = gguf.get_tensor_name_map(arch, n_layer)
     permute = arch == gguf.MODEL_ARCH.LLAMA
