@@ -47,6 +47,10 @@ FLOW = ["llamacpp-q8_0", "llamacpp-q4_k_m", "llamacpp-q4_0", "llamacpp-iq4_xs", 
 #: bench-only candidates when the profile lacks them: Q4_0 read into memory instead of mapped, so only llama.cpp's
 #: repacked copy of its weights stays resident (measured here first, then added to profiles/intel-cpu.yaml)
 EXTRA = [{"name": "llamacpp-q4_0-nommap", "backend": "llamacpp", "kinds": ["llm"], "recipe": {"quant": "Q4_0", "mmap": False}}]
+#: more llama.cpp quant types, read in like the pick, named with --candidates (not in the default table): does any
+#: type that keeps KLD within the gate generate faster than Q4_K_M? (results/llm-types.json)
+TYPES = [{"name": f"llamacpp-{q.lower()}-nommap", "backend": "llamacpp", "kinds": ["llm"],
+          "recipe": {"quant": q, "mmap": False}} for q in ("Q4_K_S", "IQ4_NL", "Q3_K_M", "Q2_K")]
 #: the comparison the issue's target names
 TARGET_BASE = "llamacpp-q4_k_m"
 
@@ -58,7 +62,7 @@ def specs(profile, names: list[str], extra: bool):
     wanted = [n for n in names if n in {c.name for c in profile.candidates}]
     out = [llm_workflow.BASELINE, *profile.candidate_specs(tuple(wanted), kind="llm")]
     if extra:  # a bench-only candidate the profile has since taken up is the profile's
-        out += [CandidateSpec(name=e["name"], backend=e["backend"], recipe=e["recipe"]) for e in EXTRA
+        out += [CandidateSpec(name=e["name"], backend=e["backend"], recipe=e["recipe"]) for e in EXTRA + TYPES
                 if e["name"] in names and e["name"] not in wanted]
     return out
 
@@ -124,23 +128,6 @@ def quality(spec_list, *, entry, work: Path, profile, hw) -> dict:
               f"garbage {res.garbage or 'ok'}", flush=True)
     return {"built": built, "scores": scores, "windows": prof.benchmark.llm.eval_max_windows,
             "window": prof.benchmark.llm.eval_window}
-
-
-def ov_bytes_per_token(ir_dir: str | Path, *, kv_bytes_per_token: int, context_tokens: int) -> int:
-    """Bytes one generated token reads from an OpenVINO IR: every weight constant (rank >= 2, compressed
-    weights at their stored element type, their scales and zero points included) but the token-embedding
-    table's (one row is gathered), plus the KV cache so far: the same definition as ``bytes_per_token`` for a GGUF."""
-    import openvino as ov
-
-    model = ov.Core().read_model(str(Path(ir_dir) / "openvino_model.xml"))
-    total = 0
-    for op in model.get_ordered_ops():
-        if op.get_type_name() != "Constant":
-            continue
-        if "embed_tokens" in op.get_friendly_name():
-            continue
-        total += int(op.get_byte_size())
-    return total + kv_bytes_per_token * context_tokens
 
 
 def speed_run(spec_list, *, entry, work: Path, hw, rounds: int, runs: int, prompt_tokens: int,
@@ -254,15 +241,13 @@ def assemble(*, spec_list, q: dict, sp: dict, bandwidth: dict, profile, hw, data
             if g is not None and not isinstance(art, str):
                 ctx = g.prompt_tokens + g.gen_tokens // 2
                 kv_t = g.kv_cache_bytes_per_token or kv
-                bpt = (bytes_per_token(art.path, kv_bytes_per_token=round(kv_t), context_tokens=ctx)
-                       if art.backend == "llamacpp" else
-                       ov_bytes_per_token(art.path, kv_bytes_per_token=round(kv), context_tokens=ctx))
+                bpt = bytes_per_token(art.path, kv_bytes_per_token=round(kv_t), context_tokens=ctx)
                 row |= {"runs_as": art.precision, "gen_tps": g.gen_tps, "gen_tps_runs": list(g.gen_tps_rounds),
                         "rounds": len(per.get(o.name, [])), "prompt_tps": g.prompt_tps, "ttft_ms": g.ttft_ms,
                         "token_ms_p50": g.token_ms_p50, "token_ms_p95": g.token_ms_p95,
                         "rss_peak_mb": g.rss_peak_mb, "rss_model_mb": g.rss_model_mb, "size_mb": art.size_bytes / 1e6,
                         "bytes_per_token": bpt, "bandwidth_gbps": bw, "bound_fraction": _fraction(g.gen_tps, bpt, bw),
-                        "kv_bytes_per_token": kv_t, "kv_from": "llama.cpp log" if g.kv_cache_bytes_per_token else
+                        "kv_bytes_per_token": kv_t, "kv_from": "the runtime (llama.cpp log / CPU plugin cache precision)" if g.kv_cache_bytes_per_token else
                         "assessment (F16 K/V)"}
             if o.speedup_p50 is not None:
                 row["speedup_vs_f16"] = o.speedup_p50

@@ -239,11 +239,11 @@ def pool(results: list[GenerationResult]) -> GenerationResult:
 def with_bound(generation: GenerationResult, artifact: Artifact, *, assessment: Assessment,
                hardware: HardwareFingerprint, store: Path) -> GenerationResult:
     """``generation`` with its tokens/s as a fraction of the memory-bandwidth bound (``edgeopt.bench.bandwidth``):
-    bytes read per token (the GGUF's weights but the embedding table, plus the KV cache at mid-generation, at
-    the bytes per token the runtime allocated) x tokens/s / this hardware's read bandwidth at the same
-    threads. Left unset for non-GGUF artifacts and for models whose bytes per token fit in the last-level
-    cache (read from the cache, not memory: no such bound)."""
-    if artifact.backend != "llamacpp" or not generation.gen_tps > 0:
+    bytes read per token (the weights but the embedding table, of a GGUF or an OpenVINO IR, plus the KV cache
+    at mid-generation, at the bytes per token the runtime allocated) x tokens/s / this hardware's read
+    bandwidth at the same threads. Left unset for other artifacts (MLX folders) and for models whose bytes per
+    token fit in the last-level cache (read from the cache, not memory: no such bound)."""
+    if artifact.backend not in ("llamacpp", "openvino-genai") or not generation.gen_tps > 0:
         return generation
     from edgeopt.bench.bandwidth import bound_fraction, last_level_cache_bytes
 

@@ -482,3 +482,28 @@ def test_spm_tokenizers_llama_cpp_would_run_differently_are_refused(spm_family, 
                                          r"neither a byte-level BPE .* nor SentencePiece-style .*convert a checkpoint"):
         convert_hf_to_gguf(folder, tmp_path / "x.gguf")
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_spm_evaluation_windows_start_with_the_bos_the_model_is_run_with(tiny_llama, spm_family) -> None:
+    """A SentencePiece checkpoint starts every text with BOS (Llama-2, Mistral, Phi-3 are trained so): each
+    perplexity/KLD window is scored after it, as Hugging Face scores ``tokenizer(text)``: the window's
+    log-probabilities equal the HF model's after [BOS] within the F32 tolerance, and differ from its
+    log-probabilities without the BOS by more than that. tiny-llama's byte-level tokenizer adds none."""
+    from edgeopt.evaluate.llm import _log_softmax, bos_prefix, tokenize_text, window_logprobs
+
+    llm, tok, model = spm_family["llama"]["f32"], spm_family["tok"], spm_family["model"]
+    window = 32
+    ids = tokenize_text(llm, tiny_llama["eval"].read_text(encoding="utf-8")[:3000])[:2 * window + 1]
+    assert bos_prefix(llm) == [tok.bos_token_id]
+    logp, targets = window_logprobs(llm, ids, window=window)
+    assert logp.shape[0] == 2 * window and list(targets) == ids[1:2 * window + 1]
+    for k in range(2):
+        part = ids[k * window:(k + 1) * window]
+        with torch.no_grad():
+            after_bos = model(torch.tensor([tok.bos_token_id, *part])[None]).logits[0, 1:].numpy()
+            without = model(torch.tensor(part)[None]).logits[0].numpy()
+        got = logp[k * window:(k + 1) * window]
+        assert float(np.abs(got - _log_softmax(after_bos)).max()) < F32_LOGIT_TOL
+        assert float(np.abs(got - _log_softmax(without)).max()) > 10 * F32_LOGIT_TOL
+    plain = llama_cpp.Llama(model_path=str(tiny_llama["f16"]), n_ctx=64, vocab_only=True, verbose=False)
+    assert bos_prefix(plain) == []

@@ -256,12 +256,12 @@ def converted_f16(folder: Path, *, model_sha256: str, cache_dir: Path) -> Path:
     used only when the file's sha256 still matches the one written with it, else it is converted again."""
     from importlib.metadata import version
 
-    from edgeopt.convert import hf_gguf
+    from edgeopt.bench.supervise import exclusive
+    from edgeopt.convert import hf_gguf, spm_vocab
     from edgeopt.keys import digest
 
-    from edgeopt.bench.supervise import exclusive
-
-    name = digest("gguf-f16", model_sha256, version("gguf"), file_sha256(Path(hf_gguf.__file__)))
+    name = digest("gguf-f16", model_sha256, version("gguf"), file_sha256(Path(hf_gguf.__file__)),
+                  file_sha256(Path(spm_vocab.__file__)))
     path, stamp = cache_dir / f"{name}.gguf", cache_dir / f"{name}.sha256"
     with exclusive(cache_dir / f"{name}.lock"):  # candidates built at the same time convert once, in turn
         if path.is_file() and stamp.is_file():

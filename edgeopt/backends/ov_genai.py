@@ -277,6 +277,21 @@ def kv_bytes_per_token(xml: str | Path) -> float | None:
     return total or None
 
 
+def weight_bytes_per_token(xml: str | Path) -> int:
+    """Weight bytes one generated token reads from the IR ``xml``: every constant at its stored element type
+    (compressed weights with their scales and zero points) but the token-embedding table's, of which one row
+    is gathered: the same definition as ``edgeopt.bench.generate.bytes_per_token`` for a GGUF. The embedding
+    table is the constant (and its decompression scales / zero points) named ``embed_tokens``, as optimum-intel
+    names it for every llama-like model."""
+    import openvino as ov
+
+    total = 0
+    for op in ov.Core().read_model(str(xml)).get_ops():
+        if op.get_type_name() == "Constant" and "embed_tokens" not in op.get_friendly_name():
+            total += int(op.get_byte_size())
+    return total
+
+
 class OvGenAISession(HFTokenizerSession):
     """The IR's logits (optimum-intel) behind the llama.cpp-like surface of ``edgeopt.evaluate.llm``, and the
     ``Session`` protocol: ``run({"input_ids": [batch, seq]})`` -> logits [batch, seq, vocab]."""

@@ -145,11 +145,18 @@ def generation_figures(*, prompt_tps: list[float], gen_tps: list[float], ttft: l
 
 
 def bytes_per_token(path: str | Path, *, kv_bytes_per_token: int, context_tokens: int) -> int:
-    """Bytes one generated token reads: all weights except the embedding table, plus the KV cache so far."""
-    from edgeopt.intake.llm import _reader
+    """Bytes one generated token reads: all weights except the embedding table, plus the KV cache so far.
+    ``path`` is a GGUF file or an OpenVINO GenAI folder (``openvino_model.xml``)."""
+    path = Path(path)
+    if path.is_dir() and (path / "openvino_model.xml").is_file():
+        from edgeopt.backends.ov_genai import weight_bytes_per_token
 
-    reader = _reader(Path(path))
-    weights = sum(int(t.n_bytes) for t in reader.tensors if t.name != "token_embd.weight")
+        weights = weight_bytes_per_token(path / "openvino_model.xml")
+    else:
+        from edgeopt.intake.llm import _reader
+
+        reader = _reader(path)
+        weights = sum(int(t.n_bytes) for t in reader.tensors if t.name != "token_embd.weight")
     return weights + kv_bytes_per_token * context_tokens
 
 

@@ -22,8 +22,8 @@ import numpy as np
 
 from edgeopt.errors import DataError
 
-__all__ = ["GarbageVerdict", "LLMScores", "garbage_check", "kl_divergence", "perplexity", "run_eval_job",
-           "tokenize_text", "window_logprobs"]
+__all__ = ["GarbageVerdict", "LLMScores", "bos_prefix", "garbage_check", "kl_divergence", "perplexity",
+           "run_eval_job", "tokenize_text", "window_logprobs"]
 
 #: a greedy continuation whose most frequent token makes up more than this share is degenerate
 DEGENERATE_SHARE = 0.8
@@ -56,19 +56,29 @@ def tokenize_text(llm: Any, text: str) -> list[int]:
     return list(llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
 
+def bos_prefix(llm: Any) -> list[int]:
+    """``[BOS]`` when the model's tokenizer starts every text with it, else ``[]``: the GGUF's
+    ``add_bos_token`` for llama.cpp, the tokenizer's post-processor for Hugging Face tokenizers. Models
+    trained with a BOS (Llama-2, Mistral, Phi-3: SentencePiece checkpoints) are scored as they are run."""
+    return [int(t) for t in llm.tokenize(b"", add_bos=True, special=False)]
+
+
 def window_logprobs(llm: Any, ids: list[int], *, window: int) -> tuple[np.ndarray, np.ndarray]:
     """Log-probabilities [positions, vocab] and the next tokens they predict, over non-overlapping windows.
+    Each window is evaluated from an empty context after the model's ``bos_prefix`` (none for tiny-llama's
+    byte-level BPE), as llama.cpp's perplexity tool starts its chunks; the BOS position itself is not scored.
 
-    ``llm`` is a ``llama_cpp.Llama`` opened with ``logits_all=True`` and ``n_ctx >= window``."""
+    ``llm`` is a ``llama_cpp.Llama`` opened with ``logits_all=True`` and ``n_ctx >= window + 1``."""
     if len(ids) < window + 1:
         raise DataError(f"evaluation text has {len(ids)} tokens, shorter than one perplexity window of "
                         f"{window} + 1; give a longer text or a smaller window")
+    prefix = bos_prefix(llm)
     logps, targets = [], []
     for start in range(0, len(ids) - window, window):
         chunk = ids[start:start + window + 1]
         llm.reset()
-        llm.eval(chunk[:-1])
-        logps.append(_log_softmax(np.asarray(llm.scores[:window], dtype=np.float32)))
+        llm.eval(prefix + chunk[:-1])
+        logps.append(_log_softmax(np.asarray(llm.scores[len(prefix):len(prefix) + window], dtype=np.float32)))
         targets.append(np.asarray(chunk[1:]))
     return np.concatenate(logps), np.concatenate(targets)
 
@@ -92,7 +102,7 @@ def kl_divergence(ref_logp: np.ndarray, logp: np.ndarray) -> tuple[float, float,
 
 def garbage_check(llm: Any, prompt: str, *, tokens: int = 32) -> GarbageVerdict:
     """Fail NaN logits or an empty / degenerate greedy continuation of ``prompt``."""
-    ids = tokenize_text(llm, prompt)
+    ids = bos_prefix(llm) + tokenize_text(llm, prompt)
     llm.reset()
     llm.eval(ids)
     last = np.asarray(llm.scores[len(ids) - 1], dtype=np.float32)

@@ -142,6 +142,40 @@ def test_the_kv_cache_figure_is_what_the_cpu_plugin_stores_per_token(built, tiny
     assert r.kv_cache_mb == pytest.approx(figure * 4096 / 2**20)
 
 
+def test_the_bandwidth_bound_counts_the_irs_weights_as_stored(built, tiny_llama, tmp_path):
+    """Bytes per token of an IR, checked against the weight file on disk: ``openvino_model.bin`` less the
+    embedding table (one row is gathered per token), which is vocab × hidden at the checkpoint's dtype in the
+    uncompressed reference IR (its weights are exported as they are stored) and 1 byte in the INT4 one (NNCF
+    keeps embeddings 8-bit). 1% protects the definition: leaving the embedding in (~7-12% of this model) or
+    dropping INT4's group scales (~6%) both exceed it. The flow's bound then uses the figure with the KV cache
+    the plugin stores, on the path this CPU takes."""
+    import json
+
+    from edgeopt.bench.bandwidth import last_level_cache_bytes
+    from edgeopt.bench.generate import bytes_per_token, measure_generation
+    from edgeopt.hardware import fingerprint
+    from edgeopt.llm_workflow import with_bound
+
+    cfg = json.loads((Path(tiny_llama["hf"]) / "config.json").read_text())
+    table = cfg["vocab_size"] * cfg["hidden_size"]
+    stored = {"float32": 4, "float16": 2, "bfloat16": 2}[cfg.get("dtype") or cfg.get("torch_dtype")]
+    for name, embedding_bytes in (("fp16", stored), ("int4", 1)):
+        folder = Path(built[name].path)
+        on_disk = (folder / "openvino_model.bin").stat().st_size - table * embedding_bytes
+        assert bytes_per_token(folder, kv_bytes_per_token=0, context_tokens=0) == pytest.approx(on_disk, rel=0.01)
+    a = assess(tiny_llama["hf"])
+    r = measure_generation(built["int4"], prompt=list(range(5, 21)), gen_tokens=4, threads=1, repeats=1,
+                           work_dir=tmp_path / "g")
+    store = tmp_path / "bandwidth.json"
+    b = with_bound(r, built["int4"], assessment=a, hardware=fingerprint(), store=store)
+    weights = bytes_per_token(built["int4"].path, kv_bytes_per_token=0, context_tokens=0)
+    assert b.bytes_per_token == weights + round(r.kv_cache_bytes_per_token) * (16 + 4 // 2)
+    if b.bytes_per_token <= last_level_cache_bytes():  # this tiny model is read from the cache: no bound
+        assert b.bandwidth_fraction is None and not store.exists()
+    else:
+        assert b.bandwidth_gbps > 0 and (math.isnan(b.bandwidth_fraction) or 0 < b.bandwidth_fraction <= 1)
+
+
 def test_bad_requests_fail_in_one_line(tiny_llama, tmp_path):
     a = assess(tiny_llama["hf"])
     b = backends.get("openvino-genai")
