@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from edgeopt.data import Dataset
     from edgeopt.records import Artifact, Assessment, ModelRef
 
-__all__ = ["ALLOWED_TYPES", "QUANT_TYPES", "LlamaCppBackend", "LlamaCppRecipe", "LlamaSession",
+__all__ = ["ALLOWED_TYPES", "QUANT_TYPES", "LlamaCppBackend", "LlamaCppRecipe", "LlamaSession", "build_isa_gap",
            "check_types", "compute_imatrix", "quantize_gguf"]
 
 log = logging.getLogger(__name__)
@@ -227,6 +228,10 @@ class LlamaCppBackend(Backend):
                 imatrix = compute_imatrix(src, text)
                 notes.append(f"importance matrix: {len(imatrix)} tensors from the calibration text")
             quantize_gguf(f16, final, recipe.quant, imatrix=imatrix, threads=recipe.threads)
+        caveat = build_note()
+        if caveat:
+            log.warning("%s: %s", candidate, caveat)
+            notes.append(caveat)
         types = read_gguf_types(final)
         mix = Counter(types.values())
         notes.append("tensor types: " + ", ".join(f"{k}×{v}" for k, v in sorted(mix.items())))
@@ -278,6 +283,45 @@ def converted_f16(folder: Path, *, model_sha256: str, cache_dir: Path) -> Path:
             tmp.unlink(missing_ok=True)
         stamp.write_text(sha + "\n", encoding="utf-8")
     return path
+
+
+#: the CPU features llama.cpp reports compiled in (``llama_print_system_info``) -> the CPU flag each needs
+#: (``edgeopt.hardware.ISA_FLAGS`` names)
+BUILD_ISA = {"AVX2": "avx2", "AVX_VNNI": "avx-vnni", "AVX512": "avx512f", "AVX512_VNNI": "avx512-vnni",
+             "AVX512_BF16": "avx512-bf16", "AMX_INT8": "amx-int8", "DOTPROD": "dotprod", "MATMUL_INT8": "i8mm",
+             "SVE": "sve"}
+
+
+def build_isa_gap(system_info: str, isa_flags: Any) -> tuple[list[str], list[str]]:
+    """(features the llama.cpp build uses that this CPU lacks, features this CPU has that the build was not
+    compiled for), from llama.cpp's system info line (``AVX2 = 1 | ...``) and this CPU's flags. llama-cpp-python
+    compiles llama.cpp for the CPU it is built on, and pip reuses that wheel on any later machine: on a CPU
+    without a compiled-in feature its kernels stop the process (illegal instruction); on a CPU with more, its
+    kernels for them are not used."""
+    compiled = set(re.findall(r"(\w+) = 1", system_info))
+    flags = set(isa_flags)
+    missing = [name for name, flag in BUILD_ISA.items() if name in compiled and flag not in flags]
+    unused = [name for name, flag in BUILD_ISA.items() if flag in flags and name not in compiled]
+    return missing, unused
+
+
+def build_note() -> str | None:
+    """Why this llama-cpp-python build does not give this CPU's llama.cpp speed (None when it does); raises
+    CandidateFailed when the build uses a feature this CPU lacks (it would stop at the first kernel)."""
+    import llama_cpp
+
+    from edgeopt.hardware import cpu_features
+
+    info = llama_cpp.llama_print_system_info().decode("utf-8", "replace")
+    missing, unused = build_isa_gap(info, cpu_features()[1])
+    rebuild = "pip install --no-cache-dir --force-reinstall --no-deps llama-cpp-python==0.3.36"
+    if missing:
+        raise CandidateFailed("unavailable", f"this llama-cpp-python build was compiled for {', '.join(missing)}, "
+                              f"which this CPU lacks (a wheel built on another machine); rebuild it here: {rebuild}")
+    if unused:
+        return (f"llama.cpp build without this CPU's {', '.join(unused)} (a wheel built on another CPU): speed "
+                f"below what llama.cpp does on this host; rebuild it here for its kernels: {rebuild}")
+    return None
 
 
 def offload_caveat(runtime: dict[str, Any]) -> str | None:

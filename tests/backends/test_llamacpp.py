@@ -155,3 +155,27 @@ def test_candidates_built_at_the_same_time_share_one_conversion(tiny_llama, tmp_
     assert [Path(x.path).name for x in arts] == ["model-f16.gguf", "model-q8_0.gguf", "model-q4_0.gguf"]
     assert len(list((builds / ".gguf-f16").glob("*.gguf"))) == 1
     assert not list((builds / ".gguf-f16").glob("*partial*"))
+
+
+def test_a_wheel_built_for_another_cpu_is_named_before_it_runs() -> None:
+    """llama-cpp-python compiles llama.cpp for the CPU it is built on and pip reuses the wheel on later machines:
+    a wheel from an AVX-512 host stops an AVX2-only CPU at its first kernel, one from an AVX2 host leaves an
+    AMX host's kernels unused. Both directions from llama.cpp's own system-info line, then this host's path."""
+    import llama_cpp
+
+    from edgeopt.backends.llamacpp import build_isa_gap, build_note
+    from edgeopt.hardware import cpu_features
+
+    avx2_build = "CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | REPACK = 1 |"
+    amx_build = avx2_build.replace("AVX2 = 1 |", "AVX2 = 1 | AVX512 = 1 | AVX512_VNNI = 1 | AMX_INT8 = 1 |")
+    avx2_cpu, amx_cpu = {"avx", "avx2", "fma", "f16c"}, {"avx", "avx2", "fma", "f16c", "avx512f", "avx512-vnni",
+                                                         "amx", "amx-int8"}
+    assert build_isa_gap(amx_build, avx2_cpu) == (["AVX512", "AVX512_VNNI", "AMX_INT8"], [])
+    assert build_isa_gap(avx2_build, amx_cpu) == ([], ["AVX512", "AVX512_VNNI", "AMX_INT8"])
+    assert build_isa_gap(avx2_build, avx2_cpu) == ([], [])
+    # this host: the installed build against this CPU (a wheel that runs here uses nothing this CPU lacks)
+    info = llama_cpp.llama_print_system_info().decode()
+    missing, unused = build_isa_gap(info, cpu_features()[1])
+    assert missing == []
+    note = build_note()
+    assert (note is None) == (unused == []) and (note is None or all(u in note for u in unused))
