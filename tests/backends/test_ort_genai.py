@@ -146,6 +146,41 @@ def test_generation_is_measured_to_the_same_definitions(built, tiny_llama, tmp_p
     assert r.kv_cache_mb == pytest.approx(per_token * 4096 / 2**20)
 
 
+def test_eos_does_not_stop_a_measured_generation(built, tmp_path):
+    """A copy of the int4 model whose EOS is the token it predicts greedily from the prompt: a plain greedy
+    generation stops after one token, the measured one still generates every token asked for."""
+    import shutil
+
+    from edgeopt.backends.ort_genai import open_model
+    from edgeopt.bench.generate import measure_generation
+
+    prompt = list(range(5, 21))
+    folder = tmp_path / "eos"
+    shutil.copytree(built["int4"].path, folder)
+    first = _greedy(open_model(folder, 1), prompt, 1)[0]
+    config = json.loads((folder / "genai_config.json").read_text())
+    config["model"]["eos_token_id"] = first
+    (folder / "genai_config.json").write_text(json.dumps(config))
+    assert _greedy(open_model(folder, 1), prompt, 8) == [first], "EOS stops an unconstrained generation"
+    art = built["int4"].model_copy(update={"path": str(folder)})
+    r = measure_generation(art, prompt=prompt, gen_tokens=8, threads=1, repeats=2, work_dir=tmp_path / "g")
+    assert (r.gen_tokens, r.token_samples) == (8, 2 * 7)
+
+
+def _greedy(model, prompt: list[int], tokens: int) -> list[int]:
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + tokens, do_sample=False)
+    g = og.Generator(model, params)
+    g.append_tokens(np.asarray([prompt], dtype=np.int32))
+    out = []
+    while not g.is_done():
+        g.generate_next_token()
+        out.append(int(g.get_next_tokens()[0]))
+    return out
+
+
 def test_the_bandwidth_bound_counts_the_weights_as_stored(built, tiny_llama, tmp_path):
     """Bytes per token of a GenAI folder, checked against the weight file on disk: ``model.onnx.data`` less the
     embedding table (vocab × hidden float32: one row is gathered per token) and the rotary cos/sin caches (one
