@@ -146,6 +146,27 @@ def test_generation_is_measured_to_the_same_definitions(built, tiny_llama, tmp_p
     assert r.kv_cache_mb == pytest.approx(per_token * 4096 / 2**20)
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="counts the process's threads in /proc")
+def test_the_thread_count_reaches_onnx_runtime(built):
+    """The runtime's threads (overlaid on genai_config.json as session_options) are what ONNX Runtime runs: a model
+    opened with N intra-op threads adds a pool of N - 1 worker threads to the process (the caller is the N-th)."""
+    import re
+
+    from edgeopt.backends.ort_genai import open_model
+
+    def threads() -> int:
+        return int(re.search(r"Threads:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+    path = built["int4"].path
+    models = [open_model(path, 1)]  # the runtime's own threads, once per process
+    added = []
+    for n in (1, 3, 2):
+        before = threads()
+        models.append(open_model(path, n))
+        added.append(threads() - before)
+    assert added == [0, 2, 1]
+
+
 def test_eos_does_not_stop_a_measured_generation(built, tmp_path):
     """A copy of the int4 model whose EOS is the token it predicts greedily from the prompt: a plain greedy
     generation stops after one token, the measured one still generates every token asked for."""
