@@ -1,7 +1,7 @@
 """ONNX Runtime GenAI backend for language models: the model builder's int4 weights, run by ``onnxruntime_genai``.
 
-Public surface: ``OrtGenAIRecipe``, ``OrtGenAIBackend``, ``OrtGenAISession``, ``generate_job``, ``matmul_weights``,
-``kv_bytes_per_token`` and ``weight_bytes_per_token``.
+Public surface: ``OrtGenAIRecipe``, ``OrtGenAIBackend``, ``OrtGenAISession``, ``generate_job``, ``open_model``,
+``matmul_weights``, ``kv_bytes_per_token`` and ``weight_bytes_per_token``.
 
 * **Build**: ``python -m onnxruntime_genai.models.builder`` on the Hugging Face checkpoint, offline, in a fresh
   process (its output to the build log): int4 weights in ONNX Runtime's ``MatMulNBits`` kernels (block size,
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from edgeopt.records import Artifact, Assessment, ModelRef
 
 __all__ = ["OrtGenAIBackend", "OrtGenAIRecipe", "OrtGenAISession", "generate_job", "kv_bytes_per_token",
-           "matmul_weights", "weight_bytes_per_token"]
+           "matmul_weights", "open_model", "weight_bytes_per_token"]
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +252,7 @@ def _warm(threads: int | None) -> None:
     del session
 
 
-def open_model(path: str | Path, threads: int | None) -> Any:
+def open_model(path: str | Path, *, threads: int | None) -> Any:
     """``onnxruntime_genai.Model`` of the folder with ``threads`` intra-op threads (overlaid, the folder untouched)."""
     import onnxruntime_genai as og
 
@@ -314,7 +314,7 @@ class OrtGenAISession(HFTokenizerSession):
         from transformers import AutoTokenizer
 
         super().__init__()
-        self.model = open_model(path, runtime.get("threads"))
+        self.model = open_model(path, threads=runtime.get("threads"))
         self.tokenizer = AutoTokenizer.from_pretrained(path)
 
     def _generator(self, length: int) -> Any:
@@ -353,7 +353,7 @@ def generate_job(job: dict[str, Any]) -> dict[str, Any]:
     before = memory.read()
     memory.reset_peak()
     t0 = time.perf_counter()
-    model = open_model(job["path"], threads)
+    model = open_model(job["path"], threads=threads)
     load_ms = (time.perf_counter() - t0) * 1e3
     prompt = np.asarray([[int(t) for t in job["prompt"]]], dtype=np.int32)
     n_gen = int(job["gen_tokens"])

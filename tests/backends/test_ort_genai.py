@@ -108,7 +108,7 @@ def test_generation_is_measured_to_the_same_definitions(built, tiny_llama, tmp_p
     assert all(math.isfinite(v) and v > 0 for v in (r.gen_tps, r.prompt_tps, r.ttft_ms, r.token_ms_p99))
     assert r.token_ms_p50 <= r.token_ms_p95 <= r.token_ms_p99 and r.size_bytes == art.size_bytes
 
-    model = open_model(art.path, 1)
+    model = open_model(art.path, threads=1)
     x = np.asarray([prompt], dtype=np.int32)
 
     def wall(tokens: int) -> float:
@@ -158,11 +158,11 @@ def test_the_thread_count_reaches_onnx_runtime(built):
         return int(re.search(r"Threads:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
 
     path = built["int4"].path
-    models = [open_model(path, 1)]  # the runtime's own threads, once per process
+    models = [open_model(path, threads=1)]  # the runtime's own threads, once per process
     added = []
     for n in (1, 3, 2):
         before = threads()
-        models.append(open_model(path, n))
+        models.append(open_model(path, threads=n))
         added.append(threads() - before)
     assert added == [0, 2, 1]
 
@@ -178,11 +178,11 @@ def test_eos_does_not_stop_a_measured_generation(built, tmp_path):
     prompt = list(range(5, 21))
     folder = tmp_path / "eos"
     shutil.copytree(built["int4"].path, folder)
-    first = _greedy(open_model(folder, 1), prompt, 1)[0]
+    first = _greedy(open_model(folder, threads=1), prompt, 1)[0]
     config = json.loads((folder / "genai_config.json").read_text())
     config["model"]["eos_token_id"] = first
     (folder / "genai_config.json").write_text(json.dumps(config))
-    assert _greedy(open_model(folder, 1), prompt, 8) == [first], "EOS stops an unconstrained generation"
+    assert _greedy(open_model(folder, threads=1), prompt, 8) == [first], "EOS stops an unconstrained generation"
     art = built["int4"].model_copy(update={"path": str(folder)})
     r = measure_generation(art, prompt=prompt, gen_tokens=8, threads=1, repeats=2, work_dir=tmp_path / "g")
     assert (r.gen_tokens, r.token_samples) == (8, 2 * 7)
