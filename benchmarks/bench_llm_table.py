@@ -15,11 +15,12 @@ one run, this script does: quality comes from the trained ``tiny-llama`` and spe
 1. Read bandwidth, measured fresh at the start (and again at the end) for every thread count
    (``edgeopt.bench.bandwidth.measure_read_gbps``); the bound uses the larger of the two (contention only lowers it).
 2. Quality on ``tiny-llama``: the flow's evaluator (``llm_workflow.evaluate``: garbage check, perplexity, KLD and
-   top-1 agreement against the F16 GGUF, in a fresh process; OpenVINO artifacts through ``OvGenAISession``, ONNX Runtime GenAI ones through ``OrtGenAISession``).
+   top-1 agreement against the F16 GGUF, in a fresh process; OpenVINO artifacts through ``OvGenAISession``, ONNX
+   Runtime GenAI ones through ``OrtGenAISession``).
 3. Speed on ``llama-speed``: every candidate, the F16 reference first, in a fresh worker process per
    measurement (``measure_generation``: llama.cpp's, openvino_genai's or onnxruntime_genai's loop), rounds
-   interleaved, each round going over every thread count; the same prompt (the first ``--prompt-tokens`` tokens of eval.txt in the F16
-   GGUF's tokenizer), the same ``--gen-tokens`` and the same threads for every candidate.
+   interleaved, each round going over every thread count; the same prompt (the first ``--prompt-tokens`` tokens
+   of eval.txt in the F16 GGUF's tokenizer), the same ``--gen-tokens`` and the same threads for every candidate.
 4. Per thread count: ``llm_workflow.gate`` of every candidate against the F16 reference (the profile's ``llm``
    gates) and ``workflow.select``; the pick's generation tokens/s over llama.cpp Q4_K_M's (default settings),
    with both bound fractions. The flow would add rounds for uncertain verdicts; this script does not (an
