@@ -15,11 +15,12 @@ one run, this script does: quality comes from the trained ``tiny-llama`` and spe
 1. Read bandwidth, measured fresh at the start (and again at the end) for every thread count
    (``edgeopt.bench.bandwidth.measure_read_gbps``); the bound uses the larger of the two (contention only lowers it).
 2. Quality on ``tiny-llama``: the flow's evaluator (``llm_workflow.evaluate``: garbage check, perplexity, KLD and
-   top-1 agreement against the F16 GGUF, in a fresh process; OpenVINO artifacts through ``OvGenAISession``).
+   top-1 agreement against the F16 GGUF, in a fresh process; OpenVINO artifacts through ``OvGenAISession``, ONNX
+   Runtime GenAI ones through ``OrtGenAISession``).
 3. Speed on ``llama-speed``: every candidate, the F16 reference first, in a fresh worker process per
-   measurement (``measure_generation``: llama.cpp or openvino_genai's loop), rounds interleaved, each round
-   going over every thread count; the same prompt (the first ``--prompt-tokens`` tokens of eval.txt in the F16
-   GGUF's tokenizer), the same ``--gen-tokens`` and the same threads for every candidate.
+   measurement (``measure_generation``: llama.cpp's, openvino_genai's or onnxruntime_genai's loop), rounds
+   interleaved, each round going over every thread count; the same prompt (the first ``--prompt-tokens`` tokens
+   of eval.txt in the F16 GGUF's tokenizer), the same ``--gen-tokens`` and the same threads for every candidate.
 4. Per thread count: ``llm_workflow.gate`` of every candidate against the F16 reference (the profile's ``llm``
    gates) and ``workflow.select``; the pick's generation tokens/s over llama.cpp Q4_K_M's (default settings),
    with both bound fractions. The flow would add rounds for uncertain verdicts; this script does not (an
@@ -43,7 +44,7 @@ sys.path.insert(0, str(REPO))
 
 #: the flow's candidates in the table, in the issue's order (recipes from the profile)
 FLOW = ["llamacpp-q8_0", "llamacpp-q4_k_m", "llamacpp-q4_0", "llamacpp-iq4_xs", "ov-genai-int8", "ov-genai-int4",
-        "llamacpp-q4_0-nommap"]
+        "ort-genai-int4", "llamacpp-q4_0-nommap"]
 #: bench-only candidates when the profile lacks them: Q4_0 read into memory instead of mapped, so only llama.cpp's
 #: repacked copy of its weights stays resident (measured here first, then added to profiles/intel-cpu.yaml)
 EXTRA = [{"name": "llamacpp-q4_0-nommap", "backend": "llamacpp", "kinds": ["llm"], "recipe": {"quant": "Q4_0", "mmap": False}}]

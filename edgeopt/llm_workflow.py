@@ -62,7 +62,7 @@ BASELINE = CandidateSpec(name="llamacpp-f16", backend="llamacpp", recipe={"quant
 #: (``GenerationResult.not_representative``, e.g. MLX off Apple silicon): the verdict fails, its measurement NaN
 NOT_REPRESENTATIVE = "(not representative)"
 #: backends that build language-model candidates, and the model formats each takes
-_BACKENDS = {"llamacpp": ("hf", "gguf"), "openvino-genai": ("hf",), "mlx": ("hf",)}
+_BACKENDS = {"llamacpp": ("hf", "gguf"), "openvino-genai": ("hf",), "onnxruntime-genai": ("hf",), "mlx": ("hf",)}
 
 
 def plan(profile: Profile, *, only: tuple[str, ...] = (), model_format: str = "hf") -> tuple[list[CandidateSpec], list[str]]:
@@ -239,11 +239,12 @@ def pool(results: list[GenerationResult]) -> GenerationResult:
 def with_bound(generation: GenerationResult, artifact: Artifact, *, assessment: Assessment,
                hardware: HardwareFingerprint, store: Path) -> GenerationResult:
     """``generation`` with its tokens/s as a fraction of the memory-bandwidth bound (``edgeopt.bench.bandwidth``):
-    bytes read per token (the weights but the embedding table, of a GGUF or an OpenVINO IR, plus the KV cache
+    bytes read per token (the weights but the embedding table, of a GGUF, an OpenVINO IR or an ONNX Runtime GenAI
+    model, plus the KV cache
     at mid-generation, at the bytes per token the runtime allocated) x tokens/s / this hardware's read
     bandwidth at the same threads. Left unset for other artifacts (MLX folders) and for models whose bytes per
     token fit in the last-level cache (read from the cache, not memory: no such bound)."""
-    if artifact.backend not in ("llamacpp", "openvino-genai") or not generation.gen_tps > 0:
+    if artifact.backend not in ("llamacpp", "openvino-genai", "onnxruntime-genai") or not generation.gen_tps > 0:
         return generation
     from edgeopt.bench.bandwidth import bound_fraction, last_level_cache_bytes
 

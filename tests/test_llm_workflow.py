@@ -34,11 +34,12 @@ def test_plan_takes_the_llamacpp_recipes_and_says_why_not_the_others():
     prof = load_profile("intel-cpu")
     specs, skipped = llm_workflow.plan(prof)
     assert [s.name for s in specs][:2] == ["llamacpp-q8_0", "llamacpp-q4_k_m"]
-    assert {s.backend for s in specs} == {"llamacpp", "openvino-genai"}
-    # from a GGUF file only llama.cpp builds: OpenVINO GenAI needs the checkpoint, and says so
+    assert {s.backend for s in specs} == {"llamacpp", "openvino-genai", "onnxruntime-genai"}
+    # from a GGUF file only llama.cpp builds: OpenVINO GenAI and ONNX Runtime GenAI need the checkpoint, and say so
     from_gguf, why = llm_workflow.plan(prof, model_format="gguf")
     assert {s.backend for s in from_gguf} == {"llamacpp"}
     assert any(w.startswith("ov-genai-int4: openvino-genai builds from the Hugging Face checkpoint") for w in why)
+    assert any(w.startswith("ort-genai-int4: onnxruntime-genai builds from the Hugging Face checkpoint") for w in why)
     assert any(w.startswith("ort-fp32-optimized:") for w in skipped)
     with pytest.raises(ConfigError, match="does not run language models"):
         llm_workflow.plan(prof, only=("ort-int8-dynamic",))

@@ -22,6 +22,7 @@ _MANIFEST: dict[str, tuple[str, str]] = {
     "olive": ("edgeopt.backends.olive", "OliveBackend"),
     "llamacpp": ("edgeopt.backends.llamacpp", "LlamaCppBackend"),
     "openvino-genai": ("edgeopt.backends.ov_genai", "OvGenAIBackend"),
+    "onnxruntime-genai": ("edgeopt.backends.ort_genai", "OrtGenAIBackend"),
     "mlx": ("edgeopt.backends.mlx", "MlxBackend"),
 }
 

@@ -70,13 +70,18 @@ def _capture_llama_log() -> list[str]:
 
 def run_generate_job(job: dict[str, Any]) -> dict[str, Any]:
     """Worker side: the measuring loop (imports llama_cpp; called in the fresh process). An OpenVINO GenAI
-    artifact and an MLX one are measured by their backend's loop (``edgeopt.backends.ov_genai.generate_job``,
+    artifact, an ONNX Runtime GenAI one and an MLX one are measured by their backend's loop
+    (``edgeopt.backends.ov_genai.generate_job``, ``edgeopt.backends.ort_genai.generate_job``,
     ``edgeopt.backends.mlx.generate_job``), to the same definitions."""
     backend = (job.get("artifact") or {}).get("backend")
     if backend == "openvino-genai":
         from edgeopt.backends.ov_genai import generate_job
 
         return generate_job(job)
+    if backend == "onnxruntime-genai":
+        from edgeopt.backends.ort_genai import generate_job as ort_generate_job
+
+        return ort_generate_job(job)
     if backend == "mlx":
         from edgeopt.backends.mlx import generate_job as mlx_generate_job
 
@@ -146,12 +151,17 @@ def generation_figures(*, prompt_tps: list[float], gen_tps: list[float], ttft: l
 
 def bytes_per_token(path: str | Path, *, kv_bytes_per_token: int, context_tokens: int) -> int:
     """Bytes one generated token reads: all weights except the embedding table, plus the KV cache so far.
-    ``path`` is a GGUF file or an OpenVINO GenAI folder (``openvino_model.xml``)."""
+    ``path`` is a GGUF file, an OpenVINO GenAI folder (``openvino_model.xml``) or an ONNX Runtime GenAI folder
+    (``genai_config.json`` + ``model.onnx``)."""
     path = Path(path)
     if path.is_dir() and (path / "openvino_model.xml").is_file():
         from edgeopt.backends.ov_genai import weight_bytes_per_token
 
         weights = weight_bytes_per_token(path / "openvino_model.xml")
+    elif path.is_dir() and (path / "genai_config.json").is_file():
+        from edgeopt.backends.ort_genai import weight_bytes_per_token as onnx_weight_bytes
+
+        weights = onnx_weight_bytes(path / "model.onnx")
     else:
         from edgeopt.intake.llm import _reader
 

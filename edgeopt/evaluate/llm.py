@@ -137,6 +137,10 @@ def run_eval_job(job: dict[str, Any]) -> dict[str, Any]:
         from edgeopt.backends.ov_genai import OvGenAISession
 
         llm: Any = OvGenAISession(job["path"], job["runtime"])
+    elif backend == "onnxruntime-genai":  # onnxruntime_genai's logits, the same surface
+        from edgeopt.backends.ort_genai import OrtGenAISession
+
+        llm = OrtGenAISession(job["path"], job["runtime"])
     elif backend == "mlx":  # the MLX model's logits, the same surface
         from edgeopt.backends.mlx import MlxSession
 

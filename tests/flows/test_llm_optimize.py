@@ -29,6 +29,10 @@ CANDIDATES[2]["recipe"]["imatrix"] = True
 #: OpenVINO GenAI's INT8 weight compression, measured against the same llama.cpp F16 reference
 OV_INT8 = {"name": "ov-genai-int8", "backend": "openvino-genai", "kinds": ["llm"], "recipe": {"weights": "int8"}}
 has_ov_genai = importlib.util.find_spec("openvino_genai") is not None
+#: ONNX Runtime GenAI's int4 (MatMulNBits, blocks of 128, int8 activations): intel-cpu's recipe, same reference
+ORT_INT4 = {"name": "ort-genai-int4", "backend": "onnxruntime-genai", "kinds": ["llm"],
+            "recipe": {"weights": "int4", "block_size": 128, "accuracy_level": 4}}
+has_ort_genai = importlib.util.find_spec("onnxruntime_genai") is not None
 #: short measurements: 2 interleaved rounds of 2 runs of 32 generated tokens; 4 windows of 64 tokens scored
 FAST = {"repeats": 2, "llm": {"prompt_tokens": 32, "gen_tokens": 32, "runs": 2, "eval_window": 64,
                               "eval_max_windows": 4}}
@@ -51,17 +55,19 @@ def _registered(home: Path) -> list:
 
 
 def test_llm_optimize_end_to_end(tiny_llama, tmp_path):
-    """F16 reference + Q8_0 + Q4_0 (+ OpenVINO GenAI INT8 where installed) through the real flow: the LLM table
+    """F16 reference + Q8_0 + Q4_0 (+ OpenVINO GenAI INT8 and ONNX Runtime GenAI int4 where installed) through
+    the real flow: the LLM table
     with finite figures, speed-ups that are the ratio of this run's tokens/s, scores in MLflow, verdicts that
     follow the thresholds, and a registered version only for a candidate that passed."""
     home = tmp_path / "home"
     # speed and memory gates out of the way: a 4M-parameter model is dominated by per-token overhead, and two
     # rounds on a shared 2-vCPU machine give speed-up intervals too wide for any fixed threshold to settle
     # every time; the quality gates keep their defaults (perplexity within 5%, mean KLD <= 0.01)
-    profile = write_profile(tmp_path / "llm.yaml", candidates=[*CANDIDATES, OV_INT8], benchmark=FAST,
+    profile = write_profile(tmp_path / "llm.yaml", candidates=[*CANDIDATES, OV_INT8, ORT_INT4], benchmark=FAST,
                             gates={"speedup_min": 0.0, "memory_reduction_min": -1.0})
     report_path = tmp_path / "report.json"
-    names = ["llamacpp-f16", "llamacpp-q8_0", "llamacpp-q4_0", *(["ov-genai-int8"] if has_ov_genai else [])]
+    names = ["llamacpp-f16", "llamacpp-q8_0", "llamacpp-q4_0", *(["ov-genai-int8"] if has_ov_genai else []),
+             *(["ort-genai-int4"] if has_ort_genai else [])]
     r = run(_env(home), "optimize", tiny_llama["hf"], "--profile", profile,
             *[a for n in names[1:] for a in ("-c", n)], "--eval", tiny_llama["eval"], "--json", report_path)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -115,6 +121,15 @@ def test_llm_optimize_end_to_end(tiny_llama, tmp_path):
     if has_ov_genai:  # another runtime's INT8 weights: the same distributions as llama.cpp's F16 within the gate
         assert outcomes["ov-genai-int8"]["llm_eval"]["kld_mean"] < 0.01
         assert outcomes["ov-genai-int8"]["artifact"]["backend"] == "openvino-genai"
+    if has_ort_genai:  # ONNX Runtime's int4 weights: within the KLD gate of llama.cpp's F16 on this checkpoint
+        o = outcomes["ort-genai-int4"]
+        assert o["artifact"]["backend"] == "onnxruntime-genai" and o["llm_eval"]["kld_mean"] < 0.01
+        assert any("MatMulNBits read back" in n and "block sizes {128:" in n for n in o["artifact"]["notes"])
+        cfg = json.loads((Path(tiny_llama["hf"]) / "config.json").read_text())
+        # its float32 KV cache: 2 × layers × KV heads × head size × 4 bytes, at the profile's context length
+        kv = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg["head_dim"] * 4
+        assert o["generation"]["kv_cache_bytes_per_token"] == kv and o["generation"]["kv_context_tokens"] == 2048
+        assert 0 < o["generation"]["bytes_per_token"] < o["generation"]["size_bytes"]  # but the float embedding
 
     cl = mlflow.MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow' / 'mlflow.db'}")
     children = {run_.info.run_name: run_ for run_ in cl.search_runs(
