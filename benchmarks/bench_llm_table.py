@@ -52,6 +52,13 @@ EXTRA = [{"name": "llamacpp-q4_0-nommap", "backend": "llamacpp", "kinds": ["llm"
 #: type that keeps KLD within the gate generate faster than Q4_K_M? (results/llm-types.json)
 TYPES = [{"name": f"llamacpp-{q.lower()}-nommap", "backend": "llamacpp", "kinds": ["llm"],
           "recipe": {"quant": q, "mmap": False}} for q in ("Q4_K_S", "IQ4_NL", "Q3_K_M", "Q2_K")]
+#: onnxruntime-genai int4 variants beside the profile's (blocks of 256 since results/llm-avx512-variants.json, where
+#: the profile's was blocks of 128; symmetric), named with --candidates: does another block size or asymmetric
+#: weights generate faster at the same quality?
+ORT_VARIANTS = [{"name": f"ort-genai-int4-b{b}", "backend": "onnxruntime-genai", "kinds": ["llm"],
+                 "recipe": {"weights": "int4", "block_size": b, "accuracy_level": 4}} for b in (32, 64, 128, 256)] + [
+    {"name": "ort-genai-int4-asym", "backend": "onnxruntime-genai", "kinds": ["llm"],
+     "recipe": {"weights": "int4", "block_size": 128, "accuracy_level": 4, "sym": False}}]
 #: the comparison the issue's target names
 TARGET_BASE = "llamacpp-q4_k_m"
 
@@ -63,7 +70,8 @@ def specs(profile, names: list[str], extra: bool):
     wanted = [n for n in names if n in {c.name for c in profile.candidates}]
     out = [llm_workflow.BASELINE, *profile.candidate_specs(tuple(wanted), kind="llm")]
     if extra:  # a bench-only candidate the profile has since taken up is the profile's
-        out += [CandidateSpec(name=e["name"], backend=e["backend"], recipe=e["recipe"]) for e in EXTRA + TYPES
+        out += [CandidateSpec(name=e["name"], backend=e["backend"], recipe=e["recipe"])
+                for e in EXTRA + TYPES + ORT_VARIANTS
                 if e["name"] in names and e["name"] not in wanted]
     return out
 

@@ -29,9 +29,9 @@ CANDIDATES[2]["recipe"]["imatrix"] = True
 #: OpenVINO GenAI's INT8 weight compression, measured against the same llama.cpp F16 reference
 OV_INT8 = {"name": "ov-genai-int8", "backend": "openvino-genai", "kinds": ["llm"], "recipe": {"weights": "int8"}}
 has_ov_genai = importlib.util.find_spec("openvino_genai") is not None
-#: ONNX Runtime GenAI's int4 (MatMulNBits, blocks of 128, int8 activations): intel-cpu's recipe, same reference
+#: ONNX Runtime GenAI's int4 (MatMulNBits, blocks of 256, int8 activations): intel-cpu's recipe, same reference
 ORT_INT4 = {"name": "ort-genai-int4", "backend": "onnxruntime-genai", "kinds": ["llm"],
-            "recipe": {"weights": "int4", "block_size": 128, "accuracy_level": 4}}
+            "recipe": {"weights": "int4", "block_size": 256, "accuracy_level": 4}}
 has_ort_genai = importlib.util.find_spec("onnxruntime_genai") is not None
 #: short measurements: 2 interleaved rounds of 2 runs of 32 generated tokens; 4 windows of 64 tokens scored
 FAST = {"repeats": 2, "llm": {"prompt_tokens": 32, "gen_tokens": 32, "runs": 2, "eval_window": 64,
@@ -124,7 +124,7 @@ def test_llm_optimize_end_to_end(tiny_llama, tmp_path):
     if has_ort_genai:  # ONNX Runtime's int4 weights: within the KLD gate of llama.cpp's F16 on this checkpoint
         o = outcomes["ort-genai-int4"]
         assert o["artifact"]["backend"] == "onnxruntime-genai" and o["llm_eval"]["kld_mean"] < 0.01
-        assert any("MatMulNBits read back" in n and "block sizes {128:" in n for n in o["artifact"]["notes"])
+        assert any("MatMulNBits read back" in n and "block sizes {256:" in n for n in o["artifact"]["notes"])
         cfg = json.loads((Path(tiny_llama["hf"]) / "config.json").read_text())
         # its float32 KV cache: 2 × layers × KV heads × head size × 4 bytes, at the profile's context length
         kv = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg["head_dim"] * 4
