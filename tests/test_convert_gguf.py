@@ -484,6 +484,39 @@ def test_spm_tokenizers_llama_cpp_would_run_differently_are_refused(spm_family, 
     assert not (tmp_path / "x.gguf").exists()
 
 
+def _hf_session(tok):
+    """The evaluators' tokenizer surface of the HF-tokenizer runtimes (OpenVINO GenAI, onnxruntime-genai, MLX)."""
+    from edgeopt.backends.llm_session import HFTokenizerSession
+
+    session = HFTokenizerSession()
+    session.tokenizer = tok
+    return session
+
+
+def test_spm_special_token_text_is_tokenized_as_text_by_both_evaluator_surfaces(spm_family) -> None:
+    """The text of a special token (``<s>``, ``</s>``, ``<unk>``, Phi-3's ``<|user|>``...) at the start, in the
+    middle and at the end of a text, followed by a space, a word or a newline: llama.cpp as the evaluators call it
+    (``special=False``: CONTROL tokens are not matched) and the HF-tokenizer session give the same ids, the
+    special token's text cut into ordinary pieces; Hugging Face's default would match the token itself."""
+    import sentencepiece
+
+    from edgeopt.evaluate.llm import bos_prefix, tokenize_text
+
+    tok, llm = spm_family["tok"], spm_family["llama"]["f32"]
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_family["folder"] / "tokenizer.model"))
+    session = _hf_session(tok)
+    specials = ["<unk>", "<s>", "</s>", *(PHI3_SPECIALS if spm_family["name"] == "phi3" else [])]
+    assert bos_prefix(session) == bos_prefix(llm) == [tok.bos_token_id]
+    for special in specials:
+        sid = tok.convert_tokens_to_ids(special)
+        for text in (f"{special} the import", f"{special}the", f"a {special} b", f"a{special}b", f"end {special}",
+                     f"end{special}", f"{special}\nnext line", f"x {special} y {special}"):
+            assert sid in tok.encode(text, add_special_tokens=False), text  # the text does hold the token
+            got = tokenize_text(llm, text)
+            assert got == session.tokenize(text.encode(), add_bos=False, special=False), text
+            assert got == sp.encode(text), text  # SentencePiece never matches a control symbol in text
+
+
 def test_spm_evaluation_windows_start_with_the_bos_the_model_is_run_with(tiny_llama, spm_family) -> None:
     """A SentencePiece checkpoint starts every text with BOS (Llama-2, Mistral, Phi-3 are trained so): each
     perplexity/KLD window is scored after it, as Hugging Face scores ``tokenizer(text)``: the window's
