@@ -484,6 +484,125 @@ def test_spm_tokenizers_llama_cpp_would_run_differently_are_refused(spm_family, 
     assert not (tmp_path / "x.gguf").exists()
 
 
+def _hf_session(tok):
+    """The evaluators' tokenizer surface of the HF-tokenizer runtimes (OpenVINO GenAI, onnxruntime-genai, MLX)."""
+    from edgeopt.backends.llm_session import HFTokenizerSession
+
+    session = HFTokenizerSession()
+    session.tokenizer = tok
+    return session
+
+
+def test_spm_special_token_text_is_tokenized_as_text_by_both_evaluator_surfaces(spm_family) -> None:
+    """The text of a special token (``<s>``, ``</s>``, ``<unk>``, Phi-3's ``<|user|>``...) at the start, in the
+    middle and at the end of a text, followed by a space, a word or a newline: llama.cpp as the evaluators call it
+    (``special=False``: CONTROL tokens are not matched) and the HF-tokenizer session give the same ids, the
+    special token's text cut into ordinary pieces; Hugging Face's default would match the token itself."""
+    import sentencepiece
+
+    from edgeopt.evaluate.llm import bos_prefix, tokenize_text
+
+    tok, llm = spm_family["tok"], spm_family["llama"]["f32"]
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_family["folder"] / "tokenizer.model"))
+    session = _hf_session(tok)
+    specials = ["<unk>", "<s>", "</s>", *(PHI3_SPECIALS if spm_family["name"] == "phi3" else [])]
+    assert bos_prefix(session) == bos_prefix(llm) == [tok.bos_token_id]
+    for special in specials:
+        sid = tok.convert_tokens_to_ids(special)
+        for text in (f"{special} the import", f"{special}the", f"a {special} b", f"a{special}b", f"end {special}",
+                     f"end{special}", f"{special}\nnext line", f"x {special} y {special}"):
+            assert sid in tok.encode(text, add_special_tokens=False), text  # the text does hold the token
+            got = tokenize_text(llm, text)
+            assert got == session.tokenize(text.encode(), add_bos=False, special=False), text
+            assert got == sp.encode(text), text  # SentencePiece never matches a control symbol in text
+
+
+@pytest.mark.parametrize("spm_family", ["phi3"], indirect=True)
+def test_spm_text_after_a_user_defined_token_is_where_llama_cpp_differs(spm_family, tmp_path: Path) -> None:
+    """A non-special added token (USER_DEFINED, "edgeopt" here) is matched by llama.cpp even with
+    ``special=False``, and by Hugging Face; the text after it is not tokenized alike. llama.cpp starts it as a new
+    SentencePiece text: a ``▁`` prefix (``add_space_prefix``) and, in a GGUF named like Phi-3 (this one,
+    "phi3"), the whitespace after the token dropped first (llama.cpp's Phi-3 RSTRIP rule, keyed on
+    ``general.name``). transformers 5 (Metaspace, prepend_scheme "first") adds no prefix there and keeps the
+    whitespace. They agree only when the token ends the text or is followed by one space and a word."""
+    import shutil
+
+    import sentencepiece
+    from sentencepiece import sentencepiece_model_pb2
+
+    from edgeopt.evaluate.llm import tokenize_text
+
+    tok, llm = spm_family["tok"], spm_family["llama"]["f32"]
+    session = _hf_session(tok)
+    model = spm_family["folder"] / "tokenizer.model"
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(model))
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model.read_bytes())
+    proto.normalizer_spec.add_dummy_prefix = False
+    bare = sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString())  # no prefix space
+    folder = shutil.copytree(spm_family["folder"], tmp_path / "mini")  # a name without "phi3": no RSTRIP
+    other = llama_cpp.Llama(model_path=str(convert_hf_to_gguf(folder, tmp_path / "mini.gguf", precision="f32")),
+                            vocab_only=True, verbose=False)
+    uid = tok.convert_tokens_to_ids("edgeopt")
+    assert uid == SPM_VOCAB + 4
+    for rest in ("", " is here", " the\n", "is", "\nthe", ". done", "  b"):
+        text = "edgeopt" + rest
+        hf = session.tokenize(text.encode(), add_bos=False, special=False)
+        got = tokenize_text(llm, text)
+        assert hf == [uid, *bare.encode(rest)], text
+        assert got == [uid, *(sp.encode(rest.lstrip()) if rest.strip() else [])], text
+        assert tokenize_text(other, text) == [uid, *sp.encode(rest)], text
+        same = rest == "" or (rest[0] == " " and rest[1] not in " \n")
+        assert (got == hf) is same, text
+        assert (tokenize_text(other, text) == hf) is (rest == ""), text
+    # so: "edgeoptis" is HF [edgeopt, is], llama.cpp [edgeopt, ▁is]; llama.cpp loses the newline of "edgeopt\nthe"
+    assert tok.convert_ids_to_tokens(tokenize_text(llm, "edgeoptis")) == ["edgeopt", "\u2581is"]
+    assert tok.convert_ids_to_tokens(session.tokenize(b"edgeoptis")) == ["edgeopt", "is"]
+    assert llm.detokenize(tokenize_text(llm, "edgeopt\nthe")).decode() == "edgeopt the"
+    # in the middle of a text, the same: the space before the token is kept by both
+    assert tokenize_text(llm, "the edgeopt is") == session.tokenize(b"the edgeopt is")
+    assert tokenize_text(llm, "the edgeoptis") != session.tokenize(b"the edgeoptis")
+
+
+@pytest.mark.parametrize("spm_family", ["phi3"], indirect=True)
+def test_spm_phi3_non_special_eos_text_is_text_to_llama_cpp_only(spm_family, tmp_path: Path) -> None:
+    """Phi-3-mini ships ``</s>`` as a non-special added token (``special: false``, ``rstrip: true``): Hugging Face
+    matches its text even with ``split_special_tokens``; the GGUF keeps SentencePiece's CONTROL type (llama.cpp
+    would make this end-of-generation token CONTROL anyway), so llama.cpp with ``special=False`` reads the text
+    as text: the one special-token text the two evaluator surfaces cut differently."""
+    import json
+    import shutil
+
+    import gguf
+    import sentencepiece
+
+    from edgeopt.evaluate.llm import tokenize_text
+
+    folder = shutil.copytree(spm_family["folder"], tmp_path / "phi3")
+    doc = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    for added in doc["added_tokens"]:
+        if added["content"] == "</s>":
+            added.update(special=False, rstrip=True)
+    (folder / "tokenizer.json").write_text(json.dumps(doc), encoding="utf-8")
+    config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config["extra_special_tokens"] = [t for t in config.get("extra_special_tokens") or () if t != "</s>"]
+    for entry in (config.get("added_tokens_decoder") or {}).values():
+        if entry["content"] == "</s>":
+            entry.update(special=False, rstrip=True)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    tok = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    assert "</s>" not in tok.all_special_tokens
+    path = convert_hf_to_gguf(folder, tmp_path / "phi3.gguf", precision="f32")
+    assert gguf.GGUFReader(str(path)).fields["tokenizer.ggml.token_type"].contents()[2] == CONTROL
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    session = _hf_session(tok)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    for text in ("the end</s>", "end </s>", "x </s> y"):
+        hf = session.tokenize(text.encode(), add_bos=False, special=False)
+        got = tokenize_text(llm, text)
+        assert 2 in hf and got == sp.encode(text) and 2 not in got, text
+
+
 def test_spm_evaluation_windows_start_with_the_bos_the_model_is_run_with(tiny_llama, spm_family) -> None:
     """A SentencePiece checkpoint starts every text with BOS (Llama-2, Mistral, Phi-3 are trained so): each
     perplexity/KLD window is scored after it, as Hugging Face scores ``tokenizer(text)``: the window's

@@ -47,7 +47,11 @@ class HFTokenizerSession:
         self.scores = self._logits(self._ids)
 
     def tokenize(self, text: bytes, add_bos: bool = False, special: bool = False) -> list[int]:
-        return list(self.tokenizer.encode(text.decode("utf-8"), add_special_tokens=add_bos))
+        """As ``llama_cpp.Llama.tokenize``: with ``special=False`` (the evaluators') the text of a special token
+        ("<s>", "</s>", "<|user|>") written in the text is tokenized as text, as llama.cpp does and as the F16
+        reference's tokens are; Hugging Face's default would match it as the special token's id."""
+        return list(self.tokenizer.encode(text.decode("utf-8"), add_special_tokens=add_bos,
+                                          split_special_tokens=not special))
 
     def detokenize(self, ids: list[int]) -> bytes:
         return self.tokenizer.decode(ids).encode("utf-8")

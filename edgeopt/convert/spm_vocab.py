@@ -19,6 +19,28 @@ TinyLlama, Mistral or Phi-3-mini checkpoint carries:
   ``added_tokens_decoder``): special ones CONTROL, others USER_DEFINED with ``▁`` written as a space; the
   SentencePiece types of ``<unk>`` / ``<s>`` / ``</s>`` are kept. Ids past the vocabulary up to the config's
   ``vocab_size`` are ``[PAD<i>]`` entries typed UNUSED.
+
+Added tokens inside a text, as the evaluators tokenize it (llama.cpp with ``special=False``; the HF-tokenizer
+runtimes through ``HFTokenizerSession``, which then asks Hugging Face for ``split_special_tokens``):
+
+* the text of a CONTROL or UNKNOWN token (``<s>``, ``</s>``, ``<unk>``, Phi-3's ``<|user|>``...) is text to
+  both, cut into the same pieces as SentencePiece cuts it;
+* a USER_DEFINED token (a non-special added token) is matched by both, but llama.cpp tokenizes the text after it
+  as a new text: with the ``▁`` prefix (``add_space_prefix``), and, when ``general.name`` contains "phi3" or
+  "phi-3", after dropping the whitespace that follows the token (llama.cpp's Phi-3 RSTRIP rule, keyed on the name,
+  not on any metadata). transformers 5 (Metaspace, ``prepend_scheme`` "first") adds no ``▁`` there and keeps the
+  whitespace. The ids agree only when the token ends the text or, under a Phi-3 name, is followed by one space
+  and a word: "edgeoptis" is [edgeopt, is] to Hugging Face and [edgeopt, ▁is] to llama.cpp, and llama.cpp drops
+  the newline of "edgeopt\nthe". No key changes that (``add_space_prefix`` also makes the start of every text)
+  and llama.cpp's own converter writes the same types;
+* Phi-3-mini ships ``</s>`` as a non-special added token (``special: false``, ``rstrip: true``): Hugging Face
+  matches its text, while llama.cpp makes ``</s>`` CONTROL whatever the file says (it is an end-of-generation
+  token), so with ``special=False`` it reads that text as text.
+
+In the last two cases a candidate that tokenizes with the HF tokenizer (OpenVINO GenAI, onnxruntime-genai, MLX)
+gets other tokens than the llama.cpp F16 reference, and ``run_eval_job`` refuses its KLD with a ``DataError``.
+llama.cpp with ``special=True`` (a chat prompt) matches CONTROL tokens too and puts the same ``▁`` after them
+(under a Phi-3 name, whitespace dropped after all but ``<unk>``, ``<s>``, ``<|endoftext|>``).
 """
 
 from __future__ import annotations
