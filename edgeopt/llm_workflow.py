@@ -239,18 +239,20 @@ def pool(results: list[GenerationResult]) -> GenerationResult:
 def with_bound(generation: GenerationResult, artifact: Artifact, *, assessment: Assessment,
                hardware: HardwareFingerprint, store: Path) -> GenerationResult:
     """``generation`` with its tokens/s as a fraction of the memory-bandwidth bound (``edgeopt.bench.bandwidth``):
-    bytes read per token (the weights but the embedding table, of a GGUF, an OpenVINO IR or an ONNX Runtime GenAI
-    model, plus the KV cache
-    at mid-generation, at the bytes per token the runtime allocated) x tokens/s / this hardware's read
-    bandwidth at the same threads. Left unset for other artifacts (MLX folders) and for models whose bytes per
-    token fit in the last-level cache (read from the cache, not memory: no such bound)."""
-    if artifact.backend not in ("llamacpp", "openvino-genai", "onnxruntime-genai") or not generation.gen_tps > 0:
+    bytes read per token (the weights but the embedding table, as the artifact's backend counts them:
+    ``Backend.weight_bytes_per_token``, plus the KV cache at mid-generation, at the bytes per token the runtime
+    allocated) x tokens/s / this hardware's read bandwidth at the same threads. Left unset for artifacts whose
+    backend gives no weight figure (MLX folders) and for models whose bytes per token fit in the last-level cache
+    (read from the cache, not memory: no such bound)."""
+    if not generation.gen_tps > 0:
+        return generation
+    kv = generation.kv_cache_bytes_per_token or (assessment.llm.kv_cache_bytes_per_token if assessment.llm else 0)
+    bpt = bytes_per_token(artifact.path, backend=artifact.backend, kv_bytes_per_token=round(kv),
+                          context_tokens=generation.prompt_tokens + generation.gen_tokens // 2)
+    if bpt is None:
         return generation
     from edgeopt.bench.bandwidth import bound_fraction, last_level_cache_bytes
 
-    kv = generation.kv_cache_bytes_per_token or (assessment.llm.kv_cache_bytes_per_token if assessment.llm else 0)
-    bpt = bytes_per_token(artifact.path, kv_bytes_per_token=round(kv),
-                          context_tokens=generation.prompt_tokens + generation.gen_tokens // 2)
     if bpt <= last_level_cache_bytes():
         log.info("%s reads %.1f MB per token, within the last-level cache: no memory-bandwidth bound",
                  artifact.candidate, bpt / 1e6)
