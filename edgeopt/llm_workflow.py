@@ -50,8 +50,8 @@ from edgeopt.records import (
 )
 from edgeopt.workflow import BUILD_LOG, build_dir, data_sha
 
-__all__ = ["BASELINE", "build", "check_data", "check_model", "comparison_group", "earlier_speedups", "eval_dir",
-           "evaluate", "gate", "generation_dir", "measure", "plan", "pool", "prompt_ids", "record_speedups",
+__all__ = ["BASELINE", "LLM_BACKENDS", "build", "check_data", "check_model", "comparison_group", "earlier_speedups",
+           "eval_dir", "evaluate", "gate", "generation_dir", "measure", "plan", "pool", "prompt_ids", "record_speedups",
            "with_bound"]
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,8 @@ BASELINE = CandidateSpec(name="llamacpp-f16", backend="llamacpp", recipe={"quant
 #: the speed-up verdict's metric suffix when a side's speed figures do not stand for the target
 #: (``GenerationResult.not_representative``, e.g. MLX off Apple silicon): the verdict fails, its measurement NaN
 NOT_REPRESENTATIVE = "(not representative)"
-#: backends that build language-model candidates, and the model formats each takes
-_BACKENDS = {"llamacpp": ("hf", "gguf"), "openvino-genai": ("hf",), "onnxruntime-genai": ("hf",), "mlx": ("hf",)}
+#: backends that build language-model candidates (the model formats each takes: its ``Backend.formats``)
+LLM_BACKENDS = ("llamacpp", "openvino-genai", "onnxruntime-genai", "mlx")
 
 
 def plan(profile: Profile, *, only: tuple[str, ...] = (), model_format: str = "hf") -> tuple[list[CandidateSpec], list[str]]:
@@ -72,10 +72,10 @@ def plan(profile: Profile, *, only: tuple[str, ...] = (), model_format: str = "h
     specs, skipped = [], []
     for spec in profile.candidate_specs(only, kind="llm"):
         why = None
-        if spec.backend not in _BACKENDS:
+        if spec.backend not in LLM_BACKENDS:
             why = (f"{spec.name}: the {spec.backend} backend does not run language models here "
-                   f"({' and '.join(_BACKENDS)} do)")
-        elif model_format not in _BACKENDS[spec.backend]:
+                   f"({' and '.join(LLM_BACKENDS)} do)")
+        elif model_format not in backends.get(spec.backend).formats:
             why = f"{spec.name}: {spec.backend} builds from the Hugging Face checkpoint; this model is a {model_format} file"
         elif model_format == "gguf" and spec.recipe.get("imatrix"):
             why = (f"{spec.name}: its importance matrix is computed on the Hugging Face checkpoint; "
@@ -88,7 +88,7 @@ def plan(profile: Profile, *, only: tuple[str, ...] = (), model_format: str = "h
         specs.append(spec)
     if not specs:
         raise ConfigError(f"profile {profile.name}: no candidate for a language model; add recipes with backend "
-                          f"{', '.join(_BACKENDS)} and kinds [llm] (see profiles/intel-cpu.yaml)")
+                          f"{', '.join(LLM_BACKENDS)} and kinds [llm] (see profiles/intel-cpu.yaml)")
     return specs, skipped
 
 
