@@ -250,7 +250,8 @@ def assemble(*, spec_list, q: dict, sp: dict, bandwidth: dict, profile, hw, data
             if g is not None and not isinstance(art, str):
                 ctx = g.prompt_tokens + g.gen_tokens // 2
                 kv_t = g.kv_cache_bytes_per_token or kv
-                bpt = bytes_per_token(art.path, kv_bytes_per_token=round(kv_t), context_tokens=ctx)
+                bpt = bytes_per_token(art.path, backend=art.backend, kv_bytes_per_token=round(kv_t),
+                                      context_tokens=ctx)
                 row |= {"runs_as": art.precision, "gen_tps": g.gen_tps, "gen_tps_runs": list(g.gen_tps_rounds),
                         "rounds": len(per.get(o.name, [])), "prompt_tps": g.prompt_tps, "ttft_ms": g.ttft_ms,
                         "token_ms_p50": g.token_ms_p50, "token_ms_p95": g.token_ms_p95,

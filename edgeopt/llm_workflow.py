@@ -50,8 +50,8 @@ from edgeopt.records import (
 )
 from edgeopt.workflow import BUILD_LOG, build_dir, data_sha
 
-__all__ = ["BASELINE", "build", "check_data", "check_model", "comparison_group", "earlier_speedups", "eval_dir",
-           "evaluate", "gate", "generation_dir", "measure", "plan", "pool", "prompt_ids", "record_speedups",
+__all__ = ["BASELINE", "LLM_BACKENDS", "build", "check_data", "check_model", "comparison_group", "earlier_speedups",
+           "eval_dir", "evaluate", "gate", "generation_dir", "measure", "plan", "pool", "prompt_ids", "record_speedups",
            "with_bound"]
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,8 @@ BASELINE = CandidateSpec(name="llamacpp-f16", backend="llamacpp", recipe={"quant
 #: the speed-up verdict's metric suffix when a side's speed figures do not stand for the target
 #: (``GenerationResult.not_representative``, e.g. MLX off Apple silicon): the verdict fails, its measurement NaN
 NOT_REPRESENTATIVE = "(not representative)"
-#: backends that build language-model candidates, and the model formats each takes
-_BACKENDS = {"llamacpp": ("hf", "gguf"), "openvino-genai": ("hf",), "onnxruntime-genai": ("hf",), "mlx": ("hf",)}
+#: backends that build language-model candidates (the model formats each takes: its ``Backend.formats``)
+LLM_BACKENDS = ("llamacpp", "openvino-genai", "onnxruntime-genai", "mlx")
 
 
 def plan(profile: Profile, *, only: tuple[str, ...] = (), model_format: str = "hf") -> tuple[list[CandidateSpec], list[str]]:
@@ -72,10 +72,10 @@ def plan(profile: Profile, *, only: tuple[str, ...] = (), model_format: str = "h
     specs, skipped = [], []
     for spec in profile.candidate_specs(only, kind="llm"):
         why = None
-        if spec.backend not in _BACKENDS:
+        if spec.backend not in LLM_BACKENDS:
             why = (f"{spec.name}: the {spec.backend} backend does not run language models here "
-                   f"({' and '.join(_BACKENDS)} do)")
-        elif model_format not in _BACKENDS[spec.backend]:
+                   f"({' and '.join(LLM_BACKENDS)} do)")
+        elif model_format not in backends.get(spec.backend).formats:
             why = f"{spec.name}: {spec.backend} builds from the Hugging Face checkpoint; this model is a {model_format} file"
         elif model_format == "gguf" and spec.recipe.get("imatrix"):
             why = (f"{spec.name}: its importance matrix is computed on the Hugging Face checkpoint; "
@@ -88,7 +88,7 @@ def plan(profile: Profile, *, only: tuple[str, ...] = (), model_format: str = "h
         specs.append(spec)
     if not specs:
         raise ConfigError(f"profile {profile.name}: no candidate for a language model; add recipes with backend "
-                          f"{', '.join(_BACKENDS)} and kinds [llm] (see profiles/intel-cpu.yaml)")
+                          f"{', '.join(LLM_BACKENDS)} and kinds [llm] (see profiles/intel-cpu.yaml)")
     return specs, skipped
 
 
@@ -239,18 +239,20 @@ def pool(results: list[GenerationResult]) -> GenerationResult:
 def with_bound(generation: GenerationResult, artifact: Artifact, *, assessment: Assessment,
                hardware: HardwareFingerprint, store: Path) -> GenerationResult:
     """``generation`` with its tokens/s as a fraction of the memory-bandwidth bound (``edgeopt.bench.bandwidth``):
-    bytes read per token (the weights but the embedding table, of a GGUF, an OpenVINO IR or an ONNX Runtime GenAI
-    model, plus the KV cache
-    at mid-generation, at the bytes per token the runtime allocated) x tokens/s / this hardware's read
-    bandwidth at the same threads. Left unset for other artifacts (MLX folders) and for models whose bytes per
-    token fit in the last-level cache (read from the cache, not memory: no such bound)."""
-    if artifact.backend not in ("llamacpp", "openvino-genai", "onnxruntime-genai") or not generation.gen_tps > 0:
+    bytes read per token (the weights but the embedding table, as the artifact's backend counts them:
+    ``Backend.weight_bytes_per_token``, plus the KV cache at mid-generation, at the bytes per token the runtime
+    allocated) x tokens/s / this hardware's read bandwidth at the same threads. Left unset for artifacts whose
+    backend gives no weight figure (MLX folders) and for models whose bytes per token fit in the last-level cache
+    (read from the cache, not memory: no such bound)."""
+    if not generation.gen_tps > 0:
+        return generation
+    kv = generation.kv_cache_bytes_per_token or (assessment.llm.kv_cache_bytes_per_token if assessment.llm else 0)
+    bpt = bytes_per_token(artifact.path, backend=artifact.backend, kv_bytes_per_token=round(kv),
+                          context_tokens=generation.prompt_tokens + generation.gen_tokens // 2)
+    if bpt is None:
         return generation
     from edgeopt.bench.bandwidth import bound_fraction, last_level_cache_bytes
 
-    kv = generation.kv_cache_bytes_per_token or (assessment.llm.kv_cache_bytes_per_token if assessment.llm else 0)
-    bpt = bytes_per_token(artifact.path, kv_bytes_per_token=round(kv),
-                          context_tokens=generation.prompt_tokens + generation.gen_tokens // 2)
     if bpt <= last_level_cache_bytes():
         log.info("%s reads %.1f MB per token, within the last-level cache: no memory-bandwidth bound",
                  artifact.candidate, bpt / 1e6)

@@ -61,7 +61,9 @@ class Session(Protocol):
 
 
 class Backend(ABC):
-    """One toolchain. Subclasses set the class attributes and implement ``optimize`` and ``load``."""
+    """One toolchain. Subclasses set the class attributes and implement ``optimize`` and ``load``; those that run
+    language models also implement ``generate_job``, ``llm_session`` and (when they have the figure)
+    ``weight_bytes_per_token``."""
 
     name: ClassVar[str]
     formats: ClassVar[frozenset[str]]
@@ -142,6 +144,29 @@ class Backend(ABC):
             session = self.load(path=str(path), runtime=runtime)
             session.run({session.input_names[0]: np.ones((1, WARM_SIZE), dtype=np.float32)})
             del session
+
+    # Language models: the hooks the generation benchmark (``edgeopt.bench.generate``), the evaluators
+    # (``edgeopt.evaluate.llm``) and the bandwidth bound call through the registry, by the artifact's backend name.
+
+    def generate_job(self, job: dict[str, Any]) -> dict[str, Any]:
+        """Worker side of a generation measurement (in the fresh measuring process): load ``job["path"]`` with
+        ``job["runtime"]``, warm up, then time ``job["repeats"]`` generations of exactly ``job["gen_tokens"]``
+        greedy tokens from ``job["prompt"]``, each from an empty KV cache; returns
+        ``edgeopt.bench.generate.generation_figures``. The default: a ``ConfigError``."""
+        raise ConfigError(f"backend {self.name!r} does not run language models (no generation benchmark)")
+
+    def llm_session(self, *, path: str, runtime: dict[str, Any], window: int) -> Any:
+        """The artifact behind the llama.cpp-like surface ``edgeopt.evaluate.llm`` uses (``tokenize``, ``reset``,
+        ``eval``, ``scores`` of every position, greedy ``generate``, ``detokenize``, ``token_eos``), with room for
+        windows of ``window`` tokens. The default: a ``ConfigError``."""
+        raise ConfigError(f"backend {self.name!r} does not run language models (no perplexity or KLD evaluation)")
+
+    def weight_bytes_per_token(self, *, path: str | Path) -> int | None:
+        """Weight bytes one generated token reads from the artifact at ``path``: every weight as stored, but the
+        token-embedding table's (one row of it is gathered). None (the default): no such figure, so no
+        memory-bandwidth bound (a backend that does not run language models; MLX). A ``path`` that does not hold
+        what the backend builds is a ``ModelError``."""
+        return None
 
 
 #: the tiny warm-up model's width: input x [batch, 16] float32 -> MatMul 16x16 -> Relu -> y

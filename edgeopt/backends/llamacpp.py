@@ -8,7 +8,8 @@ tool collects it). llama.cpp reports success even when it silently falls back to
 tensor whose rows the type cannot take: the result's tensor types are read back, recorded in the
 artifact's notes, and a candidate whose matrices did not get the requested type fails.
 Runtime settings (threads, batch / micro-batch, context, KV-cache type, flash attention, mmap) are
-recipe fields carried to the measuring process in ``Artifact.runtime``.
+recipe fields carried to the measuring process in ``Artifact.runtime``; the generation measuring loop is in
+``edgeopt.backends.llamacpp_generate``.
 """
 
 from __future__ import annotations
@@ -252,6 +253,21 @@ class LlamaCppBackend(Backend):
         import llama_cpp
 
         llama_cpp.llama_backend_init()
+
+    def generate_job(self, job: dict[str, Any]) -> dict[str, Any]:
+        from edgeopt.backends.llamacpp_generate import generate_job
+
+        return generate_job(job)
+
+    def llm_session(self, *, path: str, runtime: dict[str, Any], window: int) -> Any:
+        """A ``llama_cpp.Llama`` keeping every position's logits, its context one window plus room for a BOS."""
+        return open_llama(path, {**runtime, "n_ctx": window + 8}, logits_all=True)
+
+    def weight_bytes_per_token(self, *, path: str | Path) -> int:
+        """Every tensor of the GGUF as stored but ``token_embd.weight`` (a ``ModelError`` if not a readable GGUF)."""
+        from edgeopt.intake.llm import _reader
+
+        return sum(int(t.n_bytes) for t in _reader(Path(path)).tensors if t.name != "token_embd.weight")
 
 
 def converted_f16(folder: Path, *, model_sha256: str, cache_dir: Path) -> Path:

@@ -188,6 +188,14 @@ class MlxBackend(Backend):
     def warm(self, *, runtime: dict[str, Any]) -> None:
         _warm(runtime)
 
+    def generate_job(self, job: dict[str, Any]) -> dict[str, Any]:
+        return generate_job(job)  # this module's loop (a module-level function, below)
+
+    def llm_session(self, *, path: str, runtime: dict[str, Any], window: int) -> MlxSession:
+        return MlxSession(path, runtime)  # the model's logits of any length: no context to size
+
+    # weight_bytes_per_token: the base class's None; an MLX artifact gets no memory-bandwidth bound
+
 
 def _convert(src: Path, dst: Path, recipe: MlxRecipe, candidate: str) -> None:
     """``mlx_lm.convert`` in a fresh process, offline; its output goes to descriptor 2 (the build log)."""

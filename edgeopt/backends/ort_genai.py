@@ -41,7 +41,7 @@ from pydantic import Field, field_validator
 from edgeopt.backends.base import Backend, Recipe
 from edgeopt.backends.llm_session import HFTokenizerSession
 from edgeopt.data import path_sha256
-from edgeopt.errors import CandidateFailed
+from edgeopt.errors import CandidateFailed, ModelError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -234,6 +234,19 @@ class OrtGenAIBackend(Backend):
 
     def warm(self, *, runtime: dict[str, Any]) -> None:
         _warm(runtime.get("threads"))
+
+    def generate_job(self, job: dict[str, Any]) -> dict[str, Any]:
+        return generate_job(job)  # this module's loop (a module-level function, below)
+
+    def llm_session(self, *, path: str, runtime: dict[str, Any], window: int) -> OrtGenAISession:
+        return OrtGenAISession(path, runtime)  # a generator sized to each sequence: no context to size
+
+    def weight_bytes_per_token(self, *, path: str | Path) -> int:
+        folder = Path(path)
+        if not (folder / "genai_config.json").is_file() or not (folder / "model.onnx").is_file():
+            raise ModelError(f"{path}: does not hold genai_config.json and model.onnx; an {self.name} artifact is "
+                             "the folder its model builder wrote")
+        return weight_bytes_per_token(folder / "model.onnx")  # the module-level function
 
 
 def _warm(threads: int | None) -> None:

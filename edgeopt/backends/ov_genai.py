@@ -37,7 +37,7 @@ from pydantic import Field, model_validator
 from edgeopt.backends.base import Backend, Recipe, short_message
 from edgeopt.backends.llm_session import HFTokenizerSession
 from edgeopt.data import path_sha256
-from edgeopt.errors import CandidateFailed
+from edgeopt.errors import CandidateFailed, ModelError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -175,6 +175,18 @@ class OvGenAIBackend(Backend):
 
     def warm(self, *, runtime: dict[str, Any]) -> None:
         _warm_cpu_plugin(runtime.get("threads"))
+
+    def generate_job(self, job: dict[str, Any]) -> dict[str, Any]:
+        return generate_job(job)  # this module's loop (a module-level function, below)
+
+    def llm_session(self, *, path: str, runtime: dict[str, Any], window: int) -> OvGenAISession:
+        return OvGenAISession(path, runtime)  # the IR's logits of any length: no context to size
+
+    def weight_bytes_per_token(self, *, path: str | Path) -> int:
+        xml = Path(path) / "openvino_model.xml"
+        if not xml.is_file():
+            raise ModelError(f"{path}: no openvino_model.xml; an {self.name} artifact is the folder its build wrote")
+        return weight_bytes_per_token(xml)  # the module-level function
 
 
 def _warm_cpu_plugin(threads: int | None) -> None:

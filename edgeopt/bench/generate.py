@@ -1,133 +1,48 @@
-"""Generation benchmark for language models (GGUF / llama.cpp), in the harness's fresh worker processes.
+"""Generation benchmark for language models, in the harness's fresh worker processes.
 
-One measuring loop, run inside ``python -m edgeopt.bench.worker`` (job mode ``generate``): load the
-GGUF with the candidate's runtime settings, warm up, then for each repeat evaluate the same prompt from
-an empty KV cache (prompt tokens/s), and generate exactly ``gen_tokens`` greedy tokens from it
-(time to first token, per-token latencies, generation tokens/s). EOS does not stop it: every candidate
-does the same work. The parent side (``measure_generation``) runs it in a fresh supervised process;
-``interleaved_generation`` alternates baseline and candidates over rounds and keeps every round, so
-ratios compare measurements taken side by side.
+One worker protocol, one measuring loop per runtime: inside ``python -m edgeopt.bench.worker`` (job mode
+``generate``), ``run_generate_job`` hands the job to the artifact's backend (``Backend.generate_job``, found in
+the registry by the artifact's backend name: llama.cpp's loop is ``edgeopt.backends.llamacpp_generate``), which
+loads the artifact with the candidate's runtime settings, warms up, then for each repeat evaluates the same
+prompt from an empty KV cache (prompt tokens/s), and generates exactly ``gen_tokens`` greedy tokens from it
+(time to first token, per-token latencies, generation tokens/s). EOS does not stop it: every candidate does
+the same work. Every loop returns ``generation_figures``, so the figures mean the same. The parent side
+(``measure_generation``) runs it in a fresh supervised process; ``interleaved_generation`` alternates baseline
+and candidates over rounds and keeps every round, so ratios compare measurements taken side by side.
 
 ``bandwidth_fraction`` relates generation speed to the memory-bandwidth bound: each generated token
 reads every weight once (the token-embedding table excepted: one row is gathered) plus the KV cache
 filled so far; bytes per token x tokens/s / measured read bandwidth (``edgeopt.bench.bandwidth``).
 
-The KV cache's size is what the runtime allocated, not a formula: llama.cpp logs its KV buffer when the
-context is created (``llama_kv_cache: size = X MiB (N cells, ...)``), so bytes per token = X / N for the
-recipe's KV-cache type; the record gives it per token and at the profile's context length
-(``benchmark.llm.context_tokens``). Runtimes that do not report their KV cache leave both None.
+The KV cache's size is what the runtime allocated, not a formula (llama.cpp's log of its KV buffer, the
+CPU plugin's or ONNX Runtime's cache element types); the record gives it per token and at the profile's
+context length (``benchmark.llm.context_tokens``). Runtimes that do not report their KV cache leave both None.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import re
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgeopt import backends
 from edgeopt.bench.supervise import exclusive, run_worker
 from edgeopt.records import Artifact, GenerationResult
 
-__all__ = ["bytes_per_token", "generation_figures", "interleaved_generation", "kv_bytes_per_token_from_log",
-           "measure_generation", "run_generate_job"]
+__all__ = ["bytes_per_token", "generation_figures", "interleaved_generation", "measure_generation",
+           "run_generate_job"]
 
-_LOG_CALLBACK: list[Any] = []
-_KV_SIZE_RE = re.compile(r"llama_kv_cache\w*: size =\s*([0-9.]+) MiB \(\s*(\d+) cells")
-
-
-def kv_bytes_per_token_from_log(text: str) -> float | None:
-    """Bytes of K and V per context token from llama.cpp's context-creation log (the last KV cache it
-    reported), or None when the log has no such line."""
-    found = _KV_SIZE_RE.findall(text)
-    if not found:
-        return None
-    mib, cells = found[-1]
-    return float(mib) * 2**20 / int(cells) if int(cells) > 0 else None
-
-
-def _capture_llama_log() -> list[str]:
-    """Route llama.cpp's log lines (all levels) to descriptor 2 (the worker's log file) and keep them here."""
-    import ctypes
-
-    import llama_cpp
-
-    lines: list[str] = []
-
-    @llama_cpp.llama_log_callback
-    def _keep(_level: int, text: bytes, _user: object) -> None:
-        line = text.decode("utf-8", errors="replace")
-        lines.append(line)
-        os.write(2, text)
-
-    _LOG_CALLBACK[:] = [_keep]  # kept alive: llama.cpp holds only the C pointer
-    llama_cpp.llama_log_set(_keep, ctypes.c_void_p(0))
-    return lines
+#: the backend of a job that carries no artifact record: a GGUF file
+_DEFAULT_BACKEND = "llamacpp"
 
 
 def run_generate_job(job: dict[str, Any]) -> dict[str, Any]:
-    """Worker side: the measuring loop (imports llama_cpp; called in the fresh process). An OpenVINO GenAI
-    artifact, an ONNX Runtime GenAI one and an MLX one are measured by their backend's loop
-    (``edgeopt.backends.ov_genai.generate_job``, ``edgeopt.backends.ort_genai.generate_job``,
-    ``edgeopt.backends.mlx.generate_job``), to the same definitions."""
-    backend = (job.get("artifact") or {}).get("backend")
-    if backend == "openvino-genai":
-        from edgeopt.backends.ov_genai import generate_job
-
-        return generate_job(job)
-    if backend == "onnxruntime-genai":
-        from edgeopt.backends.ort_genai import generate_job as ort_generate_job
-
-        return ort_generate_job(job)
-    if backend == "mlx":
-        from edgeopt.backends.mlx import generate_job as mlx_generate_job
-
-        return mlx_generate_job(job)
-
-    import llama_cpp
-
-    from edgeopt.backends.llamacpp import offload_caveat, open_llama
-    from edgeopt.bench import memory
-
-    llama_cpp.llama_backend_init()
-    log_lines = _capture_llama_log()
-    before = memory.read()
-    memory.reset_peak()
-    t0 = time.perf_counter()
-    llm = open_llama(job["path"], job["runtime"])
-    load_ms = (time.perf_counter() - t0) * 1e3
-    prompt = [int(t) for t in job["prompt"]]
-    n_gen = int(job["gen_tokens"])
-
-    def generate() -> tuple[float, list[float]]:
-        llm.reset()  # empty KV cache: no reuse of the previous repeat's prompt
-        stamps: list[float] = []
-        start = time.perf_counter()
-        for _tok in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
-            stamps.append(time.perf_counter())
-            if len(stamps) == n_gen:
-                break
-        return (stamps[0] - start) * 1e3, list(np.diff(stamps) * 1e3)
-
-    generate()  # warm-up: kernels, thread pools, pages of the weights
-    prompt_tps, ttft, gen_tps, latencies = [], [], [], []
-    for _ in range(int(job["repeats"])):
-        llm.reset()
-        start = time.perf_counter()
-        llm.eval(prompt)
-        prompt_tps.append(len(prompt) / (time.perf_counter() - start))
-        first, steps = generate()
-        ttft.append(first)
-        latencies.extend(steps)
-        gen_tps.append(len(steps) / (sum(steps) / 1e3))
-    out = generation_figures(prompt_tps=prompt_tps, gen_tps=gen_tps, ttft=ttft, latencies=latencies, before=before,
-                             load_ms=load_ms, threads=llm.context_params.n_threads,
-                             kv_bytes_per_token=kv_bytes_per_token_from_log("".join(log_lines)))
-    out["not_representative"] = offload_caveat(job["runtime"])
-    return out
+    """Worker side: the measuring loop of the artifact's backend (``Backend.generate_job``; called in the fresh
+    process). A job without an artifact record is a GGUF, measured by llama.cpp."""
+    name = (job.get("artifact") or {}).get("backend") or _DEFAULT_BACKEND
+    return backends.get(name).generate_job(job)
 
 
 def generation_figures(*, prompt_tps: list[float], gen_tps: list[float], ttft: list[float], latencies: list[float],
@@ -149,25 +64,12 @@ def generation_figures(*, prompt_tps: list[float], gen_tps: list[float], ttft: l
             "load_time_ms": load_ms, "threads": threads, "kv_bytes_per_token": kv_bytes_per_token}
 
 
-def bytes_per_token(path: str | Path, *, kv_bytes_per_token: int, context_tokens: int) -> int:
-    """Bytes one generated token reads: all weights except the embedding table, plus the KV cache so far.
-    ``path`` is a GGUF file, an OpenVINO GenAI folder (``openvino_model.xml``) or an ONNX Runtime GenAI folder
-    (``genai_config.json`` + ``model.onnx``)."""
-    path = Path(path)
-    if path.is_dir() and (path / "openvino_model.xml").is_file():
-        from edgeopt.backends.ov_genai import weight_bytes_per_token
-
-        weights = weight_bytes_per_token(path / "openvino_model.xml")
-    elif path.is_dir() and (path / "genai_config.json").is_file():
-        from edgeopt.backends.ort_genai import weight_bytes_per_token as onnx_weight_bytes
-
-        weights = onnx_weight_bytes(path / "model.onnx")
-    else:
-        from edgeopt.intake.llm import _reader
-
-        reader = _reader(path)
-        weights = sum(int(t.n_bytes) for t in reader.tensors if t.name != "token_embd.weight")
-    return weights + kv_bytes_per_token * context_tokens
+def bytes_per_token(path: str | Path, *, backend: str, kv_bytes_per_token: int, context_tokens: int) -> int | None:
+    """Bytes one generated token reads: the weights but the embedding table (``Backend.weight_bytes_per_token`` of
+    the artifact's ``backend``: a GGUF, an OpenVINO GenAI folder, an ONNX Runtime GenAI folder), plus the KV cache
+    so far. None when the backend has no such figure (MLX): no bandwidth bound."""
+    weights = backends.get(backend).weight_bytes_per_token(path=path)
+    return None if weights is None else weights + kv_bytes_per_token * context_tokens
 
 
 def measure_generation(artifact: Artifact, *, prompt: list[int], gen_tokens: int, threads: int,

@@ -1,4 +1,5 @@
-"""Language-model evaluators on GGUF files (llama.cpp): garbage check, perplexity, KL divergence.
+"""Language-model evaluators on any LLM backend's session (``Backend.llm_session``; llama.cpp for a GGUF):
+garbage check, perplexity, KL divergence.
 
 * ``garbage_check`` is cheap and runs first: NaN / infinite logits on a short prompt, and a greedy
   continuation that is empty or degenerate (one token over and over) fail a broken candidate before
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeopt import backends
 from edgeopt.errors import DataError
 
 __all__ = ["GarbageVerdict", "LLMScores", "bos_prefix", "garbage_check", "kl_divergence", "perplexity",
@@ -128,27 +130,13 @@ GARBAGE_PROMPT = "The import statement"
 
 def run_eval_job(job: dict[str, Any]) -> dict[str, Any]:
     """Worker side (``python -m edgeopt.bench.worker``, job mode ``llm-eval``): the garbage check, then the
-    log-probabilities of the evaluation text's first ``max_windows`` windows. The F16 reference writes them
-    to ``reference_out`` (float32 npz); a candidate reads the reference's and returns its perplexity, KLD and
-    top-1 agreement on the same positions."""
+    log-probabilities of the evaluation text's first ``max_windows`` windows, on the artifact's backend's
+    ``Backend.llm_session`` (llama.cpp for a job without an artifact record: a GGUF). The F16 reference writes
+    them to ``reference_out`` (float32 npz); a candidate reads the reference's and returns its perplexity, KLD
+    and top-1 agreement on the same positions."""
     window, max_windows = int(job["window"]), int(job["max_windows"])
-    backend = (job.get("artifact") or {}).get("backend")
-    if backend == "openvino-genai":  # the IR's logits, the same surface
-        from edgeopt.backends.ov_genai import OvGenAISession
-
-        llm: Any = OvGenAISession(job["path"], job["runtime"])
-    elif backend == "onnxruntime-genai":  # onnxruntime_genai's logits, the same surface
-        from edgeopt.backends.ort_genai import OrtGenAISession
-
-        llm = OrtGenAISession(job["path"], job["runtime"])
-    elif backend == "mlx":  # the MLX model's logits, the same surface
-        from edgeopt.backends.mlx import MlxSession
-
-        llm = MlxSession(job["path"], job["runtime"])
-    else:
-        from edgeopt.backends.llamacpp import open_llama
-
-        llm = open_llama(job["path"], {**job["runtime"], "n_ctx": window + 8}, logits_all=True)
+    name = (job.get("artifact") or {}).get("backend") or "llamacpp"  # no artifact record: a GGUF
+    llm = backends.get(name).llm_session(path=job["path"], runtime=job["runtime"], window=window)
     g = garbage_check(llm, GARBAGE_PROMPT)
     ids = tokenize_text(llm, Path(job["evaluation"]).read_text(encoding="utf-8"))
     logp, targets = window_logprobs(llm, ids[:window * max_windows + 1], window=window)

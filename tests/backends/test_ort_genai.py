@@ -217,12 +217,14 @@ def test_the_bandwidth_bound_counts_the_weights_as_stored(built, tiny_llama, tmp
     for name in ("fp32", "int4"):
         folder = Path(built[name].path)
         on_disk = (folder / "model.onnx.data").stat().st_size - table - rotary
-        assert bytes_per_token(folder, kv_bytes_per_token=0, context_tokens=0) == pytest.approx(on_disk, rel=0.01)
+        assert bytes_per_token(folder, backend="onnxruntime-genai", kv_bytes_per_token=0,
+                               context_tokens=0) == pytest.approx(on_disk, rel=0.01)
     a = assess(tiny_llama["hf"])
     r = measure_generation(built["int4"], prompt=list(range(5, 21)), gen_tokens=4, threads=1, repeats=1,
                            work_dir=tmp_path / "g")
     b = with_bound(r, built["int4"], assessment=a, hardware=fingerprint(), store=tmp_path / "bandwidth.json")
-    weights = bytes_per_token(built["int4"].path, kv_bytes_per_token=0, context_tokens=0)
+    weights = bytes_per_token(built["int4"].path, backend="onnxruntime-genai", kv_bytes_per_token=0,
+                              context_tokens=0)
     assert b.bytes_per_token == weights + round(r.kv_cache_bytes_per_token) * (16 + 4 // 2)
 
 

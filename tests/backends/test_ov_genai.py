@@ -162,13 +162,15 @@ def test_the_bandwidth_bound_counts_the_irs_weights_as_stored(built, tiny_llama,
     for name, embedding_bytes in (("fp16", stored), ("int4", 1)):
         folder = Path(built[name].path)
         on_disk = (folder / "openvino_model.bin").stat().st_size - table * embedding_bytes
-        assert bytes_per_token(folder, kv_bytes_per_token=0, context_tokens=0) == pytest.approx(on_disk, rel=0.01)
+        assert bytes_per_token(folder, backend="openvino-genai", kv_bytes_per_token=0,
+                               context_tokens=0) == pytest.approx(on_disk, rel=0.01)
     a = assess(tiny_llama["hf"])
     r = measure_generation(built["int4"], prompt=list(range(5, 21)), gen_tokens=4, threads=1, repeats=1,
                            work_dir=tmp_path / "g")
     store = tmp_path / "bandwidth.json"
     b = with_bound(r, built["int4"], assessment=a, hardware=fingerprint(), store=store)
-    weights = bytes_per_token(built["int4"].path, kv_bytes_per_token=0, context_tokens=0)
+    weights = bytes_per_token(built["int4"].path, backend="openvino-genai", kv_bytes_per_token=0,
+                              context_tokens=0)
     assert b.bytes_per_token == weights + round(r.kv_cache_bytes_per_token) * (16 + 4 // 2)
     if b.bytes_per_token <= last_level_cache_bytes():  # this tiny model is read from the cache: no bound
         assert b.bandwidth_fraction is None and not store.exists()

@@ -11,13 +11,9 @@ import pytest
 llama_cpp = pytest.importorskip("llama_cpp")
 
 from edgeopt.backends.llamacpp import LlamaCppBackend, LlamaCppRecipe
+from edgeopt.backends.llamacpp_generate import kv_bytes_per_token_from_log
 from edgeopt.bench.bandwidth import hardware_key, last_level_cache_bytes, read_bandwidth_gbps
-from edgeopt.bench.generate import (
-    bytes_per_token,
-    interleaved_generation,
-    kv_bytes_per_token_from_log,
-    measure_generation,
-)
+from edgeopt.bench.generate import bytes_per_token, interleaved_generation, measure_generation
 from edgeopt.errors import CandidateFailed
 from edgeopt.hardware import fingerprint
 from edgeopt.intake import assess
@@ -42,7 +38,8 @@ def test_interleaved_generation_like_for_like(tiny_llama, tmp_path: Path) -> Non
         assert r.kv_cache_bytes_per_token == pytest.approx(a.llm.kv_cache_bytes_per_token, rel=0.01)
         assert r.kv_context_tokens == 2048
         assert r.kv_cache_mb == pytest.approx(r.kv_cache_bytes_per_token * 2048 / 2**20, rel=1e-9)
-    f16, q4 = (bytes_per_token(arts[q].path, kv_bytes_per_token=2048, context_tokens=40) for q in ("F16", "Q4_0"))
+    f16, q4 = (bytes_per_token(arts[q].path, backend="llamacpp", kv_bytes_per_token=2048, context_tokens=40)
+               for q in ("F16", "Q4_0"))
     assert q4 < f16 / 3 and f16 > 2048 * 40
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(Path(arts["F16"].path).read_bytes()[:100_000])  # a truncated file fails, classified
@@ -66,7 +63,8 @@ def test_the_kv_cache_figure_follows_the_recipes_kv_type(tiny_llama, tmp_path: P
     # the bandwidth bound counts the KV cache at the bytes the runtime allocated (Q8_0 here, not F16)
     store = tmp_path / "bandwidth.json"
     b = with_bound(r, art, assessment=a, hardware=fingerprint(), store=store)
-    f16_kv = bytes_per_token(art.path, kv_bytes_per_token=a.llm.kv_cache_bytes_per_token, context_tokens=16 + 2)
+    f16_kv = bytes_per_token(art.path, backend="llamacpp", kv_bytes_per_token=a.llm.kv_cache_bytes_per_token,
+                             context_tokens=16 + 2)
     assert 0 < b.bytes_per_token < f16_kv
     if b.bytes_per_token <= last_level_cache_bytes():  # this CPU's path: a model read from the cache has no bound
         assert b.bandwidth_fraction is None and not store.exists()
