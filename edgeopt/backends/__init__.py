@@ -12,7 +12,7 @@ from functools import cache
 from edgeopt.backends.base import Backend, Recipe, Session
 from edgeopt.errors import ConfigError
 
-__all__ = ["Backend", "Recipe", "Session", "get", "names", "recipe_type"]
+__all__ = ["Backend", "Recipe", "Session", "get", "job_backend", "names", "recipe_type"]
 
 #: name -> (module, class). Adding a backend is one line here plus its module.
 _MANIFEST: dict[str, tuple[str, str]] = {
@@ -42,6 +42,12 @@ def _backend_class(name: str) -> type[Backend]:
 def get(name: str) -> Backend:
     """Return an instance of the backend registered as ``name`` (ConfigError if unknown)."""
     return _backend_class(name)()
+
+
+def job_backend(job: dict) -> Backend:
+    """The backend of a worker job's artifact record (``job["artifact"]["backend"]``); a job without one is a GGUF
+    file, run by llama.cpp."""
+    return get((job.get("artifact") or {}).get("backend") or "llamacpp")
 
 
 def recipe_type(name: str) -> type[Recipe]:

@@ -34,15 +34,11 @@ from edgeopt.records import Artifact, GenerationResult
 __all__ = ["bytes_per_token", "generation_figures", "interleaved_generation", "measure_generation",
            "run_generate_job"]
 
-#: the backend of a job that carries no artifact record: a GGUF file
-_DEFAULT_BACKEND = "llamacpp"
-
 
 def run_generate_job(job: dict[str, Any]) -> dict[str, Any]:
     """Worker side: the measuring loop of the artifact's backend (``Backend.generate_job``; called in the fresh
     process). A job without an artifact record is a GGUF, measured by llama.cpp."""
-    name = (job.get("artifact") or {}).get("backend") or _DEFAULT_BACKEND
-    return backends.get(name).generate_job(job)
+    return backends.job_backend(job).generate_job(job)
 
 
 def generation_figures(*, prompt_tps: list[float], gen_tps: list[float], ttft: list[float], latencies: list[float],

@@ -135,8 +135,7 @@ def run_eval_job(job: dict[str, Any]) -> dict[str, Any]:
     them to ``reference_out`` (float32 npz); a candidate reads the reference's and returns its perplexity, KLD
     and top-1 agreement on the same positions."""
     window, max_windows = int(job["window"]), int(job["max_windows"])
-    name = (job.get("artifact") or {}).get("backend") or "llamacpp"  # no artifact record: a GGUF
-    llm = backends.get(name).llm_session(path=job["path"], runtime=job["runtime"], window=window)
+    llm = backends.job_backend(job).llm_session(path=job["path"], runtime=job["runtime"], window=window)
     g = garbage_check(llm, GARBAGE_PROMPT)
     ids = tokenize_text(llm, Path(job["evaluation"]).read_text(encoding="utf-8"))
     logp, targets = window_logprobs(llm, ids[:window * max_windows + 1], window=window)
